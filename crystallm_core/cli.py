@@ -1,0 +1,44 @@
+"""The ``crystallm`` command line.
+
+Each verb lives in its own module, which exposes ``add_arguments(parser)`` and
+``run(args) -> int``; modules are imported only when their verb runs, so
+``crystallm evaluate`` never pays for importing torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+VERBS: dict[str, tuple[str, str]] = {
+    "prepare": ("crystallm_core.prepare", "prepare raw structures into a data set (store + token files)"),
+    "evaluate": ("crystallm_core.evaluate", "check CIFs for validity and summarise"),
+    "demo-data": ("crystallm_core.demo", "write the built-in demo data set"),
+}
+
+
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="crystallm", description="CrystaLLM-style language models of CIF files")
+    sub = parser.add_subparsers(dest="verb", metavar="VERB")
+    for name, (module, help_text) in VERBS.items():
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        if name == verb:
+            importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    verb = next((a for a in argv if not a.startswith("-")), None)
+    if verb not in VERBS:
+        verb = None
+    args = build_parser(verb).parse_args(argv)
+    if args.verb is None:
+        build_parser().print_help()
+        return 2
+    return int(importlib.import_module(VERBS[args.verb][0]).run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

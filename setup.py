@@ -1,0 +1,49 @@
+"""infra: a distributed compute platform for generative modelling of crystal structures."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="infra",
+    version="0.1.0",
+    description="Master, node agents and the crystallm_core library for CIF language models",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["infra", "infra.*", "master", "master.*", "node", "node.*",
+                                    "protos", "protos.*", "plugins", "plugins.*",
+                                    "crystallm_core", "crystallm_core.*"]),
+    package_data={"protos": ["*.proto"], "master": ["migrations/*.ini", "migrations/*.mako",
+                                                   "migrations/versions/*.py"]},
+    install_requires=[
+        # torch 2.11 (GPU nodes) to 2.13 (CPU wheel in CI) are both exercised.
+        "torch>=2.4",
+        "numpy>=1.24",
+        "pymatgen>=2024.1.1",
+        "spglib>=2.1",
+        "grpcio>=1.60",
+        "protobuf>=4.25",
+        "psutil>=5.9",
+        "nvidia-ml-py>=12.0",
+        "sqlalchemy>=2.0",
+        "alembic>=1.12",
+        "pyzmq>=25",
+        "pydantic>=2.5",
+        "rich>=13",
+        "pyyaml>=6",
+        "matplotlib>=3.7",
+        "psycopg2-binary>=2.9",
+    ],
+    extras_require={
+        "dev": ["pytest>=8", "pytest-timeout>=2.2", "ruff>=0.5", "grpcio-tools>=1.60"],
+        "chgnet": ["chgnet>=0.3"],
+        "oid": ["omegaid>=0.2; python_version>='3.12'"],
+    },
+    entry_points={
+        "console_scripts": [
+            "crystallm=crystallm_core.cli:main",
+            "infra=infra.cli:main",
+            "infra-wkdir=infra.wkdir:main",
+            "infra-train=infra.local:main",
+        ],
+    },
+)
