@@ -1,0 +1,539 @@
+"""``crystallm prepare``: raw crystal structures in, a prepared data set out.
+
+Pipeline (docs/DATA.md): read inputs -> parse and canonicalize in a process pool (failures go
+to ``rejects.csv``) -> store -> optional dedup -> splits -> token files of the selected
+structures -> ``meta.json``. The output directory either ends up holding a complete data set or,
+if the run fails, none of this run's files (``events.jsonl`` excepted: it is the run's log).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import hashlib
+import math
+import os
+import sys
+import time
+import warnings
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from multiprocessing import Pool
+from multiprocessing.pool import AsyncResult
+from pathlib import Path
+from typing import Any, TextIO
+
+import numpy as np
+from pymatgen.core import Structure
+
+from crystallm_core import __version__
+from crystallm_core.cif import DEFAULT_DECIMALS, DEFAULT_SYMPREC, Canonical, canonicalize
+from crystallm_core.events import JsonlSink, open_sink
+from crystallm_core.inputs import Record, read_inputs
+from crystallm_core.registry import RegistryError
+from crystallm_core.store import Filter, Row, Store, parse_filter, parse_filters
+from crystallm_core.tokens import META, SPLITS, SplitCounts, bin_path, starts_path, write_meta, write_split
+from crystallm_core.vocab import Vocabulary, get_vocab
+
+STORE_NAME = "structures.sqlite"
+REJECTS_NAME = "rejects.csv"
+CHUNK = 32  # structures per pool task: large enough to amortize pickling and IPC, small enough to balance
+TASKS_PER_WORKER = 4  # tasks in flight per worker: keeps workers busy without reading the whole input ahead
+STORE_BATCH = 2000  # rows per store transaction
+PROGRESS_EVERY_S = 1.0
+REASON_MAX = 500
+
+
+class PrepareError(ValueError):
+    """A run that cannot start or finish; the message says why."""
+
+
+@dataclass
+class PrepareReport:
+    out: Path
+    read: int
+    rejected: int
+    duplicates: int
+    stored: int
+    selected: int
+    split_origin: str  # "input" (from CSV split columns) or "ratios"
+    input_splits_ignored: int  # records whose CSV split was overridden because not all records had one
+    splits: dict[str, SplitCounts]
+    unknown: dict[str, int]
+    seconds: float
+    workers: int
+    where: list[str] = field(default_factory=list)
+
+    @property
+    def rejects_path(self) -> Path:
+        return self.out / REJECTS_NAME
+
+    def summary(self) -> str:
+        origin = "the input split column" if self.split_origin == "input" else "ratios"
+        where = f"  (--where {' '.join(self.where)})" if self.where else ""
+        lines = [
+            f"prepared data set in {self.out}",
+            f"  structures read        {self.read}",
+            f"  rejected               {self.rejected}  ({self.rejects_path})",
+            f"  removed as duplicates  {self.duplicates}",
+            f"  stored                 {self.stored}",
+            f"  in token files         {self.selected}{where}",
+            f"  splits from            {origin}",
+        ]
+        if self.input_splits_ignored:
+            lines.append(
+                f"  note: {self.input_splits_ignored} input split values were ignored: not every record had one"
+            )
+        for s in SPLITS:
+            c = self.splits[s]
+            lines.append(f"  {s:<5} {c.cifs:>8} CIFs {c.tokens:>12} tokens")
+        unknown = ", ".join(f"{ch!r}: {n}" for ch, n in sorted(self.unknown.items())) or "none"
+        lines.append(f"  unknown-token characters: {unknown}")
+        return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- arguments
+
+
+def parse_ratios(text: str) -> tuple[float, float, float]:
+    """'0.8,0.1,0.1' -> (0.8, 0.1, 0.1); see :func:`check_ratios`."""
+    try:
+        values = tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise PrepareError(f"split ratios {text!r}: not comma-separated numbers (e.g. 0.8,0.1,0.1)") from None
+    return check_ratios(values)
+
+
+def check_ratios(values: Sequence[float]) -> tuple[float, float, float]:
+    """Three finite non-negative numbers summing to 1 (train, val, test)."""
+    if len(values) != 3:
+        raise PrepareError(f"split ratios {list(values)}: need 3 numbers (train, val, test), got {len(values)}")
+    if not all(math.isfinite(v) and v >= 0 for v in values):
+        raise PrepareError(f"split ratios {list(values)}: must be non-negative numbers")
+    if abs(sum(values) - 1.0) > 1e-6:
+        raise PrepareError(f"split ratios {list(values)}: must sum to 1 (sum is {sum(values):g})")
+    return (float(values[0]), float(values[1]), float(values[2]))
+
+
+def default_workers() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def dataset_files(out: Path) -> list[Path]:
+    """Every file a prepared data set may consist of."""
+    names = [STORE_NAME, REJECTS_NAME, META]
+    return [out / n for n in names] + [p for s in SPLITS for p in (bin_path(out, s), starts_path(out, s))]
+
+
+# ---------------------------------------------------------------- splits
+
+
+def assign_splits(ids: Iterable[str], ratios: Sequence[float], seed: int) -> dict[str, str]:
+    """Split of each id: a permutation seeded by ``seed`` of the sorted ids, cut at the ratios.
+
+    The first round(n * train) permuted ids go to train, the next ones up to
+    round(n * (train + val)) to val, the rest to test.
+    """
+    ordered = sorted(ids)
+    n = len(ordered)
+    perm = np.random.default_rng(seed).permutation(n)
+    cut_train = int(ratios[0] * n + 0.5)
+    cut_val = min(n, int((ratios[0] + ratios[1]) * n + 0.5))
+    out = {}
+    for rank, index in enumerate(perm):
+        out[ordered[index]] = "train" if rank < cut_train else "val" if rank < cut_val else "test"
+    return out
+
+
+# ---------------------------------------------------------------- workers
+
+_settings: tuple[int, float] = (DEFAULT_DECIMALS, DEFAULT_SYMPREC)
+
+
+def _init_worker(decimals: int, symprec: float) -> None:
+    global _settings
+    _settings = (decimals, symprec)
+    warnings.simplefilter("ignore")  # pymatgen warns about every CIF it has to fix up
+
+
+def _reason(exc: BaseException) -> str:
+    text = " ".join(f"{type(exc).__name__}: {exc}".split())
+    return text[:REASON_MAX]
+
+
+def _canonicalize_one(text: str) -> Canonical | str:
+    """The canonical form, or the reason it could not be made."""
+    try:
+        return canonicalize(Structure.from_str(text, fmt="cif"), *_settings)
+    except Exception as exc:  # any failure rejects this structure only
+        return _reason(exc)
+
+
+def _canonicalize_chunk(texts: list[str]) -> list[Canonical | str]:
+    return [_canonicalize_one(t) for t in texts]
+
+
+def _chunks(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
+    chunk: list[Record] = []
+    for r in records:
+        chunk.append(r)
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+# ---------------------------------------------------------------- the run
+
+
+class _Progress:
+    """Progress as events (throttled) and, when stderr is a terminal, as a rich bar."""
+
+    def __init__(self, sink: JsonlSink, what: str, stack: ExitStack) -> None:
+        self.sink, self.what = sink, what
+        self.done = 0
+        self.last = 0.0
+        self.bar = None
+        if sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import Progress
+
+            self.bar = stack.enter_context(Progress(console=Console(stderr=True)))
+            self.task = self.bar.add_task(what, total=None)
+
+    def advance(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(self.task, completed=self.done)
+        now = time.monotonic()
+        if now - self.last >= PROGRESS_EVERY_S:
+            self.last = now
+            self.sink.progress(self.what, self.done, None)
+
+    def finish(self) -> None:
+        self.sink.progress(self.what, self.done, self.done)
+
+
+@dataclass
+class _Counts:
+    read: int = 0
+    rejected: int = 0
+
+
+class _Collector:
+    """Takes worker results in the main process: rows to the store in batches, failures to rejects.csv."""
+
+    def __init__(self, store: Store, rejects: TextIO, progress: _Progress) -> None:
+        self.store = store
+        self.rejects = csv.writer(rejects)
+        self.rejects.writerow(["id", "source", "reason"])
+        self.progress = progress
+        self.rows: list[Row] = []
+        self.counts = _Counts()
+
+    def reject(self, record: Record, reason: str) -> None:
+        self.rejects.writerow([record.id, record.source, reason])
+        self.counts.rejected += 1
+
+    def refuse(self, record: Record, reason: str) -> None:
+        """Reject a record that never reached a worker."""
+        self.reject(record, reason)
+        self.counts.read += 1
+        self.progress.advance(1)
+
+    def take(self, chunk: list[Record], results: list[Canonical | str]) -> None:
+        for record, result in zip(chunk, results, strict=True):
+            if isinstance(result, str):
+                self.reject(record, result)
+            else:
+                self.rows.append(Row.from_canonical(record.id, record.source, result, record.split))
+        self.counts.read += len(chunk)
+        self.progress.advance(len(chunk))
+        if len(self.rows) >= STORE_BATCH:
+            self.flush()
+
+    def flush(self) -> None:
+        self.store.add_many(self.rows)
+        self.rows = []
+
+
+def _unique(records: Iterable[Record], collector: _Collector) -> Iterator[Record]:
+    """Records whose id was not seen before; a repeated id is rejected (ids key the store)."""
+    first_source: dict[str, str] = {}
+    for r in records:
+        if r.id in first_source:
+            collector.refuse(r, f"duplicate id: {r.id!r} was already read from {first_source[r.id]}")
+            continue
+        first_source[r.id] = r.source
+        yield r
+
+
+def _canonicalize_all(
+    records: Iterator[Record], collector: _Collector, workers: int, decimals: int, symprec: float
+) -> None:
+    window: deque[tuple[list[Record], AsyncResult]] = deque()
+    with Pool(workers, initializer=_init_worker, initargs=(decimals, symprec)) as pool:
+        for chunk in _chunks(_unique(records, collector), CHUNK):
+            window.append((chunk, pool.apply_async(_canonicalize_chunk, ([r.text for r in chunk],))))
+            if len(window) >= workers * TASKS_PER_WORKER:
+                done, result = window.popleft()
+                collector.take(done, result.get())
+        while window:
+            done, result = window.popleft()
+            collector.take(done, result.get())
+    collector.flush()
+
+
+def _split_store(store: Store, ratios: Sequence[float], seed: int) -> tuple[str, int]:
+    """Keep input splits if every stored structure has one, else assign all by ratios."""
+    missing = store.unsplit_count()
+    total = store.count()
+    if total and not missing:
+        return "input", 0
+    store.set_splits(assign_splits(store.ids(), ratios, seed).items())
+    return "ratios", total - missing
+
+
+def _write_tokens(
+    out: Path, store: Store, filters: list[Filter], vocab: Vocabulary, sink: JsonlSink
+) -> tuple[dict[str, SplitCounts], Counter]:
+    unknown: Counter = Counter()
+    counts = {}
+    for s in SPLITS:
+        texts = (row.cif for row in store.iter_rows([*filters, parse_filter(f"split={s}")]))
+        counts[s] = write_split(out, s, texts, vocab, unknown)
+        sink.progress("tokens", SPLITS.index(s) + 1, len(SPLITS))
+    return counts, unknown
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def source_digest(path: str | Path) -> str:
+    """sha256 of an input file; of a directory, sha256 over 'relative path NUL sha256 LF' of its sorted .cif files."""
+    p = Path(path)
+    if not p.is_dir():
+        return _sha256_file(p)
+    h = hashlib.sha256()
+    files = sorted(f for f in p.rglob("*") if f.is_file() and f.name.lower().endswith(".cif"))
+    for f in files:
+        h.update(f"{f.relative_to(p).as_posix()}\0{_sha256_file(f)}\n".encode())
+    return h.hexdigest()
+
+
+def _check_out(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise PrepareError(f"--out {out}: exists and is not a directory")
+    found = [p.name for p in dataset_files(out) if p.exists()]
+    if found:
+        raise PrepareError(
+            f"--out {out}: already holds a prepared data set ({', '.join(found)}); "
+            "choose another directory or remove it first"
+        )
+
+
+def _meta(
+    report: PrepareReport,
+    vocab: Vocabulary,
+    sources: list[dict[str, str]],
+    settings: dict[str, Any],
+) -> dict[str, Any]:
+    return {
+        "format": "crystallm-data/1",
+        "vocab_id": vocab.id,
+        "eos_id": vocab.eos_id,
+        "token_dtype": "uint16",
+        "splits": {s: {"cifs": c.cifs, "tokens": c.tokens} for s, c in report.splits.items()},
+        "sources": sources,
+        "filters": report.where,
+        **settings,
+        "split_origin": report.split_origin,
+        "counts": {
+            "read": report.read,
+            "rejected": report.rejected,
+            "duplicates": report.duplicates,
+            "stored": report.stored,
+            "selected": report.selected,
+        },
+        "unknown_tokens": dict(sorted(report.unknown.items())),
+        "store": STORE_NAME,
+        "rejects": REJECTS_NAME,
+        "crystallm_core_version": __version__,
+    }
+
+
+def _emit_results(sink: JsonlSink, report: PrepareReport, out: Path) -> None:
+    values: dict[str, float] = {
+        "structures_read": report.read,
+        "rejected": report.rejected,
+        "duplicates": report.duplicates,
+        "stored": report.stored,
+        "selected": report.selected,
+        "unknown_tokens": sum(report.unknown.values()),
+        "seconds": report.seconds,
+        "structures_per_s": report.read / report.seconds if report.seconds > 0 else 0.0,
+    }
+    for s, c in report.splits.items():
+        values[f"{s}_cifs"] = c.cifs
+        values[f"{s}_tokens"] = c.tokens
+    sink.metric(0, **values)
+    sink.artifact(out / STORE_NAME, "data")
+    sink.artifact(out / REJECTS_NAME, "report")
+    for s, c in report.splits.items():
+        if c.cifs:
+            sink.artifact(bin_path(out, s), "data")
+            sink.artifact(starts_path(out, s), "data")
+    sink.artifact(out / META, "data")
+
+
+def prepare(
+    inputs: Sequence[str | Path],
+    out: str | Path,
+    decimals: int = DEFAULT_DECIMALS,
+    workers: int | None = None,
+    dedup: bool = False,
+    split: Sequence[float] = (0.8, 0.1, 0.1),
+    seed: int = 0,
+    where: Sequence[str] = (),
+    symprec: float = DEFAULT_SYMPREC,
+    vocab: str = "cif-v1",
+) -> PrepareReport:
+    """Prepare ``inputs`` into the data set directory ``out`` (see the module docstring)."""
+    ratios = check_ratios(split)
+    filters = parse_filters(list(where))
+    if decimals < 1:
+        raise PrepareError(f"decimals must be at least 1, got {decimals}")
+    if not (math.isfinite(symprec) and symprec > 0):
+        raise PrepareError(f"symprec must be a positive number, got {symprec}")
+    nworkers = default_workers() if workers is None else workers
+    if nworkers < 1:
+        raise PrepareError(f"workers must be at least 1, got {nworkers}")
+    try:
+        voc = get_vocab(vocab)
+    except RegistryError as exc:
+        raise PrepareError(str(exc)) from None
+    sources = [str(p) for p in inputs]
+    records = read_inputs(sources)  # checks every input before anything is written
+    out = Path(out)
+    _check_out(out)
+    created_dir = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        return _run(sources, records, out, filters, voc, nworkers, decimals, symprec, dedup, ratios, seed)
+    except BaseException:
+        for p in [*dataset_files(out), out / (META + ".tmp")]:
+            p.unlink(missing_ok=True)
+        if created_dir and not any(out.iterdir()):
+            out.rmdir()
+        raise
+
+
+def _run(
+    sources: list[str],
+    records: Iterator[Record],
+    out: Path,
+    filters: list[Filter],
+    vocab: Vocabulary,
+    workers: int,
+    decimals: int,
+    symprec: float,
+    dedup: bool,
+    ratios: tuple[float, float, float],
+    seed: int,
+) -> PrepareReport:
+    started = time.monotonic()
+    digests = [{"path": p, "sha256": source_digest(p)} for p in sources]
+    with ExitStack() as stack:
+        sink = stack.enter_context(open_sink(out))
+        store = stack.enter_context(Store.create(out / STORE_NAME))
+        rejects = stack.enter_context((out / REJECTS_NAME).open("x", encoding="utf-8", newline=""))
+        progress = _Progress(sink, "canonicalize", stack)
+        collector = _Collector(store, rejects, progress)
+        _canonicalize_all(records, collector, workers, decimals, symprec)
+        progress.finish()
+        duplicates = len(store.remove_duplicates()) if dedup else 0
+        origin, ignored = _split_store(store, ratios, seed)
+        counts, unknown = _write_tokens(out, store, filters, vocab, sink)
+        report = PrepareReport(
+            out=out,
+            read=collector.counts.read,
+            rejected=collector.counts.rejected,
+            duplicates=duplicates,
+            stored=store.count(),
+            selected=sum(c.cifs for c in counts.values()),
+            split_origin=origin,
+            input_splits_ignored=ignored,
+            splits=counts,
+            unknown=dict(unknown),
+            seconds=time.monotonic() - started,
+            workers=workers,
+            where=[f.text for f in filters],
+        )
+        settings = {
+            "decimals": decimals,
+            "symprec": symprec,
+            "dedup": dedup,
+            "split_ratios": list(ratios) if origin == "ratios" else None,
+            "seed": seed if origin == "ratios" else None,
+        }
+        write_meta(out, _meta(report, vocab, digests, settings))
+        _emit_results(sink, report, out)
+    return report
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="directory of .cif files, .tar(.gz)/.tgz, .csv(.gz)")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output directory (must not hold a data set)")
+    parser.add_argument("--decimals", type=int, default=DEFAULT_DECIMALS, help="decimal places of every number")
+    parser.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
+    parser.add_argument("--dedup", action="store_true", help="keep one structure per reduced formula and space group")
+    parser.add_argument("--split", default="0.8,0.1,0.1", metavar="TRAIN,VAL,TEST", help="split ratios")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split permutation")
+    parser.add_argument(
+        "--where",
+        nargs="+",
+        action="extend",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="select the structures that go into the token files (all must hold)",
+    )
+    parser.add_argument("--symprec", type=float, default=DEFAULT_SYMPREC, help="spglib tolerance in Å")
+    parser.add_argument("--vocab", default="cif-v1", help="vocabulary of the token files")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        report = prepare(
+            args.inputs,
+            args.out,
+            decimals=args.decimals,
+            workers=args.workers,
+            dedup=args.dedup,
+            split=parse_ratios(args.split),
+            seed=args.seed,
+            where=args.where,
+            symprec=args.symprec,
+            vocab=args.vocab,
+        )
+    except (ValueError, OSError) as exc:  # InputError, PrepareError, filter and vocabulary errors included
+        print(f"crystallm prepare: error: {exc}", file=sys.stderr)
+        return 2
+    print(report.summary())
+    if report.selected == 0:
+        print("crystallm prepare: error: no structure went into the token files", file=sys.stderr)
+        return 1
+    return 0
