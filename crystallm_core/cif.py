@@ -18,7 +18,7 @@ import math
 import os
 import re
 from dataclasses import dataclass, field
-from functools import lru_cache
+from functools import cache
 
 os.environ.setdefault("SPGLIB_WARNING", "OFF")  # spglib prints C-level warnings to stderr otherwise
 
@@ -46,9 +46,7 @@ TAG_Z = "_cell_formula_units_Z"
 TAG_FORMULA_STRUCTURAL = "_chemical_formula_structural"
 TAG_FORMULA_SUM = "_chemical_formula_sum"
 SYMOPS_HEADER = "loop_\n_symmetry_equiv_pos_site_id\n_symmetry_equiv_pos_as_xyz\n"
-PROPS_HEADER = (
-    "loop_\n_atom_type_symbol\n_atom_type_electronegativity\n_atom_type_radius\n_atom_type_ionic_radius\n"
-)
+PROPS_HEADER = "loop_\n_atom_type_symbol\n_atom_type_electronegativity\n_atom_type_radius\n_atom_type_ionic_radius\n"
 SITES_HEADER = (
     "loop_\n_atom_site_type_symbol\n_atom_site_label\n_atom_site_symmetry_multiplicity\n"
     "_atom_site_fract_x\n_atom_site_fract_y\n_atom_site_fract_z\n_atom_site_occupancy\n"
@@ -83,7 +81,7 @@ def fmt(x: float, decimals: int) -> str:
     return "0." + "0" * decimals if s.lstrip("-").strip("0.") == "" else s
 
 
-@lru_cache(maxsize=None)
+@cache
 def atom_properties(symbol: str) -> tuple[float, float, float]:
     """Electronegativity (Pauling), atomic radius and mean ionic radius (Å); 0 where unknown."""
     el = Element(symbol)
@@ -115,9 +113,7 @@ def _dataset(cell: tuple, symprec: float):  # noqa: ANN202 (spglib's dataset typ
         return None
 
 
-def canonicalize(
-    structure: Structure, decimals: int = DEFAULT_DECIMALS, symprec: float = DEFAULT_SYMPREC
-) -> Canonical:
+def canonicalize(structure: Structure, decimals: int = DEFAULT_DECIMALS, symprec: float = DEFAULT_SYMPREC) -> Canonical:
     """Symmetrize ``structure`` and write it in canonical form.
 
     Raises :class:`CifError` for disordered structures and where spglib finds no
@@ -201,7 +197,7 @@ def canonicalize(
     )
 
 
-@lru_cache(maxsize=None)
+@cache
 def symops_block(sg_number: int) -> str:
     """The symmetry-operator loop of a canonical CIF of space group ``sg_number``."""
     ops = spacegroups.operations_xyz(sg_number)

@@ -67,11 +67,8 @@ class JsonlSink:
 
     def artifact(self, path: str | Path, kind: str) -> None:
         p = Path(path)
-        if p.is_absolute():
-            try:
-                p = p.resolve().relative_to(self.base.resolve())
-            except ValueError:
-                pass  # left absolute; whoever ships it decides whether that is allowed
+        if p.is_absolute() and p.resolve().is_relative_to(self.base.resolve()):
+            p = p.resolve().relative_to(self.base.resolve())  # outside paths stay absolute for the shipper to judge
         self.emit("artifact", path=p.as_posix(), kind=kind)
 
     def progress(self, what: str, done: int, total: int | None) -> None:

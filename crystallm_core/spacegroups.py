@@ -11,7 +11,7 @@ from the space group the model wrote.
 from __future__ import annotations
 
 from fractions import Fraction
-from functools import lru_cache
+from functools import cache, lru_cache
 
 import numpy as np
 import spglib
@@ -46,7 +46,7 @@ def hall_number(number: int) -> int:
     return _table()[0][number][0]
 
 
-@lru_cache(maxsize=None)
+@cache
 def operations(number: int) -> tuple[np.ndarray, np.ndarray]:
     """Rotations (n, 3, 3) and translations (n, 3) of the default setting."""
     ops = spglib.get_symmetry_from_database(hall_number(number))
@@ -68,7 +68,7 @@ def _xyz(rot: np.ndarray, trans: np.ndarray) -> str:
     return ", ".join(parts)
 
 
-@lru_cache(maxsize=None)
+@cache
 def operations_xyz(number: int) -> tuple[str, ...]:
     """Symmetry operators as CIF xyz strings, identity first."""
     rots, trans = operations(number)

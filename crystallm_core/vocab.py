@@ -114,7 +114,7 @@ class Vocabulary:
         return ids
 
     def decode(self, ids: Iterable[int]) -> str:
-        """Text of ``ids``; <pad> and <eos> write nothing, <symops> writes the operators of the space group before it."""
+        """Text of ``ids``: <pad> and <eos> write nothing; <symops> writes the operators of the last space group."""
         out: list[str] = []
         sg_number: int | None = None
         for i in ids:

@@ -7,8 +7,8 @@ from crystallm_core import spacegroups
 from crystallm_core.cif import canonicalize
 from crystallm_core.vocab import (
     VOCABS,
-    Vocabulary,
     VocabError,
+    Vocabulary,
     check_vocab_id,
     cif_tokens,
     get_vocab,
@@ -49,8 +49,11 @@ def test_space_group_pm_is_not_promethium():
 
 def test_symops_loop_is_one_token_and_decodes_back():
     vocab = get_vocab()
-    text = canonicalize(Structure.from_spacegroup("Fm-3m", [[5.6, 0, 0], [0, 5.6, 0], [0, 0, 5.6]], ["Na", "Cl"],
-                                                  [[0, 0, 0], [0.5, 0.5, 0.5]])).text
+    text = canonicalize(
+        Structure.from_spacegroup(
+            "Fm-3m", [[5.6, 0, 0], [0, 5.6, 0], [0, 0, 5.6]], ["Na", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5]]
+        )
+    ).text
     assert text.count("\n") > 192
     ids = vocab.encode(text)
     assert ids.count(vocab.symops_id) == 1
