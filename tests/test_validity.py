@@ -1,0 +1,353 @@
+import random
+import re
+from functools import cache
+
+import numpy as np
+import pytest
+from conftest import CARBON_VAL, read_rows
+from pymatgen.core import Lattice, Structure
+
+from crystallm_core import cif, spacegroups
+from crystallm_core.cif import PROPS_HEADER, canonicalize, parse_structure, symops_block
+from crystallm_core.postprocess import postprocess
+from crystallm_core.validity import (
+    BOND_SCORE_THRESHOLD,
+    REASON_CODES,
+    Validity,
+    check,
+    detect_spacegroup,
+    expected_bond,
+    orbit,
+    reason_code,
+)
+
+
+@pytest.fixture(scope="module")
+def perov(perov_rows):
+    return [canonicalize(Structure.from_str(r["cif"], fmt="cif")).text for r in perov_rows]
+
+
+@pytest.fixture(scope="module")
+def carbon(carbon_rows):
+    return [canonicalize(Structure.from_str(r["cif"], fmt="cif")).text for r in carbon_rows]
+
+
+def assert_consistent(v: Validity) -> None:
+    """A verdict is invalid exactly when it has reasons, and every reason has a known code."""
+    assert v.is_valid == (not v.reasons), v
+    assert all(reason_code(r) in REASON_CODES for r in v.reasons), v.reasons
+
+
+def set_tag(text: str, tag: str, value: str) -> str:
+    out, n = re.subn(rf"^{re.escape(tag)} .*$", f"{tag} {value}", text, count=1, flags=re.M)
+    assert n == 1, tag
+    return out
+
+
+def tag_value(text: str, tag: str) -> str:
+    return re.search(rf"^{re.escape(tag)} (.*)$", text, flags=re.M).group(1)
+
+
+def site_lines(text: str) -> tuple[str, list[str]]:
+    head, body = text.split("_atom_site_occupancy\n")
+    return head + "_atom_site_occupancy\n", body.splitlines(keepends=True)
+
+
+def edit_site(text: str, k: int, column: int, value: str) -> str:
+    head, rows = site_lines(text)
+    words = rows[k].split()
+    words[column] = value
+    rows[k] = " ".join(words) + "\n"
+    return head + "".join(rows)
+
+
+# ---------------------------------------------------------------- real structures
+
+
+def test_canonical_real_structures_are_valid(perov, carbon):
+    for text in perov:
+        v = check(text)
+        assert v.is_valid, v.reasons
+        assert v.bond_score == 1.0
+    results = [check(t) for t in carbon]
+    for v in results:
+        assert_consistent(v)
+        assert v.sensible and v.formula_ok and v.multiplicity_ok and v.bonds_ok, v.reasons
+    assert sum(v.is_valid for v in results) >= 0.98 * len(results)
+
+
+def test_raw_pymatgen_p1_cifs_are_valid(perov_rows, carbon_rows):
+    for row in perov_rows[:50] + carbon_rows[:50]:
+        v = check(row["cif"])
+        assert v.is_valid, (row["material_id"], v.reasons)
+
+
+def test_spacegroup_failures_of_canonical_carbon_are_tolerance_creep():
+    """The canonical text of C-172917-5417-5 says P-1, but its symmetrized atoms are C2/m at
+    symprec 0.1: the check reports it, naming both groups (docs/VALIDITY.md)."""
+    row = next(r for r in read_rows(CARBON_VAL, 200) if r["material_id"] == "C-172917-5417-5")
+    v = check(canonicalize(Structure.from_str(row["cif"], fmt="cif")).text)
+    assert v.codes == ["spacegroup"]
+    assert "stated 2 (P-1) but spglib finds 12 (C2/m)" in v.reasons[0]
+
+
+# ---------------------------------------------------------------- corrupted CIFs
+
+
+def corruptions(texts: list[str], rng: random.Random) -> list[tuple[str, str, set[str]]]:
+    """(kind, text, acceptable reason codes) for CIFs that are broken by construction."""
+    out: list[tuple[str, str, set[str]]] = []
+    parse_codes = {"unparseable", "cell", "no_sites", "sites", "symops", "formula", "multiplicity"}
+    for text in texts:
+        cut = rng.randrange(0, len(text) - 2)  # at least the last occupancy is lost
+        out.append(("truncated", text[:cut], parse_codes))
+    for _ in range(20):
+        out.append(
+            (
+                "random bytes",
+                bytes(rng.randrange(256) for _ in range(rng.randrange(1, 400))).decode("latin-1"),
+                {"unparseable"},
+            )
+        )
+    out += [("empty", "", {"unparseable"}), ("blank", " \n\t\n", {"unparseable"}), ("none", None, {"unparseable"})]
+    for text in texts[:15]:
+        a = float(tag_value(text, "_cell_length_a"))
+        volume = float(tag_value(text, "_cell_volume"))
+        out.append(("volume", set_tag(text, "_cell_volume", f"{volume * 1.5:.4f}"), {"cell"}))
+        out.append(("length shuffled", set_tag(text, "_cell_length_a", f"{a * 1.37:.4f}"), {"cell"}))
+        out.append(("huge length", set_tag(text, "_cell_length_b", "1e30"), {"cell"}))
+        out.append(("infinite length", set_tag(text, "_cell_length_c", "1e999"), {"cell"}))
+        out.append(("nan angle", set_tag(text, "_cell_angle_beta", "nan"), {"cell"}))
+        out.append(("flat angle", set_tag(text, "_cell_angle_gamma", "179.5"), {"cell"}))
+        out.append(("nan coordinate", edit_site(text, 0, 3, "nan"), {"sites"}))
+        out.append(("huge coordinate", edit_site(text, 0, 4, "1e300"), {"sites"}))
+        out.append(("unknown element", edit_site(text, 0, 0, "Xx"), {"sites"}))
+        out.append(("partial occupancy", edit_site(text, 0, 6, "0.5"), {"sites"}))
+        out.append(("no sites", text.split("loop_\n_atom_site_type_symbol")[0], {"no_sites"}))
+        out.append(("singular operator", text.replace("'x, y, z'", "'x, x, z'", 1), {"symops"}))
+        out.append(("garbled operator", text.replace("'x, y, z'", "'x, y, q'", 1), {"symops"}))
+    for text in texts[:30]:
+        _, rows = site_lines(text)
+        k = rng.randrange(len(rows))
+        mult = int(rows[k].split()[2])
+        out.append(("multiplicity", edit_site(text, k, 2, str(mult + rng.choice((1, 2, 3)))), {"multiplicity"}))
+        name = text.split("\n", 1)[0]
+        wrong = re.sub(r"\d+$", lambda m: str(int(m.group()) + 1), name)
+        out.append(("data_ formula", text.replace(name, wrong, 1), {"formula"}))
+        total = tag_value(text, "_chemical_formula_sum")
+        more = re.sub(r"\d+'$", lambda m: f"{int(m.group()[:-1]) + 5}'", total)
+        out.append(("formula sum", text.replace(total, more, 1), {"formula", "multiplicity"}))
+        out.append(("structural formula", set_tag(text, "_chemical_formula_structural", "Li2O"), {"formula"}))
+        z = int(tag_value(text, "_cell_formula_units_Z"))
+        out.append(("Z", set_tag(text, "_cell_formula_units_Z", str(z + 1)), {"formula"}))
+        head, rows = site_lines(text)
+        w = rows[0].split()
+        twin = f"{w[0]} {w[0]}x {w[2]} {float(w[3]) + 0.01:.4f} {w[4]} {w[5]} 1\n"
+        out.append(("overlap", head + "".join(rows) + twin, {"overlap"}))
+        out.append(("compressed", scale_cell(text, 0.4), {"bonds"}))
+        out.append(("expanded", scale_cell(text, 3.5), {"bonds"}))
+        out.append(("space group", restate_group(text), {"spacegroup"}))
+    return out
+
+
+def scale_cell(text: str, f: float) -> str:
+    for tag in ("_cell_length_a", "_cell_length_b", "_cell_length_c"):
+        text = set_tag(text, tag, f"{float(tag_value(text, tag)) * f:.4f}")
+    return set_tag(text, "_cell_volume", f"{float(tag_value(text, '_cell_volume')) * f**3:.4f}")
+
+
+def restate_group(text: str) -> str:
+    """Claim P-1 or Pm-3m instead of the true group (keeping the true operators)."""
+    n = int(tag_value(text, "_symmetry_Int_Tables_number"))
+    other = 2 if n != 2 else 221
+    text = set_tag(text, "_symmetry_Int_Tables_number", str(other))
+    return set_tag(text, "_symmetry_space_group_name_H-M", spacegroups.symbol(other))
+
+
+def test_corrupted_cifs_are_invalid_with_a_reason(perov, carbon):
+    rng = random.Random(20261127)
+    cases = corruptions(perov[:70] + carbon[:30], rng)
+    assert len(cases) >= 200
+    for kind, text, codes in cases:
+        v = check(text)
+        assert_consistent(v)
+        assert not v.is_valid, (kind, text)
+        assert set(v.codes) & codes, (kind, v.reasons, text)
+        assert "internal" not in v.codes, (kind, v.reasons)
+
+
+def test_random_edits_never_raise(perov):
+    """Single-character edits anywhere: every verdict is well formed and nothing raises."""
+    rng = random.Random(7)
+    alphabet = "0123456789.-+ \n'_xyzloop_data_ABCabcNaOe"
+    for _ in range(300):
+        text = rng.choice(perov)
+        i = rng.randrange(len(text))
+        edited = text[:i] + rng.choice(alphabet) + text[i + 1 :]
+        assert_consistent(check(edited))
+
+
+# ---------------------------------------------------------------- individual checks
+
+CUBE = "data_x\n" + "".join(f"{tag} {v}\n" for tag, v in zip(cif.CELL_TAGS, (4, 4, 4, 90, 90, 90), strict=True))
+SITE = "loop_\n_atom_site_type_symbol\n_atom_site_fract_x\n_atom_site_fract_y\n_atom_site_fract_z\nNa 0 0 0\n"
+
+
+@cache
+def rocksalt() -> str:
+    """Canonical NaCl (Fm-3m, 4 formula units in the conventional cell)."""
+    na = [[0, 0, 0], [0.5, 0.5, 0], [0.5, 0, 0.5], [0, 0.5, 0.5]]
+    cl = [[0.5, 0.5, 0.5], [0, 0, 0.5], [0, 0.5, 0], [0.5, 0, 0]]
+    return canonicalize(Structure(Lattice.cubic(5.64), ["Na"] * 4 + ["Cl"] * 4, na + cl)).text
+
+
+def test_formula_reason_names_both_formulas():
+    text = rocksalt().replace("data_Na4Cl4", "data_Na4Cl3")
+    v = check(text)
+    assert v.codes == ["formula"]
+    assert v.reasons == ["formula: data_ line says Na4Cl3 but sites give Na4Cl4"]
+
+
+def test_data_name_conventions():
+    text = rocksalt()
+    assert check(text.replace("data_Na4Cl4", "data_NaCl")).is_valid  # pymatgen: reduced formula
+    assert check(text.replace("data_Na4Cl4", "data_global")).is_valid  # not a formula: states nothing
+    assert not check(text.replace("data_Na4Cl4", "data_Na2Cl2")).is_valid  # explicit counts are the cell
+    assert not check(text.replace("data_Na4Cl4", "data_NaBr")).is_valid
+
+
+def test_formula_sum_may_follow_the_iucr_convention():
+    """'Na1 Cl1' with Z=4 (the IUCr way) states the same cell as 'Na4 Cl4'; with Z=2 it does not."""
+    text = set_tag(rocksalt(), "_chemical_formula_sum", "'Na1 Cl1'")
+    assert tag_value(text, "_cell_formula_units_Z") == "4"
+    assert check(text).is_valid
+    v = check(set_tag(text, "_cell_formula_units_Z", "2"))
+    assert v.codes == ["formula", "multiplicity"]
+
+
+def test_multiplicity_reason():
+    text = rocksalt().replace("Na Na0 4 ", "Na Na0 8 ")
+    v = check(text)
+    assert "multiplicity" in v.codes
+    assert any("states 8 but its orbit has 4 positions" in r for r in v.reasons)
+
+
+def test_p1_is_always_a_true_statement_but_other_groups_must_match():
+    nacl = parse_structure(rocksalt())
+    p1 = nacl.to(fmt="cif")  # pymatgen writes P1 with every atom listed
+    assert "P 1" in p1 and detect_spacegroup(nacl) == 225
+    assert check(p1).is_valid
+    claimed = p1.replace("_symmetry_Int_Tables_number   1", "_symmetry_Int_Tables_number   2")
+    claimed = claimed.replace("'P 1'", "P-1")
+    v = check(claimed)
+    assert v.codes == ["spacegroup"]
+    assert "spglib finds 225 (Fm-3m)" in v.reasons[0]
+
+
+def test_spacegroup_symbol_and_number_must_agree():
+    text = set_tag(rocksalt(), "_symmetry_space_group_name_H-M", "Pm-3m")
+    assert check(text).codes == ["spacegroup"]
+
+
+def test_no_stated_group_is_consistent_only_for_an_identity_listing():
+    p1 = parse_structure(rocksalt()).to(fmt="cif")
+    bare = re.sub(r"_symmetry_(space_group_name_H-M|Int_Tables_number).*\n", "", p1)
+    assert check(bare).is_valid
+    fm3m = re.sub(r"_symmetry_(space_group_name_H-M|Int_Tables_number).*\n", "", rocksalt())
+    assert check(fm3m).codes == ["spacegroup"]
+
+
+def test_overlapping_and_isolated_atoms():
+    text = rocksalt()
+    head, rows = site_lines(text)
+    v = check(head + "".join(rows) + "Na Nax 4 0.0100 0.0000 0.0000 1\n")
+    assert "overlap" in v.codes and not v.bonds_ok
+    far = scale_cell(text, 3.0)  # Na-Cl at 8.5 Å: no neighbour within twice the bond length
+    v = check(far)
+    assert v.codes == ["bonds"] and v.bond_score == 0.0
+    assert "isolated" in v.reasons[0]
+    assert BOND_SCORE_THRESHOLD == 1.0
+
+
+def test_orbit_matches_the_reader():
+    """validity.orbit is a vectorized cif.orbit: same images, same order, near special positions too."""
+    rng = np.random.default_rng(3)
+    for sg in range(1, 231):
+        rots, trans = spacegroups.operations(sg)
+        for _ in range(2):
+            x = rng.choice([0, 0.25, 0.5, 1 / 3, 2 / 3, 0.9995, rng.random()], size=3)
+            x = np.round(x + rng.choice([0, 0, 1e-4, -1e-3, 1e-3, 2e-3], size=3), 5)
+            assert np.array_equal(orbit(x, rots, trans), cif.orbit(x, rots, trans)), (sg, x)
+
+
+def test_expected_bond_lengths():
+    assert expected_bond("C", "C") == pytest.approx(1.46)  # covalent, Cordero radii
+    assert expected_bond("Na", "Cl") == pytest.approx(1.16 + 1.67)  # ionic, Shannon radii
+    assert expected_bond("O", "H") == pytest.approx(0.66 + 0.31)  # bonds to H are covalent
+    assert expected_bond("Cl", "Na") == expected_bond("Na", "Cl")
+
+
+def test_hydrogen_bonds_are_reasonable():
+    """Ice-like O-H at 0.97 Å is a normal bond, not an overlap."""
+    s = Structure(Lattice.cubic(4.0), ["O", "H", "H"], [[0, 0, 0], [0.2425, 0, 0], [0, 0.2425, 0]])
+    v = check(s.to(fmt="cif"))
+    assert v.bonds_ok, v.reasons
+
+
+@pytest.mark.parametrize(
+    ("tail", "code"),
+    [
+        ("loop_\n_atom_site_type_symbol\n_atom_site_fract_x\nNa 0\n", "sites"),  # no fract_y column
+        ("loop_\n_symmetry_equiv_pos_as_xyz\n" + SITE, "symops"),  # empty operator loop
+        ("loop_\n_symmetry_equiv_pos_as_xyz\n'x, y, .z'\n" + SITE, "symops"),
+        ("loop_\n_symmetry_equiv_pos_as_xyz\n'x+1/0, y, z'\n" + SITE, "symops"),
+        ("_symmetry_Int_Tables_number 999\n" + SITE, "symops"),  # no operators, no usable group
+    ],
+)
+def test_reader_edge_cases_get_their_own_codes(tail, code):
+    v = check(CUBE + tail)
+    assert v.codes == [code], v.reasons
+
+
+def test_check_never_raises_on_odd_types():
+    for value in (None, b"data_x", 42, "data_\n", "loop_\n", "data_x\nloop_\n_a\n_b\n1\n"):
+        v = check(value)  # type: ignore[arg-type]
+        assert not v.is_valid and v.reasons
+
+
+# ---------------------------------------------------------------- postprocess
+
+
+def test_postprocess_round_trip(perov, carbon):
+    for text in perov[:40] + carbon[:20]:
+        clean = postprocess(text)
+        assert PROPS_HEADER not in clean
+        assert clean == text.replace(text[text.index(PROPS_HEADER) : text.index("loop_\n_atom_site_type_symbol")], "")
+        assert postprocess(clean) == clean
+        assert check(clean).is_valid == check(text).is_valid
+
+
+def test_postprocess_restores_the_operators_of_the_stated_group():
+    text = rocksalt()
+    broken = text.replace(symops_block(225), symops_block(1))
+    assert check(broken).codes == ["formula", "multiplicity", "spacegroup"]  # one Na and one Cl, in P1
+    fixed = postprocess(broken)
+    assert symops_block(225) in fixed and PROPS_HEADER not in fixed
+    assert check(fixed).is_valid
+
+
+def test_postprocess_leaves_what_it_cannot_act_on():
+    for text in (
+        "",
+        "garbage \x00\x01",
+        "data_x\n_symmetry_space_group_name_H-M Qq9\nloop_\n_symmetry_equiv_pos_as_xyz\n'x'\n",
+    ):
+        assert postprocess(text) == text
+    assert postprocess(None) is None  # type: ignore[arg-type]
+
+
+def test_postprocess_reads_the_symbol_first():
+    text = rocksalt()
+    assert symops_block(225) in postprocess(set_tag(text, "_symmetry_Int_Tables_number", "221"))
+    unknown = set_tag(text, "_symmetry_space_group_name_H-M", "Qq")
+    assert symops_block(225) in postprocess(unknown)
