@@ -15,6 +15,10 @@ VERBS: dict[str, tuple[str, str]] = {
     "prepare": ("crystallm_core.prepare", "prepare raw structures into a data set (store + token files)"),
     "evaluate": ("crystallm_core.evaluate", "check CIFs for validity and summarise"),
     "demo-data": ("crystallm_core.demo", "write the built-in demo data set"),
+    "train": ("crystallm_core.train", "train a model on a prepared data set"),
+    "sample": ("crystallm_core.sample", "generate CIFs for compositions"),
+    "benchmark": ("crystallm_core.csp", "crystal-structure prediction benchmark (csp)"),
+    "export": ("crystallm_core.checkpoint", "write an inference-only copy of a checkpoint (weights, config)"),
 }
 
 

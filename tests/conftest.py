@@ -35,3 +35,27 @@ def perov_rows() -> list[dict[str, str]]:
 @pytest.fixture(scope="session")
 def carbon_rows() -> list[dict[str, str]]:
     return read_rows(CARBON_VAL, 100)
+
+
+@pytest.fixture(scope="session")
+def demo8(tmp_path_factory) -> Path:
+    """Eight demo structures prepared into a data set (all in the train split)."""
+    from crystallm_core.demo import write_demo_csv
+    from crystallm_core.prepare import prepare
+
+    root = tmp_path_factory.mktemp("demo8")
+    raw = write_demo_csv(root / "raw.csv.gz", n=8, seed=0)
+    prepare([raw], root / "data", workers=1, split=(1.0, 0.0, 0.0))
+    return root / "data"
+
+
+@pytest.fixture(scope="session")
+def demo_small(tmp_path_factory) -> Path:
+    """Sixty demo structures prepared into train/val/test."""
+    from crystallm_core.demo import write_demo_csv
+    from crystallm_core.prepare import prepare
+
+    root = tmp_path_factory.mktemp("demo60")
+    raw = write_demo_csv(root / "raw.csv.gz", n=60, seed=1)
+    prepare([raw], root / "data", workers=1, split=(0.8, 0.1, 0.1))
+    return root / "data"

@@ -1,0 +1,199 @@
+"""``crystallm benchmark csp``: crystal-structure prediction from composition alone.
+
+For every test structure the model gets its composition (the cell formula of the
+canonical conventional cell, no space group) and makes ``n`` attempts. An attempt
+matches when pymatgen's StructureMatcher (stol=0.5, angle_tol=10, ltol=0.3, the
+settings of the CDVAE/DiffCSP/CrystaLLM papers) finds it equivalent to the true
+structure. Reported, for the first attempt and for all ``n``: the match rate (share of
+test structures with a match) and the RMSE (mean over matched structures of the
+smallest normalised RMS displacement among their matching attempts), plus the
+validity of all generated CIFs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import multiprocessing as mp
+import os
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from crystallm_core.events import open_sink
+
+MATCHER = dict(stol=0.5, angle_tol=10, ltol=0.3)
+
+
+@dataclass(frozen=True)
+class CspResult:
+    structures: int
+    attempts: int
+    match_rate_1: float
+    rmse_1: float | None
+    match_rate_n: float
+    rmse_n: float | None
+    validity: float
+    parseable: float
+    samples_per_s: float
+
+
+def _match_one(job: tuple[str, list[str]]) -> list[float | None]:
+    """RMS distance of each attempt to the truth; None where it does not match, NaN where it cannot be read."""
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+    from pymatgen.core import Structure
+
+    from crystallm_core.cif import CifError, parse_structure
+
+    truth_text, attempts = job
+    truth = Structure.from_str(truth_text, fmt="cif")
+    matcher = StructureMatcher(**MATCHER)
+    out: list[float | None] = []
+    for text in attempts:
+        try:
+            gen = parse_structure(text)
+        except CifError:
+            out.append(math.nan)
+            continue
+        try:
+            rms = matcher.get_rms_dist(truth, gen)
+        except (ValueError, ArithmeticError):  # degenerate lattices
+            rms = None
+        out.append(None if rms is None else float(rms[0]))
+    return out
+
+
+def match_all(jobs: list[tuple[str, list[str]]], workers: int) -> list[list[float | None]]:
+    if workers <= 1:
+        return [_match_one(j) for j in jobs]
+    with mp.get_context("forkserver").Pool(workers) as pool:
+        return pool.map(_match_one, jobs, chunksize=max(1, len(jobs) // (8 * workers)))
+
+
+def score(rms: list[list[float | None]], n: int) -> tuple[float, float | None]:
+    best = [min((r for r in row[:n] if r is not None and not math.isnan(r)), default=None) for row in rms]
+    matched = [b for b in best if b is not None]
+    rate = len(matched) / len(rms) if rms else 0.0
+    return rate, (sum(matched) / len(matched) if matched else None)
+
+
+def run_csp(
+    model_path: str,
+    test: str,
+    n: int,
+    limit: int | None = None,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    seed: int = 0,
+    batch_size: int | None = None,
+    workers: int | None = None,
+    device: str = "auto",
+    out: Path | None = None,
+) -> CspResult:
+    from pymatgen.core import Structure
+
+    from crystallm_core.cif import canonicalize
+    from crystallm_core.evaluate import check_texts
+    from crystallm_core.inputs import read_input
+    from crystallm_core.sample import generate, load_for_inference
+    from crystallm_core.sampler import Sampler, SamplingParams
+
+    truths: list[str] = []
+    prompts: list[tuple[str, str | None]] = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for rec in read_input(test):
+            if limit is not None and len(truths) >= limit:
+                break
+            truths.append(rec.text)
+            prompts.append((canonicalize(Structure.from_str(rec.text, fmt="cif")).formula.replace(" ", ""), None))
+    clock = time.perf_counter()
+
+    def phase(what: str) -> None:
+        print(f"csp: {what} ({time.perf_counter() - clock:.0f} s)", file=sys.stderr, flush=True)
+
+    phase(f"{len(truths)} test structures read")
+    model, vocab, _ = load_for_inference(model_path, device)
+    on_gpu = next(model.parameters()).device.type == "cuda"
+    sampler = Sampler(model, vocab, batch_size=batch_size or (1024 if on_gpu else 32))
+    params = SamplingParams(temperature=temperature, top_k=top_k, seed=seed, max_tokens=model.cfg.block_size)
+    samples, stats = generate(sampler, prompts, n, params)
+    cifs = [s.cif for s in samples]
+    phase(f"{len(cifs)} samples generated ({stats.samples_per_s:.0f}/s)")
+    workers = workers or os.cpu_count() or 1
+    verdicts = list(check_texts(cifs, workers))
+    phase("validity checked")
+    rms = match_all([(truths[i], cifs[i * n : (i + 1) * n]) for i in range(len(truths))], workers)
+    phase("matched")
+    rate_1, rmse_1 = score(rms, 1)
+    rate_n, rmse_n = score(rms, n)
+    result = CspResult(
+        structures=len(truths),
+        attempts=len(cifs),
+        match_rate_1=rate_1,
+        rmse_1=rmse_1,
+        match_rate_n=rate_n,
+        rmse_n=rmse_n,
+        validity=sum(v.is_valid for v in verdicts) / len(verdicts) if verdicts else 0.0,
+        parseable=sum(not (r is not None and math.isnan(r)) for row in rms for r in row) / max(1, len(cifs)),
+        samples_per_s=stats.samples_per_s,
+    )
+    if out is not None:
+        from crystallm_core.sample import write_samples
+
+        write_samples(samples, out / "samples.csv.gz")
+        (out / "csp.json").write_text(json.dumps(asdict(result), indent=2) + "\n", encoding="utf-8")
+    return result
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("task", choices=["csp"], help="benchmark to run")
+    p.add_argument("--model", required=True)
+    p.add_argument("--test", required=True, help="CSV(.gz) with a cif column, a directory or a tarball")
+    p.add_argument("--n", type=int, default=20, help="attempts per composition")
+    p.add_argument("--limit", type=int, default=None, help="first LIMIT test structures only")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--workers", type=int, default=None)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--out", default=None, help="directory for samples.csv.gz and csp.json")
+    p.add_argument("--smoke", action="store_true", help="8 test structures, 2 attempts each")
+
+
+def run(args: argparse.Namespace) -> int:
+    if args.n < 1:
+        print("crystallm benchmark: --n must be >= 1", file=sys.stderr)
+        return 2
+    n, limit = (min(args.n, 2), min(args.limit or 8, 8)) if args.smoke else (args.n, args.limit)
+    out = Path(args.out) if args.out else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+    try:
+        result = run_csp(
+            args.model,
+            args.test,
+            n,
+            limit,
+            args.temperature,
+            args.top_k,
+            args.seed,
+            args.batch_size,
+            args.workers,
+            args.device,
+            out,
+        )
+    except (ValueError, FileNotFoundError) as e:
+        print(f"crystallm benchmark: {e}", file=sys.stderr)
+        return 2
+    if out is not None or os.environ.get("CRYSTALLM_EVENTS"):
+        with open_sink(out or Path(".")) as sink:
+            sink.metric(0, **{k: v for k, v in asdict(result).items() if v is not None})
+            if out is not None:
+                sink.artifact(out / "csp.json", "report")
+    print(json.dumps(asdict(result)))
+    return 0

@@ -1,0 +1,343 @@
+"""Training: ``crystallm train CONFIG [key=value ...] [--resume] [--smoke]``.
+
+Batches are windows of ``block_size + 1`` tokens that start at the first token of a CIF
+(the model always sees a CIF from its ``data_`` line, as it will when sampling). The
+optimizer is AdamW with decoupled weight decay on matrices only; the learning rate
+warms up linearly, then follows a cosine down to ``min_lr``. Checkpoints hold
+everything needed to continue bit for bit: model, optimizer, scheduler, step, every
+RNG state (including the batch sampler's), config and vocabulary id.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from crystallm_core import checkpoint
+from crystallm_core.config import ConfigError, apply_overrides, build, load_file
+from crystallm_core.events import JsonlSink, open_sink
+from crystallm_core.model import GPT, named_config
+from crystallm_core.tokens import TokenData, read_meta
+from crystallm_core.vocab import vocab_for_id
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data_dir: str
+    out_dir: str
+    model: str = "small"
+    dropout: float = 0.0
+    block_size: int | None = None  # default: the model's context
+    batch_size: int = 32  # sequences per micro-batch
+    grad_accum: int = 1
+    max_steps: int = 5000
+    warmup_steps: int = 100
+    lr: float = 6e-4
+    min_lr: float = 6e-5
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    eval_interval: int = 250
+    eval_batches: int = 20
+    log_interval: int = 10
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | cuda:N
+    compile: bool | None = None  # default: on for CUDA
+    smoke: bool = False
+    smoke_cifs: int = 64  # data subset in smoke mode
+
+    def __post_init__(self) -> None:
+        positive = ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches", "log_interval")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.warmup_steps < 0 or self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ValueError("need warmup_steps >= 0 and 0 <= min_lr <= lr > 0")
+
+    def smoked(self) -> TrainConfig:
+        """The same run in miniature: few steps, small batches, a data subset, no compile."""
+        return replace(
+            self,
+            smoke=True,
+            max_steps=min(self.max_steps, 8),
+            warmup_steps=min(self.warmup_steps, 2),
+            eval_interval=4,
+            eval_batches=2,
+            log_interval=1,
+            batch_size=min(self.batch_size, 4),
+            grad_accum=1,
+            block_size=min(self.block_size or 256, 256),
+            compile=False,
+        )
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+class Windows:
+    """CIF-aligned training windows drawn by a seeded generator whose state is checkpointed."""
+
+    def __init__(self, data: TokenData, length: int, seed: int, limit: int | None = None) -> None:
+        self.tokens = data.tokens
+        self.starts = np.asarray(data.starts[: limit or len(data.starts)], dtype=np.int64)
+        self.length = length
+        self.offsets = np.arange(length, dtype=np.int64)
+        self.gen = torch.Generator().manual_seed(seed)
+
+    def batch(self, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        pick = torch.randint(len(self.starts), (size,), generator=self.gen).numpy()
+        # Windows running past the end of the stream wrap to its beginning (another CIF start).
+        idx = (self.starts[pick][:, None] + self.offsets[None, :]) % len(self.tokens)
+        chunk = torch.from_numpy(self.tokens[idx].astype(np.int64))
+        chunk = chunk.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else chunk.to(device)
+        return chunk[:, :-1], chunk[:, 1:]
+
+
+def lr_factor(step: int, cfg: TrainConfig) -> float:
+    """Multiplier of ``cfg.lr`` at ``step`` (0-based): linear warm-up, then cosine to ``min_lr``."""
+    if step < cfg.warmup_steps:
+        return (step + 1) / cfg.warmup_steps
+    span = max(1, cfg.max_steps - cfg.warmup_steps)
+    progress = min(1.0, (step - cfg.warmup_steps) / span)
+    floor = cfg.min_lr / cfg.lr
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    extra = {"fused": True} if device.type == "cuda" else {}
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **extra)
+
+
+def rng_state(windows: Windows) -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "windows": windows.gen.get_state(),
+    }
+
+
+def set_rng_state(state: dict[str, Any], windows: Windows) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    windows.gen.set_state(state["windows"])
+
+
+def measure_matmul_peak(device: torch.device, n: int = 8192, reps: int = 10) -> float | None:
+    """bf16 matmul FLOP/s actually reached on this device: the yardstick for MFU. None on CPU."""
+    if device.type != "cuda":
+        return None
+    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    torch.cuda.synchronize(device)
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+class Trainer:
+    def __init__(self, cfg: TrainConfig, resume: bool = False) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.out_dir)
+        self.ckpt_dir = self.out / "ckpts"
+        self.device = resolve_device(cfg.device)
+        torch.set_float32_matmul_precision("high")  # TF32 for any float32 matmul left outside autocast
+        meta = read_meta(cfg.data_dir)
+        self.vocab = vocab_for_id(meta.get("vocab_id", "<none>"))
+        self.model_cfg = named_config(cfg.model, len(self.vocab), cfg.dropout, cfg.block_size)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
+        self.model = GPT(self.model_cfg).to(self.device)
+        limit = cfg.smoke_cifs if cfg.smoke else None
+        self.train_windows = Windows(TokenData(cfg.data_dir, "train", self.vocab), self.context + 1, cfg.seed, limit)
+        has_val = meta.get("splits", {}).get("val", {}).get("cifs", 0) > 0
+        self.val_data = TokenData(cfg.data_dir, "val", self.vocab) if has_val else None
+        self.opt = make_optimizer(self.model, cfg, self.device)
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, cfg))
+        self.step = 0
+        self.best_val = math.inf
+        if resume:
+            self._resume()
+        use_compile = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
+        self.forward = torch.compile(self.model) if use_compile else self.model
+        self.autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
+        )
+        self.peak = measure_matmul_peak(self.device)
+        self.tokens_per_step = cfg.batch_size * cfg.grad_accum * self.context
+
+    @property
+    def context(self) -> int:
+        return self.model_cfg.block_size
+
+    def _resume(self) -> None:
+        path = self.ckpt_dir / "last.pt"
+        ckpt = checkpoint.read(path, map_location=self.device)
+        if ckpt["vocab_id"] != self.vocab.id:
+            raise ConfigError(f"{path} was trained with vocabulary {ckpt['vocab_id']}, data set uses {self.vocab.id}")
+        if ckpt["model_config"] != self.model_cfg.to_dict():
+            raise ConfigError(f"{path} holds a model {ckpt['model_config']}, config asks for {self.model_cfg}")
+        self.model.load_state_dict(ckpt["model"])
+        self.opt.load_state_dict(ckpt["optimizer"])
+        self.sched.load_state_dict(ckpt["scheduler"])
+        self.step = ckpt["step"]
+        self.best_val = ckpt["best_val_loss"]
+        set_rng_state(ckpt["rng"], self.train_windows)
+
+    def save(self, name: str, sink: JsonlSink) -> None:
+        path = checkpoint.save(
+            self.ckpt_dir / f"{name}.pt",
+            {
+                "model": self.model.state_dict(),
+                "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(),
+                "step": self.step,
+                "rng": rng_state(self.train_windows),
+                "config": asdict(self.cfg),
+                "model_config": self.model_cfg.to_dict(),
+                "vocab_id": self.vocab.id,
+                "n_params": self.model.num_params(),
+                "best_val_loss": self.best_val,
+            },
+        )
+        sink.artifact(path, "checkpoint")
+
+    @torch.no_grad()
+    def evaluate(self) -> float | None:
+        """Mean loss over the same validation windows every time (their own fixed-seed generator)."""
+        if self.val_data is None:
+            return None
+        self.model.eval()
+        windows = Windows(self.val_data, self.context + 1, seed=self.cfg.seed + 1)
+        total = 0.0
+        for _ in range(self.cfg.eval_batches):
+            x, y = windows.batch(self.cfg.batch_size, self.device)
+            with self.autocast:
+                total += float(self.forward(x, y)[1])
+        self.model.train()
+        return total / self.cfg.eval_batches
+
+    def train_step(self) -> float:
+        cfg = self.cfg
+        total = 0.0
+        for _ in range(cfg.grad_accum):
+            x, y = self.train_windows.batch(cfg.batch_size, self.device)
+            with self.autocast:
+                _, loss = self.forward(x, y)
+            (loss / cfg.grad_accum).backward()
+            total += float(loss.detach()) / cfg.grad_accum
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
+        self.opt.step()
+        self.sched.step()
+        self.opt.zero_grad(set_to_none=True)
+        return total
+
+    def run(self, sink: JsonlSink, progress: Any | None = None, stop_at: int | None = None) -> dict[str, Any]:
+        """Train to ``max_steps``, or pause after ``stop_at`` steps (the schedule still spans ``max_steps``)."""
+        cfg = self.cfg
+        last = min(cfg.max_steps, stop_at or cfg.max_steps)
+        self.model.train()
+        print(
+            f"training {cfg.model} ({self.model.num_params() / 1e6:.2f} M parameters, context {self.context}) "
+            f"on {self.device} from step {self.step} to {cfg.max_steps}",
+            flush=True,
+        )
+        losses: list[float] = []
+        t_last, steps_since = time.perf_counter(), 0
+        while self.step < last:
+            lr = self.sched.get_last_lr()[0]
+            loss = self.train_step()
+            self.step += 1
+            steps_since += 1
+            losses.append(loss)
+            if self.step % cfg.log_interval == 0 or self.step == cfg.max_steps:
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                dt = time.perf_counter() - t_last
+                tps = steps_since * self.tokens_per_step / dt
+                values = {"loss": loss, "lr": lr, "tokens_per_s": tps}
+                if self.peak:
+                    values["mfu"] = tps * self.model.flops_per_token(self.context) / self.peak
+                    values["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+                sink.metric(self.step, **values)
+                sink.progress("train", self.step, cfg.max_steps)
+                print(f"step {self.step}: loss {loss:.4f} lr {lr:.2e} {tps:,.0f} tok/s", flush=True)
+                t_last, steps_since = time.perf_counter(), 0
+            if self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps:
+                self._checkpoint(sink)
+                t_last, steps_since = time.perf_counter(), 0
+            if progress is not None:
+                progress(self.step)
+        best = self.best_val if math.isfinite(self.best_val) else None
+        return {"steps": self.step, "final_loss": losses[-1] if losses else None, "best_val_loss": best}
+
+    def _checkpoint(self, sink: JsonlSink) -> None:
+        """Validate, then write ``last`` and, when validation improved (or there is none), ``best``."""
+        val = self.evaluate()
+        if val is not None:
+            sink.metric(self.step, val_loss=val)
+            print(f"step {self.step}: val loss {val:.4f}", flush=True)
+        if val is None or val < self.best_val:
+            self.best_val = val if val is not None else self.best_val
+            self.save("best", sink)
+        self.save("last", sink)
+
+
+def load_config(path: str, overrides: list[str], smoke: bool) -> TrainConfig:
+    cfg = build(TrainConfig, apply_overrides(load_file(path), overrides), where=f"train config {path}")
+    return cfg.smoked() if smoke or cfg.smoke else cfg
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="YAML or JSON training config")
+    p.add_argument("overrides", nargs="*", metavar="KEY=VALUE", help="override any config key")
+    p.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpts/last.pt")
+    p.add_argument("--smoke", action="store_true", help="a few steps on a data subset, no compile")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        cfg = load_config(args.config, args.overrides, args.smoke)
+        trainer = Trainer(cfg, resume=args.resume)
+    except (ConfigError, FileNotFoundError, ValueError) as e:
+        print(f"crystallm train: {e}", file=sys.stderr)
+        return 2
+    Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
+    with open_sink(cfg.out_dir) as sink:
+        if sys.stderr.isatty():
+            from rich.progress import Progress
+
+            with Progress(transient=True) as bar:
+                task = bar.add_task("train", total=cfg.max_steps, completed=trainer.step)
+                result = trainer.run(sink, progress=lambda s: bar.update(task, completed=s))
+        else:
+            result = trainer.run(sink)
+    print(f"done: {result}", flush=True)
+    return 0
