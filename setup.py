@@ -1,27 +1,44 @@
 """infra: a distributed compute platform for generative modelling of crystal structures."""
 
+from pathlib import Path
+
 from setuptools import find_packages, setup
 
 setup(
     name="infra",
     version="0.1.0",
     description="Master, node agents and the crystallm_core library for CIF language models",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["infra", "infra.*", "master", "master.*", "node", "node.*",
-                                    "protos", "protos.*", "plugins", "plugins.*",
-                                    "crystallm_core", "crystallm_core.*"]),
-    package_data={"protos": ["*.proto"], "master": ["migrations/*.ini", "migrations/*.mako",
-                                                   "migrations/versions/*.py"]},
+    packages=find_packages(
+        include=[
+            "infra",
+            "infra.*",
+            "master",
+            "master.*",
+            "node",
+            "node.*",
+            "protos",
+            "protos.*",
+            "plugins",
+            "plugins.*",
+            "crystallm_core",
+            "crystallm_core.*",
+        ]
+    ),
+    package_data={
+        "protos": ["*.proto"],
+        "master": ["migrations/*.ini", "migrations/*.mako", "migrations/*.py", "migrations/versions/*.py"],
+    },
     install_requires=[
         # torch 2.11 (GPU nodes) to 2.13 (CPU wheel in CI) are both exercised.
         "torch>=2.4",
         "numpy>=1.24",
         "pymatgen>=2024.1.1",
         "spglib>=2.1",
-        "grpcio>=1.60",
-        "protobuf>=4.25",
+        "grpcio>=1.85.1",  # the committed stubs check the runtime version
+        "protobuf>=7.35.1,<8",
         "psutil>=5.9",
         "nvidia-ml-py>=12.0",
         "sqlalchemy>=2.0",
@@ -34,7 +51,7 @@ setup(
         "psycopg2-binary>=2.9",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout>=2.2", "ruff>=0.5", "grpcio-tools>=1.60"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.2", "ruff>=0.5", "grpcio-tools>=1.85.1"],
         "chgnet": ["chgnet>=0.3"],
         "oid": ["omegaid>=0.2; python_version>='3.12'"],
     },

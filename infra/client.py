@@ -1,0 +1,209 @@
+"""The client side of ``ClientService``: calls the master and returns plain, JSON-ready dicts.
+
+The master address comes from ``--master``, else ``$INFRA_MASTER``, else ``127.0.0.1:50051``.
+Stage references are ``EXPERIMENT/STAGE`` (e.g. ``demo-3/train``) or a numeric stage id.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+
+from infra.plan import Issue, PlanError
+from protos import infra_pb2, infra_pb2_grpc
+
+DEFAULT_MASTER = "127.0.0.1:50051"
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+class ClientError(RuntimeError):
+    pass
+
+
+def master_address(arg: str | None = None) -> str:
+    return arg or os.environ.get("INFRA_MASTER") or DEFAULT_MASTER
+
+
+def parse_stage_ref(text: str) -> infra_pb2.StageRef:
+    if text.isdigit():
+        return infra_pb2.StageRef(stage_id=int(text))
+    exp, sep, stage = text.rpartition("/")
+    if not sep or not exp or not stage:
+        raise ClientError(f"stage {text!r}: expected EXPERIMENT/STAGE (e.g. demo-3/train) or a numeric stage id")
+    return infra_pb2.StageRef(experiment=exp, stage=stage)
+
+
+def _state(value: int) -> str:
+    return infra_pb2.StageState.Name(value).lower() if value else ""
+
+
+def _dict(msg: Any) -> dict[str, Any]:
+    return MessageToDict(msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True)
+
+
+def node_dict(n: infra_pb2.NodeStatus) -> dict[str, Any]:
+    facts = _dict(n.facts)
+    return {
+        "id": n.node_id,
+        "online": n.online,
+        "heartbeat_age_s": round(n.heartbeat_age_s, 3) if n.heartbeat_age_s >= 0 else None,
+        **facts,
+        "usage": _dict(n.usage) if n.HasField("usage") else None,
+        "allocated": {**_dict(n.allocated), "gpu_indices": list(n.allocated_gpus)},
+    }
+
+
+def stage_dict(s: infra_pb2.StageStatus) -> dict[str, Any]:
+    attempts = [
+        {
+            "attempt_id": a.attempt_id,
+            "number": a.number,
+            "node_id": a.node_id,
+            "node": a.node_name,
+            "state": _state(a.state),
+            "exit_code": a.exit_code,
+            "message": a.message,
+            "gpu_indices": list(a.gpu_indices),
+            "assigned_at": a.assigned_at,
+            "started_at": a.started_at or None,
+            "finished_at": a.finished_at or None,
+        }
+        for a in s.attempts
+    ]
+    return {
+        "stage_id": s.stage_id,
+        "name": s.name,
+        "kind": s.kind,
+        "state": _state(s.state),
+        "after": list(s.after),
+        "resources": _dict(s.resources),
+        "max_retries": s.max_retries,
+        "reason": s.reason,
+        "node": attempts[-1]["node"] if attempts else None,
+        "attempts": attempts,
+        "transitions": [
+            {"from": _state(t.from_state), "to": _state(t.to_state), "time": t.time, "reason": t.reason}
+            for t in s.transitions
+        ],
+    }
+
+
+def experiment_dict(e: infra_pb2.ExperimentStatus) -> dict[str, Any]:
+    return {
+        "experiment": e.experiment,
+        "name": e.name,
+        "state": e.state,
+        "priority": e.priority,
+        "smoke": e.smoke,
+        "shared_workdir": e.shared_workdir,
+        "created_at": e.created_at,
+        "finished_at": e.finished_at or None,
+        "stages": [stage_dict(s) for s in e.stages],
+    }
+
+
+class Client:
+    def __init__(self, address: str | None = None, timeout: float = 30.0) -> None:
+        self.address = master_address(address)
+        self.timeout = timeout
+        self.channel = grpc.insecure_channel(self.address)
+        self.stub = infra_pb2_grpc.ClientServiceStub(self.channel)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _call(self, method: str, request: Any, **kw: Any) -> Any:
+        try:
+            return getattr(self.stub, method)(request, timeout=kw.pop("timeout", self.timeout), **kw)
+        except grpc.RpcError as e:
+            raise self._error(e) from None
+
+    def _error(self, e: grpc.RpcError) -> ClientError:
+        if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            return ClientError(
+                f"cannot reach the master at {self.address} ({e.code().name.lower()}): is `infra master` running? "
+                "Give its address with --master HOST:PORT or $INFRA_MASTER."
+            )
+        return ClientError(e.details() or e.code().name)
+
+    def submit(self, plan: Any) -> str:
+        resp = self._call("Submit", infra_pb2.SubmitRequest(plan_json=json.dumps(plan)))
+        if resp.errors:
+            raise PlanError([Issue(e.path, e.message) for e in resp.errors])
+        return resp.experiment
+
+    def status(self, experiment: str | None = None, limit: int = 0) -> dict[str, Any]:
+        resp = self._call("GetStatus", infra_pb2.StatusRequest(experiment=experiment or "", limit=limit))
+        return {
+            "nodes": [node_dict(n) for n in resp.nodes],
+            "experiments": [experiment_dict(e) for e in resp.experiments],
+        }
+
+    def experiment(self, key: str) -> dict[str, Any]:
+        return self.status(key)["experiments"][0]
+
+    def logs(self, stage: str, follow: bool = False, attempt: int = 0) -> Iterator[dict[str, Any]]:
+        req = infra_pb2.LogsRequest(stage=parse_stage_ref(stage), follow=follow, attempt=attempt)
+        try:
+            for r in self.stub.GetLogs(req, timeout=None if follow else self.timeout):
+                yield {"attempt": r.attempt, "seq": r.seq, "time": r.time, "stream": r.stream, "text": r.text}
+        except grpc.RpcError as e:
+            raise self._error(e) from None
+
+    def metrics(self, stage: str, attempt: int = 0) -> list[dict[str, Any]]:
+        resp = self._call("GetMetrics", infra_pb2.MetricsRequest(stage=parse_stage_ref(stage), attempt=attempt))
+        out = []
+        for r in resp.metrics:
+            values: dict[str, float | None] = dict(r.metric.values)
+            values.update(dict.fromkeys(r.metric.null_values))
+            out.append({"attempt": r.attempt, "seq": r.seq, "time": r.time, "step": r.metric.step, "values": values})
+        return out
+
+    def artifacts(self, experiment: str) -> list[dict[str, Any]]:
+        resp = self._call("ListArtifacts", infra_pb2.ArtifactsRequest(experiment=experiment))
+        return [
+            {
+                "stage": a.stage,
+                "attempt": a.attempt,
+                "node_id": a.node_id,
+                "node": a.node_name,
+                "time": a.time,
+                "path": a.artifact.path,
+                "kind": a.artifact.kind,
+            }
+            for a in resp.artifacts
+        ]
+
+    def cancel(self, experiment: str, reason: str = "") -> dict[str, Any]:
+        resp = self._call("Cancel", infra_pb2.CancelRequest(experiment=experiment, reason=reason))
+        return {"experiment": experiment, "cancelled": resp.cancelled, "signalled": resp.signalled}
+
+    def wait(
+        self, experiment: str, timeout: float | None = None, poll: float = 1.0, on_change: Any = None
+    ) -> dict[str, Any]:
+        """Poll until the experiment finishes; ``on_change(exp)`` is called whenever a stage state changes."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        last: tuple[str, ...] = ()
+        while True:
+            exp = self.experiment(experiment)
+            states = tuple(s["state"] for s in exp["stages"])
+            if on_change is not None and states != last:
+                on_change(exp)
+            last = states
+            if exp["state"] in TERMINAL:
+                return exp
+            if deadline is not None and time.monotonic() > deadline:
+                raise ClientError(f"experiment {experiment} still {exp['state']} after {timeout:.0f}s")
+            time.sleep(poll)

@@ -1,0 +1,230 @@
+"""``infra demo``: a master on SQLite and one node in a temporary directory, the demo plan, live progress.
+
+The master and the node are real subprocesses talking gRPC on loopback, exactly as on a cluster.
+The plan is :data:`DEMO_PLAN` (the same as ``examples/demo.json``): demo data -> train ``tiny`` ->
+sample -> evaluate. On an installation whose ``crystallm`` lacks ``train`` or ``sample``, the node
+does not offer those kinds and the demo runs the stages that exist (demo data -> evaluate it).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+DEMO_PLAN: dict[str, Any] = {
+    "name": "demo",
+    "priority": 0,
+    "smoke": False,
+    "shared_workdir": False,
+    "resources": {"gpus": 0, "cpus": 1, "memory": "2GiB"},
+    "stages": [
+        {"name": "prepare", "kind": "prepare", "params": {"demo": {"n": 200, "seed": 0}, "workers": 1}},
+        {
+            "name": "train",
+            "kind": "train",
+            "after": ["prepare"],
+            "params": {"data_dir": "prepare/data", "model": "tiny", "max_steps": 40, "batch_size": 8},
+        },
+        {
+            "name": "sample",
+            "kind": "sample",
+            "after": ["train"],
+            "params": {
+                "model": "train/model/ckpts/last.pt",
+                "prompt": "Na4Cl4",
+                "num_samples": 8,
+                "max_tokens": 512,
+                "seed": 0,
+            },
+        },
+        {
+            "name": "evaluate",
+            "kind": "evaluate",
+            "after": ["sample"],
+            "params": {"inputs": ["sample/samples"], "workers": 1},
+        },
+    ],
+}
+START_TIMEOUT_S = 60.0
+RUN_TIMEOUT_S = 600.0
+
+
+def demo_plan(kinds: set[str]) -> tuple[dict[str, Any], str]:
+    """The full demo plan when the node offers every kind in it, else the part that runs today."""
+    missing = sorted({s["kind"] for s in DEMO_PLAN["stages"]} - kinds)
+    if not missing:
+        return DEMO_PLAN, ""
+    reduced = {
+        **DEMO_PLAN,
+        "stages": [
+            DEMO_PLAN["stages"][0],
+            {
+                "name": "evaluate",
+                "kind": "evaluate",
+                "after": ["prepare"],
+                "params": {"inputs": ["prepare/raw.csv.gz"], "workers": 1},
+            },
+        ],
+    }
+    return reduced, f"this installation lacks stage kind(s) {', '.join(missing)}; running prepare -> evaluate"
+
+
+def _python(*args: str) -> list[str]:
+    return [sys.executable, "-m", "infra.cli", *args]
+
+
+def start_master(db_url: str, env: dict[str, str], log_path: Path) -> tuple[subprocess.Popen[str], str]:
+    """Start ``infra master`` on a free loopback port; returns the process and its address."""
+    log = log_path.open("w")
+    proc = subprocess.Popen(
+        _python("master", "--db", db_url, "--bind", "127.0.0.1:0", "--heartbeat", "1"),
+        stdout=subprocess.PIPE,
+        stderr=log,
+        text=True,
+        env=env,
+    )
+    found: list[str] = []
+
+    def read() -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            if "listening on " in line and not found:
+                found.append(line.split("listening on ", 1)[1].split()[0])
+
+    threading.Thread(target=read, daemon=True).start()
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not found:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            stop(proc)
+            raise RuntimeError(f"the master did not start; see {log_path}")
+        time.sleep(0.05)
+    return proc, found[0]
+
+
+def stop(proc: subprocess.Popen[Any], timeout: float = 15.0) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _table(exp: dict[str, Any], last_metric: dict[str, str]) -> Any:
+    from rich.table import Table
+
+    t = Table(title=f"{exp['experiment']}: {exp['state']}", title_justify="left")
+    for col in ("stage", "kind", "state", "node", "latest metrics / reason"):
+        t.add_column(col)
+    for s in exp["stages"]:
+        t.add_row(s["name"], s["kind"], s["state"], s["node"] or "-", last_metric.get(s["name"]) or s["reason"])
+    return t
+
+
+def _latest(client: Any, exp: dict[str, Any]) -> dict[str, str]:
+    out = {}
+    for s in exp["stages"]:
+        if s["state"] in ("running", "succeeded"):
+            rows = client.metrics(f"{exp['experiment']}/{s['name']}")
+            if rows:
+                vals = rows[-1]["values"]
+                shown = ", ".join(f"{k}={v:.4g}" for k, v in list(vals.items())[:4] if v is not None)
+                out[s["name"]] = f"step {rows[-1]['step']}: {shown}"
+    return out
+
+
+def run_demo(keep: bool = False, as_json: bool = False) -> int:
+    from rich.console import Console
+    from rich.live import Live
+
+    from infra.client import Client, ClientError
+
+    console = Console(stderr=as_json)
+    tmp = Path(tempfile.mkdtemp(prefix="infra-demo-"))
+    env = {**os.environ, "INFRA_CONFIG_DIR": str(tmp / "config")}
+    procs: list[subprocess.Popen[Any]] = []
+    started = time.monotonic()
+    try:
+        master, address = start_master(f"sqlite:///{tmp / 'master.db'}", env, tmp / "master.log")
+        procs.append(master)
+        console.print(f"master on {address} (database {tmp / 'master.db'})")
+        node_log = (tmp / "node.log").open("w")
+        node_cmd = _python(
+            "node", "--master", address, "--workdir", str(tmp / "work"), "--name", "demo-node", "--heartbeat", "1"
+        )
+        procs.append(subprocess.Popen(node_cmd, stdout=node_log, stderr=subprocess.STDOUT, env=env))
+        with Client(address) as client:
+            kinds = _wait_for_node(client, procs[-1], tmp / "node.log")
+            plan, note = demo_plan(kinds)
+            if note:
+                console.print(f"[yellow]{note}[/yellow]")
+            key = client.submit(plan)
+            console.print(f"submitted {key}; node workdir {tmp / 'work'}")
+            exp = client.experiment(key)
+            with Live(_table(exp, {}), console=console, refresh_per_second=2) as live:
+                while exp["state"] not in ("succeeded", "failed", "cancelled"):
+                    if time.monotonic() - started > RUN_TIMEOUT_S:
+                        raise ClientError(f"the demo did not finish within {RUN_TIMEOUT_S:.0f}s")
+                    time.sleep(1.0)
+                    exp = client.experiment(key)
+                    live.update(_table(exp, _latest(client, exp)))
+            results = {
+                "experiment": exp,
+                "metrics": {s["name"]: client.metrics(f"{key}/{s['name']}") for s in exp["stages"]},
+                "artifacts": client.artifacts(key),
+                "seconds": round(time.monotonic() - started, 1),
+            }
+        _show(console, results, as_json)
+        return 0 if exp["state"] == "succeeded" else 1
+    except (ClientError, RuntimeError) as e:
+        console.print(f"[red]infra demo: {e}[/red] (logs in {tmp})")
+        keep = True
+        return 1
+    finally:
+        for p in reversed(procs):
+            stop(p)
+        if keep:
+            console.print(f"kept {tmp}")
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _wait_for_node(client: Any, node: subprocess.Popen[Any], log: Path) -> set[str]:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while time.monotonic() < deadline:
+        if node.poll() is not None:
+            raise RuntimeError(f"the node agent exited; see {log}")
+        nodes = [n for n in client.status()["nodes"] if n["online"]]
+        if nodes:
+            return set(nodes[0].get("stage_kinds", []))
+        time.sleep(0.2)
+    raise RuntimeError(f"the node did not register within {START_TIMEOUT_S:.0f}s; see {log}")
+
+
+def _show(console: Any, results: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(results, indent=2))
+        return
+    from rich.table import Table
+
+    exp = results["experiment"]
+    for stage, rows in results["metrics"].items():
+        if rows:
+            vals = ", ".join(f"{k}={v:.4g}" for k, v in rows[-1]["values"].items() if v is not None)
+            console.print(f"[bold]{stage}[/bold] final metrics (step {rows[-1]['step']}): {vals}")
+    t = Table(title="artifacts (relative to the node's workdir)", title_justify="left")
+    for col in ("stage", "kind", "path"):
+        t.add_column(col)
+    for a in results["artifacts"]:
+        t.add_row(a["stage"], a["kind"], a["path"])
+    console.print(t)
+    console.print(f"{exp['experiment']} {exp['state']} in {results['seconds']:.0f}s")

@@ -1,0 +1,314 @@
+"""Experiment plans: JSON, validated on submit with every problem named by its field path.
+
+A plan is ``{name, priority, resources, smoke, shared_workdir, stages: [...]}``; each stage is
+``{name, kind, params, after, resources, max_retries}``. :func:`validate_plan` reports all
+problems at once (``stages[2].after[0]: unknown stage 'trian'``), never the first only.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any
+
+from pydantic import BeforeValidator, Field, ValidationError
+
+from infra.stages import Resources, Spec, get_stage_kind, stage_kinds
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_UNITS = {"kib": 1 / 1024, "mib": 1, "gib": 1024, "tib": 1024 * 1024}
+_MEM_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]iB)\s*$", re.IGNORECASE)
+
+
+def parse_memory(value: object) -> int:
+    """``"4GiB"``, ``"512MiB"`` or a whole number of MiB -> MiB."""
+    if isinstance(value, bool):
+        raise ValueError('memory must be a size like "4GiB" or "512MiB", or a whole number of MiB')
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("memory must not be negative")
+        return value
+    if isinstance(value, str) and (m := _MEM_RE.match(value)):
+        return int(round(float(m.group(1)) * _UNITS[m.group(2).lower()]))
+    raise ValueError(f'invalid memory size {value!r}; use e.g. "4GiB", "512MiB" or a whole number of MiB')
+
+
+def _name(value: str) -> str:
+    if not NAME_RE.match(value):
+        raise ValueError(f"{value!r} is not a valid name (1-64 of letters, digits, '_', '.', '-'; starting alnum)")
+    return value
+
+
+Name = Annotated[str, BeforeValidator(lambda v: _name(v) if isinstance(v, str) else v)]
+Memory = Annotated[int, BeforeValidator(parse_memory)]
+
+
+class ResourcesSpec(Spec):
+    gpus: int | None = Field(None, ge=0)
+    cpus: float | None = Field(None, gt=0)
+    memory: Memory | None = None
+
+
+class StageSpec(Spec):
+    name: Name
+    kind: str
+    params: dict[str, Any] = {}
+    after: list[str] = []
+    resources: ResourcesSpec | None = None
+    max_retries: int = Field(0, ge=0, le=100)
+
+
+class PlanHeader(Spec):
+    name: Name
+    priority: int = 0
+    resources: ResourcesSpec | None = None
+    smoke: bool = False
+    shared_workdir: bool = False
+    stages: list[Any] = Field(min_length=1)
+
+
+@dataclass(frozen=True)
+class Issue:
+    path: str
+    message: str
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.message}" if self.path else self.message
+
+
+class PlanError(ValueError):
+    """All problems of a plan, each with its field path."""
+
+    def __init__(self, issues: list[Issue]) -> None:
+        self.issues = issues
+        super().__init__("invalid plan:\n" + "\n".join(f"  {i}" for i in issues))
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    kind: str
+    params: dict[str, Any]  # normalised when the kind is known here, as given otherwise
+    after: tuple[str, ...]
+    resources: Resources
+    max_retries: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    name: str
+    priority: int
+    smoke: bool
+    shared_workdir: bool
+    stages: tuple[Stage, ...]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "priority": self.priority,
+            "smoke": self.smoke,
+            "shared_workdir": self.shared_workdir,
+            "stages": [
+                {
+                    "name": s.name,
+                    "kind": s.kind,
+                    "params": s.params,
+                    "after": list(s.after),
+                    "resources": {"gpus": s.resources.gpus, "cpus": s.resources.cpus, "memory": s.resources.memory_mib},
+                    "max_retries": s.max_retries,
+                }
+                for s in self.stages
+            ],
+        }
+
+    def order(self) -> list[Stage]:
+        """Stages in a dependency order (plan order among independent stages)."""
+        done: set[str] = set()
+        out: list[Stage] = []
+        pending = list(self.stages)
+        while pending:
+            stage = next(s for s in pending if done.issuperset(s.after))
+            pending.remove(stage)
+            done.add(stage.name)
+            out.append(stage)
+        return out
+
+
+def field_path(loc: Iterable[str | int], prefix: str = "") -> str:
+    path = prefix
+    for part in loc:
+        path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+    return path
+
+
+_MESSAGES = {"missing": "missing required field", "extra_forbidden": "unknown field (not allowed here)"}
+
+
+def validation_issues(err: ValidationError, prefix: str = "") -> list[Issue]:
+    out = []
+    for e in err.errors(include_url=False):
+        msg = _MESSAGES.get(e["type"]) or e["msg"].removeprefix("Value error, ")
+        out.append(Issue(field_path(e["loc"], prefix), msg))
+    return out
+
+
+def _merge(kind_default: Resources, *layers: ResourcesSpec | None) -> Resources:
+    gpus, cpus, mem = kind_default.gpus, kind_default.cpus, kind_default.memory_mib
+    for layer in layers:
+        if layer is not None:
+            gpus = layer.gpus if layer.gpus is not None else gpus
+            cpus = layer.cpus if layer.cpus is not None else cpus
+            mem = layer.memory if layer.memory is not None else mem
+    return Resources(gpus, float(cpus), mem)
+
+
+def _cycles(deps: dict[str, list[str]]) -> list[list[str]]:
+    """Each dependency cycle once, as the list of names along it."""
+    state: dict[str, int] = {}  # 1 = on the stack, 2 = done
+    stack: list[str] = []
+    found: list[list[str]] = []
+
+    def visit(n: str) -> None:
+        state[n] = 1
+        stack.append(n)
+        for d in deps.get(n, []):
+            if state.get(d) == 1:
+                found.append(stack[stack.index(d) :] + [d])
+            elif d in deps and d not in state:
+                visit(d)
+        stack.pop()
+        state[n] = 2
+
+    for n in deps:
+        if n not in state:
+            visit(n)
+    return found
+
+
+def _check_kind(raw: dict[str, Any], i: int, accepted: set[str], local: set[str], issues: list[Issue]) -> dict | None:
+    """The stage's params, normalised by its kind when the kind is known here; None on a problem."""
+    kind, params = raw.get("kind"), raw.get("params", {})
+    if not isinstance(kind, str) or not isinstance(params, dict):
+        return None  # reported by the stage model
+    if kind not in accepted:
+        issues.append(Issue(f"stages[{i}].kind", f"unknown stage kind {kind!r}; known: {', '.join(sorted(accepted))}"))
+        return None
+    if kind not in local:
+        return dict(params)
+    try:
+        return get_stage_kind(kind).params.model_validate(params).model_dump(mode="json", exclude_unset=True)
+    except ValidationError as e:
+        issues += validation_issues(e, f"stages[{i}].params")
+        return None
+
+
+def validate_plan(data: Any, known_kinds: Iterable[str] | None = None) -> Plan:
+    """Validate a parsed plan. ``known_kinds`` beyond the kinds registered here are accepted with
+    their params unchecked (plugin kinds that only nodes know; the node validates them)."""
+    if not isinstance(data, dict):
+        raise PlanError([Issue("", "a plan must be a JSON object")])
+    issues: list[Issue] = []
+    try:
+        header = PlanHeader.model_validate(data)
+    except ValidationError as e:
+        issues += validation_issues(e)
+        header = None
+    local = set(stage_kinds())
+    accepted = local | set(known_kinds or ())
+    raw_stages = data.get("stages") if isinstance(data.get("stages"), list) else []
+    specs: list[tuple[int, StageSpec]] = []
+    for i, raw in enumerate(raw_stages):
+        try:
+            specs.append((i, StageSpec.model_validate(raw)))
+        except ValidationError as e:
+            issues += validation_issues(e, f"stages[{i}]")
+
+    first_index: dict[str, int] = {}
+    for i, s in specs:
+        if s.name in first_index:
+            issues.append(
+                Issue(f"stages[{i}].name", f"duplicate stage name {s.name!r} (also stages[{first_index[s.name]}])")
+            )
+        else:
+            first_index[s.name] = i
+    spec_at = dict(specs)
+    raw_index: dict[str, int] = {}
+    for i, r in enumerate(raw_stages):
+        if isinstance(r, dict) and isinstance(r.get("name"), str):
+            raw_index.setdefault(r["name"], i)
+    names = set(raw_index)
+    deps: dict[str, list[str]] = {}
+    stages: list[Stage] = []
+    for i, raw in enumerate(raw_stages):  # a stage with errors elsewhere still gets these checks
+        if not isinstance(raw, dict):
+            continue
+        name = raw.get("name")
+        after = [d for d in raw.get("after", []) if isinstance(d, str)] if isinstance(raw.get("after"), list) else []
+        for j, dep in enumerate(after):
+            if dep == name:
+                issues.append(Issue(f"stages[{i}].after[{j}]", f"stage {name!r} cannot depend on itself"))
+            elif dep not in names:
+                issues.append(Issue(f"stages[{i}].after[{j}]", f"unknown stage {dep!r}"))
+        if isinstance(name, str):
+            deps.setdefault(name, [d for d in after if d in names and d != name])
+        params = _check_kind(raw, i, accepted, local, issues)
+        s = spec_at.get(i)
+        if s is None or params is None:
+            continue
+        default = get_stage_kind(s.kind).resources if s.kind in local else Resources()
+        resources = _merge(default, header.resources if header is not None else None, s.resources)
+        stages.append(Stage(s.name, s.kind, params, tuple(s.after), resources, s.max_retries))
+    for cycle in _cycles(deps):
+        issues.append(Issue(f"stages[{raw_index[cycle[0]]}].after", "dependency cycle: " + " -> ".join(cycle)))
+    issues.sort(key=lambda x: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", x.path)])
+    if issues or header is None:
+        raise PlanError(issues)
+    return Plan(header.name, header.priority, header.smoke, header.shared_workdir, tuple(stages))
+
+
+def parse_plan_text(text: str, source: str = "plan") -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise PlanError([Issue(f"{source} line {e.lineno} column {e.colno}", f"invalid JSON: {e.msg}")]) from None
+
+
+def load_plan_data(path: str | Path) -> Any:
+    """The parsed JSON of a plan file (not yet validated)."""
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise PlanError([Issue(str(p), f"cannot read plan: {e.strerror}")]) from None
+    return parse_plan_text(text, str(p))
+
+
+def resolve_inputs(data: Any, base: Path) -> Any:
+    """Make the relative external input paths of known kinds (e.g. prepare ``inputs``) absolute
+    against ``base``; the client does this before submitting, since nodes have no notion of its cwd."""
+    if not isinstance(data, dict) or not isinstance(data.get("stages"), list):
+        return data
+    out = dict(data)
+    out["stages"] = []
+    for raw in data["stages"]:
+        if isinstance(raw, dict) and raw.get("kind") in stage_kinds() and isinstance(raw.get("params"), dict):
+            params = dict(raw["params"])
+            for key in get_stage_kind(raw["kind"]).input_fields:
+                if key in params:
+                    params[key] = _absolute(params[key], base)
+            raw = {**raw, "params": params}
+        out["stages"].append(raw)
+    return out
+
+
+def _absolute(value: Any, base: Path) -> Any:
+    if isinstance(value, str) and value and not Path(value).expanduser().is_absolute():
+        return str((base / value).resolve())
+    if isinstance(value, str) and value.startswith("~"):
+        return str(Path(value).expanduser())
+    if isinstance(value, list):
+        return [_absolute(v, base) for v in value]
+    return value

@@ -1,0 +1,371 @@
+"""Stage kinds: what a plan's ``kind`` means and which command lines a stage runs.
+
+A kind is a pydantic model for its ``params``, a builder turning validated params plus the
+stage's context into a :class:`Command` (a short sequence of argv lists run one after the other,
+plus small files written into the stage directory first), and default resources. Built-in kinds
+run ``crystallm`` verbs as subprocesses; plugins add kinds with :func:`register_stage` from a
+module named in ``$INFRA_STAGE_MODULES`` (see :func:`load_stage_modules`).
+
+Each built-in kind writes its product to a fixed place inside its stage directory, which later
+stages name with experiment-relative paths (``prepare/data``, ``train/model``, ...):
+
+- prepare: ``<stage>/data/`` (the demo set first goes to ``<stage>/raw.csv.gz``);
+  runs [``crystallm demo-data``], ``crystallm prepare``
+- train: ``<stage>/model/`` (checkpoints in ``model/ckpts/{last,best}.pt``);
+  runs ``crystallm train <stage>/train.json``
+- sample: ``<stage>/samples/`` (.cif files); runs ``crystallm sample``
+- mcts: ``<stage>/mcts/``; runs ``crystallm mcts``
+- benchmark: ``<stage>/csp/`` (samples.csv.gz, csp.json); runs ``crystallm benchmark csp``
+- evaluate: ``<stage>/evaluation.jsonl`` (per-CIF results); runs ``crystallm evaluate``
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+
+MODULES_ENV = "INFRA_STAGE_MODULES"
+
+
+class Spec(BaseModel):
+    """Base of every plan model: strict types and no unknown keys (a typo is an error, never ignored)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+
+
+def _experiment_path(value: str) -> str:
+    """Normalise a path relative to the experiment directory; refuse anything that could leave it."""
+    if not value or value.startswith("~") or PurePosixPath(value).is_absolute() or "\\" in value:
+        raise ValueError(f"path {value!r} must be relative to the experiment directory")
+    parts: list[str] = []
+    for part in PurePosixPath(value).parts:
+        if part == "..":
+            if not parts:
+                raise ValueError(f"path {value!r} escapes the experiment directory (and so the workdir)")
+            parts.pop()
+        elif part != ".":
+            parts.append(part)
+    if not parts:
+        raise ValueError(f"path {value!r} names the experiment directory itself, not an artifact in it")
+    return "/".join(parts)
+
+
+def _input_path(value: str) -> str:
+    if not value.strip():
+        raise ValueError("empty path")
+    return value
+
+
+ExperimentPath = Annotated[str, AfterValidator(_experiment_path)]
+"""An artifact of this experiment, e.g. ``train/model`` (relative, may not escape the experiment)."""
+InputPath = Annotated[str, AfterValidator(_input_path)]
+"""External input data (absolute, or relative to where the plan is submitted from)."""
+
+
+@dataclass(frozen=True)
+class Resources:
+    gpus: int = 0
+    cpus: float = 1.0
+    memory_mib: int = 2048
+
+
+@dataclass(frozen=True)
+class StageContext:
+    """Where a stage runs. Paths are absolute on the machine running it."""
+
+    experiment_dir: Path
+    stage_dir: Path
+    smoke: bool = False
+    attempt: int = 1
+
+    def artifact(self, rel: str) -> str:
+        return str(self.experiment_dir / rel)
+
+
+@dataclass(frozen=True)
+class Command:
+    """What a stage runs: ``files`` (name relative to the stage dir -> text) are written, then each
+    argv of ``steps`` runs in order in the stage directory; the first failing step ends the stage.
+    With ``fresh_dir`` a retry starts in an empty stage directory (the earlier attempt's is kept as
+    ``<stage>.attempt-<n>``); without it a retry continues in the same directory (e.g. to resume)."""
+
+    steps: list[list[str]]
+    files: dict[str, str] = field(default_factory=dict)
+    fresh_dir: bool = True
+
+
+@dataclass(frozen=True)
+class StageKind:
+    params: type[BaseModel]
+    build: Callable[[Any, StageContext], Command]
+    resources: Resources = Resources()
+    verbs: tuple[str, ...] = ()  # crystallm verbs it runs; a node offers the kind only if all exist
+    input_fields: tuple[str, ...] = ()  # params holding external input paths (made absolute on submit)
+    extras: Callable[[Any], set[str]] | None = None  # optional features a node needs for these params
+    description: str = ""
+
+
+_KINDS: dict[str, tuple[StageKind, str]] = {}
+
+
+def register_stage(name: str, kind: StageKind, *, replace: bool = False) -> StageKind:
+    """Add a stage kind; a second registration under the same name is an error unless ``replace``."""
+    if not name or not name.replace("-", "_").isidentifier():
+        raise ValueError(f"stage kind name {name!r} must be a word (letters, digits, '_' or '-')")
+    source = getattr(kind.build, "__module__", "") or ""
+    if name in _KINDS and not replace and _KINDS[name][0] is not kind:
+        raise ValueError(f"stage kind {name!r} is already registered by {_KINDS[name][1]}")
+    _KINDS[name] = (kind, source)
+    return kind
+
+
+def get_stage_kind(name: str) -> StageKind:
+    try:
+        return _KINDS[name][0]
+    except KeyError:
+        raise KeyError(f"unknown stage kind {name!r}; known: {', '.join(sorted(_KINDS)) or 'none'}") from None
+
+
+def stage_kinds() -> list[str]:
+    return sorted(_KINDS)
+
+
+def load_stage_modules(spec: str | None = None) -> list[str]:
+    """Import plugin modules that register stage kinds: ``$INFRA_STAGE_MODULES`` (or ``spec``) is a
+    comma-separated list of importable module names or ``.py`` file paths. Returns what was loaded."""
+    spec = os.environ.get(MODULES_ENV, "") if spec is None else spec
+    loaded = []
+    for item in filter(None, (s.strip() for s in spec.split(","))):
+        if item.endswith(".py"):
+            path = Path(item).resolve()
+            module_name = f"infra_stage_plugin_{path.stem}"
+            if module_name not in sys.modules:
+                mspec = importlib.util.spec_from_file_location(module_name, path)
+                if mspec is None or mspec.loader is None:
+                    raise ImportError(f"{MODULES_ENV}: cannot load {item}")
+                module = importlib.util.module_from_spec(mspec)
+                sys.modules[module_name] = module
+                mspec.loader.exec_module(module)
+        else:
+            importlib.import_module(item)
+        loaded.append(item)
+    return loaded
+
+
+def crystallm(verb: str, *args: str) -> list[str]:
+    """The argv of a ``crystallm`` verb, run with the same interpreter as the caller."""
+    return [sys.executable, "-m", "crystallm_core.cli", verb, *args]
+
+
+def _opt(flag: str, value: object) -> list[str]:
+    return [] if value is None else [flag, str(value)]
+
+
+def _smoke(ctx: StageContext) -> list[str]:
+    return ["--smoke"] if ctx.smoke else []
+
+
+# --- prepare ---------------------------------------------------------------------------------
+
+
+class DemoSpec(Spec):
+    n: int = Field(200, ge=1)
+    seed: int = 0
+
+
+class PrepareParams(Spec):
+    inputs: list[InputPath] = []
+    demo: DemoSpec | None = None
+    decimals: int = Field(4, ge=0, le=12)
+    workers: int | None = Field(None, ge=1)
+    dedup: bool = False
+    split: list[Annotated[float, Field(ge=0)]] | None = Field(None, min_length=3, max_length=3)
+    seed: int | None = None
+    where: dict[str, str] = {}
+
+    @model_validator(mode="after")
+    def _some_input(self) -> PrepareParams:
+        if not self.inputs and self.demo is None:
+            raise ValueError("give 'inputs' (structure files) or 'demo' ({n, seed}) or both")
+        return self
+
+
+def _build_prepare(p: PrepareParams, ctx: StageContext) -> Command:
+    steps = []
+    inputs = list(p.inputs)
+    if p.demo is not None:
+        raw = str(ctx.stage_dir / "raw.csv.gz")
+        steps.append(crystallm("demo-data", "--out", raw, "--n", str(p.demo.n), "--seed", str(p.demo.seed)))
+        inputs.append(raw)
+    args = [*inputs, "--out", str(ctx.stage_dir / "data"), "--decimals", str(p.decimals)]
+    args += _opt("--workers", p.workers) + (["--dedup"] if p.dedup else [])
+    args += _opt("--split", None if p.split is None else ",".join(f"{x:g}" for x in p.split))
+    args += _opt("--seed", p.seed)
+    for key, value in p.where.items():
+        args += ["--where", f"{key}={value}"]
+    steps.append(crystallm("prepare", *args))
+    return Command(steps)
+
+
+# --- train -----------------------------------------------------------------------------------
+
+
+class TrainParams(Spec):
+    data_dir: ExperimentPath
+    config: InputPath | None = None
+    model: Literal["tiny", "small", "large"] | None = None
+    max_steps: int | None = Field(None, ge=1)
+    batch_size: int | None = Field(None, ge=1)
+    overrides: dict[str, str | int | float | bool] = {}
+    resume: bool = False
+
+
+def _setting(value: object) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _build_train(p: TrainParams, ctx: StageContext) -> Command:
+    settings: dict[str, Any] = {"data_dir": ctx.artifact(p.data_dir), "out_dir": str(ctx.stage_dir / "model")}
+    settings.update(
+        {k: v for k, v in (("model", p.model), ("max_steps", p.max_steps), ("batch_size", p.batch_size)) if v}
+    )
+    settings.update(p.overrides)
+    flags = (["--resume"] if p.resume else []) + _smoke(ctx)
+    if p.config is not None:  # the user's config file, with the stage's settings as key=value overrides
+        overrides = (f"{k}={_setting(v)}" for k, v in settings.items())
+        return Command([crystallm("train", p.config, *overrides, *flags)], fresh_dir=not p.resume)
+    config = ctx.stage_dir / "train.json"
+    files = {"train.json": json.dumps(settings, indent=2)}
+    return Command([crystallm("train", str(config), *flags)], files=files, fresh_dir=not p.resume)
+
+
+# --- sample ----------------------------------------------------------------------------------
+
+
+class SampleParams(Spec):
+    model: ExperimentPath
+    prompt: str | None = None
+    prompts: InputPath | None = None
+    spacegroup: str | None = None
+    num_samples: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, gt=0)
+    top_k: int | None = Field(None, ge=1)
+    top_p: float | None = Field(None, gt=0, le=1)
+    max_tokens: int | None = Field(None, ge=1)
+    seed: int | None = None
+
+    @model_validator(mode="after")
+    def _one_prompt_source(self) -> SampleParams:
+        if (self.prompt is None) == (self.prompts is None):
+            raise ValueError("give exactly one of 'prompt' (a formula) and 'prompts' (a file)")
+        return self
+
+
+def _build_sample(p: SampleParams, ctx: StageContext) -> Command:
+    args = ["--model", ctx.artifact(p.model)]
+    args += ["--prompt", p.prompt] if p.prompt is not None else ["--prompts", str(p.prompts)]
+    args += _opt("--spacegroup", p.spacegroup) + _opt("--num-samples", p.num_samples)
+    args += _opt("--temperature", p.temperature) + _opt("--top-k", p.top_k) + _opt("--top-p", p.top_p)
+    args += _opt("--max-tokens", p.max_tokens) + _opt("--seed", p.seed)
+    return Command([crystallm("sample", *args, "--out", str(ctx.stage_dir / "samples"), *_smoke(ctx))])
+
+
+# --- mcts ------------------------------------------------------------------------------------
+
+EXTRA_SCORERS = {"chgnet": "chgnet", "oid": "oid"}  # scorer name -> optional feature a node must have
+
+
+class MctsParams(Spec):
+    model: ExperimentPath
+    prompt: str
+    scorer: str
+    iterations: int | None = Field(None, ge=1)
+    selector: Literal["puct", "uct", "greedy"] | None = None
+    c: float | None = Field(None, ge=0)
+    top_k: int | None = Field(None, ge=1)
+    rollouts_per_step: int | None = Field(None, ge=1)
+    seed: int | None = None
+
+
+def _build_mcts(p: MctsParams, ctx: StageContext) -> Command:
+    args = ["--model", ctx.artifact(p.model), "--prompt", p.prompt, "--scorer", p.scorer]
+    args += _opt("--iterations", p.iterations) + _opt("--selector", p.selector) + _opt("--c", p.c)
+    args += _opt("--top-k", p.top_k) + _opt("--rollouts-per-step", p.rollouts_per_step) + _opt("--seed", p.seed)
+    return Command([crystallm("mcts", *args, "--out", str(ctx.stage_dir / "mcts"), *_smoke(ctx))])
+
+
+def _mcts_extras(p: MctsParams) -> set[str]:
+    return {EXTRA_SCORERS[p.scorer]} if p.scorer in EXTRA_SCORERS else set()
+
+
+# --- benchmark -------------------------------------------------------------------------------
+
+
+class BenchmarkParams(Spec):
+    task: Literal["csp"] = "csp"
+    model: ExperimentPath
+    test: InputPath
+    n: int = Field(20, ge=1)
+    limit: int | None = Field(None, ge=1)
+    temperature: float | None = Field(None, gt=0)
+    top_k: int | None = Field(None, ge=1)
+    seed: int | None = None
+
+
+def _build_benchmark(p: BenchmarkParams, ctx: StageContext) -> Command:
+    args = ["--model", ctx.artifact(p.model), "--test", p.test, "--n", str(p.n), *_opt("--limit", p.limit)]
+    args += _opt("--temperature", p.temperature) + _opt("--top-k", p.top_k) + _opt("--seed", p.seed)
+    out = str(ctx.stage_dir / p.task)
+    return Command([crystallm("benchmark", p.task, *args, "--out", out, *_smoke(ctx))])
+
+
+# --- evaluate --------------------------------------------------------------------------------
+
+
+class EvaluateParams(Spec):
+    inputs: list[ExperimentPath] = Field(min_length=1)
+    workers: int | None = Field(None, ge=1)
+
+
+def _build_evaluate(p: EvaluateParams, ctx: StageContext) -> Command:
+    args = [ctx.artifact(x) for x in p.inputs] + ["--json", "--out", str(ctx.stage_dir / "evaluation.jsonl")]
+    return Command([crystallm("evaluate", *args, *_opt("--workers", p.workers))])
+
+
+GPU_STAGE = Resources(gpus=1, cpus=2, memory_mib=8192)
+BUILTIN_KINDS: dict[str, StageKind] = {
+    "prepare": StageKind(
+        PrepareParams,
+        _build_prepare,
+        Resources(0, 1, 2048),
+        ("prepare", "demo-data"),
+        ("inputs",),
+        description="raw structures (or the demo set) -> data set",
+    ),
+    "train": StageKind(
+        TrainParams, _build_train, Resources(1, 4, 16384), ("train",), ("config",), description="train a model"
+    ),
+    "sample": StageKind(
+        SampleParams, _build_sample, GPU_STAGE, ("sample",), ("prompts",), description="sample CIFs from a model"
+    ),
+    "mcts": StageKind(
+        MctsParams, _build_mcts, GPU_STAGE, ("mcts",), extras=_mcts_extras, description="MCTS-guided generation"
+    ),
+    "benchmark": StageKind(
+        BenchmarkParams, _build_benchmark, GPU_STAGE, ("benchmark",), ("test",), description="benchmark a model"
+    ),
+    "evaluate": StageKind(
+        EvaluateParams, _build_evaluate, Resources(0, 1, 2048), ("evaluate",), description="validity of CIFs"
+    ),
+}
+for _name, _kind in BUILTIN_KINDS.items():
+    register_stage(_name, _kind)

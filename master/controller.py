@@ -1,0 +1,732 @@
+"""The master's logic: registration, the stage state machine, scheduling, cancel, event intake.
+
+Runs on the server's asyncio loop and owns the in-memory state (``master/state.py``); every change
+becomes a :class:`~master.store.Changes` unit committed by the writer thread, in order. A reply
+that acknowledges a change is sent only once the change is committed.
+
+Stage states: pending -> ready -> assigned -> running -> succeeded | failed | cancelled, plus
+running/assigned -> ready when a failed attempt has retries left, and pending/ready -> cancelled
+(cancel, or a dependency failed). Every change is a row in ``transitions`` with time and reason.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+import time
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import PurePosixPath
+from typing import Any, TypeVar
+
+from google.protobuf.json_format import MessageToDict
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from infra.plan import Plan, parse_plan_text, validate_plan
+from infra.stages import Resources, get_stage_kind, stage_kinds
+from master import store
+from master.state import (
+    ACTIVE,
+    ASSIGNED,
+    CANCELLED,
+    FAILED,
+    PENDING,
+    READY,
+    RUNNING,
+    SUCCEEDED,
+    TERMINAL,
+    AttemptRt,
+    ExperimentRt,
+    NodeRt,
+    StageRt,
+)
+from master.store import Changes
+from master.writer import Writer
+from protos import PROTOCOL_VERSION, infra_pb2
+
+T = TypeVar("T")
+log = logging.getLogger("infra.master")
+STATE_NAMES = {v: k.lower() for k, v in infra_pb2.StageState.items() if v}
+
+
+class ProtocolMismatch(Exception):
+    pass
+
+
+class NotFound(Exception):
+    pass
+
+
+def stage_extras(kind: str, params: dict[str, Any]) -> frozenset[str]:
+    """Optional node features a stage needs (e.g. the chgnet scorer); plugin kinds declare none here."""
+    if kind not in stage_kinds():
+        return frozenset()
+    k = get_stage_kind(kind)
+    return frozenset(k.extras(k.params.model_validate(params))) if k.extras else frozenset()
+
+
+class Controller:
+    def __init__(self, engine: Engine, heartbeat_interval: float = 5.0, persist_interval: float = 10.0) -> None:
+        self.engine = engine
+        self.writer = Writer(engine)
+        self.readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="db-read")
+        self.heartbeat_interval = heartbeat_interval
+        self.persist_interval = persist_interval
+        self.nodes: dict[str, NodeRt] = {}
+        self.experiments: dict[str, ExperimentRt] = {}  # unfinished, by key
+        self.attempts: dict[int, AttemptRt] = {}  # every attempt of an unfinished experiment
+        self.ready: set[StageRt] = set()
+        self._ids: dict[str, int] = {}
+        self._wake = asyncio.Event()
+        self._events_tick = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._rotation = 0
+
+    # --- life cycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        snap = await self.read(store.load_snapshot, self.engine)
+        self._ids = dict(snap.max_ids)
+        for n in snap.nodes:
+            self.nodes[n["id"]] = self._node_from_facts(n["id"], n["facts"])
+        self._restore(snap)
+        self._tasks = [asyncio.create_task(self._schedule_loop()), asyncio.create_task(self._persist_loop())]
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self._flush_heartbeats()
+        self.writer.close()
+        self.readers.shutdown(wait=False)
+
+    def _restore(self, snap: store.Snapshot) -> None:
+        """Rebuild unfinished experiments and their live attempts after a master restart."""
+        by_id: dict[int, ExperimentRt] = {}
+        for e in snap.experiments:
+            exp = ExperimentRt(
+                e["id"],
+                e["key"],
+                e["name"],
+                e["priority"],
+                e["smoke"],
+                e["shared_workdir"],
+                e["state"],
+                e["cancel_requested"],
+                e["home_node_id"],
+            )
+            by_id[exp.id] = exp
+            self.experiments[exp.key] = exp
+        stages: dict[int, StageRt] = {}
+        for s in snap.stages:
+            exp = by_id[s["experiment_id"]]
+            st = StageRt(
+                s["id"],
+                exp,
+                s["position"],
+                s["name"],
+                s["kind"],
+                s["params"],
+                Resources(s["gpus"], s["cpus"], s["memory_mib"]),
+                s["max_retries"],
+                s["state"],
+                s["attempts"],
+                stage_extras(s["kind"], s["params"]),
+            )
+            exp.stages.append(st)
+            stages[st.id] = st
+            if st.state == READY:
+                self.ready.add(st)
+        for sid, dep in snap.deps:
+            stages[sid].deps.append(stages[dep])
+            stages[dep].dependents.append(stages[sid])
+        for a in snap.attempts:
+            st = stages[a["stage_id"]]
+            att = AttemptRt(
+                a["id"], st, a["number"], a["node_id"], a["lease_token"], tuple(a["gpu_indices"]), a["state"]
+            )
+            st.current = att
+            st.attempt_ids.append(att.id)
+            self.attempts[att.id] = att
+            if att.state in ACTIVE and att.node_id in self.nodes:
+                self.nodes[att.node_id].allocate(att)
+
+    # --- helpers -------------------------------------------------------------------------------
+
+    async def read(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self.readers, fn, *args)
+
+    async def commit(self, unit: Callable[[Session], T] | Changes) -> T:
+        return await asyncio.wrap_future(self.writer.submit(unit))
+
+    def _next_id(self, kind: str) -> int:
+        self._ids[kind] += 1
+        return self._ids[kind]
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def known_kinds(self) -> set[str]:
+        return set(stage_kinds()).union(*(n.kinds for n in self.nodes.values()))
+
+    def _move(
+        self, st: StageRt, to: str, reason: str, ch: Changes, now: float, attempt: AttemptRt | None = None
+    ) -> None:
+        ch.transitions.append(
+            {
+                "stage_id": st.id,
+                "attempt_id": attempt.id if attempt else None,
+                "from_state": st.state,
+                "to_state": to,
+                "time": now,
+                "reason": reason,
+            }
+        )
+        ch.stages.append({"id": st.id, "state": to, "reason": reason, "updated_at": now, "attempts": st.attempts})
+        if st.state == READY:
+            self.ready.discard(st)
+        st.state = to
+        if to == READY:
+            self.ready.add(st)
+
+    def _cascade_cancel(self, st: StageRt, why: str, ch: Changes, now: float) -> None:
+        for d in st.dependents:
+            if d.state in (PENDING, READY):
+                self._move(d, CANCELLED, f"dependency {st.name!r} {why}", ch, now)
+                self._cascade_cancel(d, why, ch, now)
+
+    def _update_experiment(self, exp: ExperimentRt, ch: Changes, now: float) -> None:
+        states = {s.state for s in exp.stages}
+        row: dict[str, Any] = {"id": exp.id}
+        if states <= TERMINAL:
+            new = FAILED if FAILED in states else CANCELLED if CANCELLED in states else SUCCEEDED
+            row["finished_at"] = now
+            self._forget(exp)
+        elif states & {ASSIGNED, RUNNING, SUCCEEDED, FAILED, CANCELLED}:
+            new = RUNNING
+        else:
+            new = PENDING
+        if new != exp.state:
+            exp.state = new
+            ch.experiments.append({**row, "state": new})
+
+    def _forget(self, exp: ExperimentRt) -> None:
+        self.experiments.pop(exp.key, None)
+        for st in exp.stages:
+            self.ready.discard(st)
+            for att_id in st.attempt_ids:
+                self.attempts.pop(att_id, None)
+
+    # --- nodes ---------------------------------------------------------------------------------
+
+    def _node_from_facts(self, node_id: str, facts: dict[str, Any]) -> NodeRt:
+        return NodeRt(
+            id=node_id,
+            name=facts.get("name") or facts.get("hostname") or node_id,
+            facts=facts,
+            cpus=float(facts.get("cpu_count", 0)),
+            memory_mib=int(facts.get("memory_mib", 0)),
+            gpus=[int(g.get("index", 0)) for g in facts.get("gpus", [])],
+            kinds=frozenset(facts.get("stage_kinds", [])),
+            extras=frozenset(facts.get("extras", [])),
+        )
+
+    async def register(self, req: infra_pb2.RegisterRequest) -> infra_pb2.RegisterResponse:
+        if req.protocol_version != PROTOCOL_VERSION:
+            raise ProtocolMismatch(
+                f"protocol version mismatch: the node speaks infra.v1 protocol {req.protocol_version}, "
+                f"this master speaks {PROTOCOL_VERSION}; run the same infra release on both"
+            )
+        if not req.node_id:
+            raise ValueError("node_id is required (the agent keeps it in its workdir)")
+        facts = MessageToDict(req.facts, preserving_proto_field_name=True)
+        now = time.time()
+        old = self.nodes.get(req.node_id)
+        node = self._node_from_facts(req.node_id, facts)
+        if old is not None:  # keep allocations and the open stream
+            node.attempts, node.queue = old.attempts, old.queue
+            for att in old.attempts.values():
+                node.allocate(att)
+        node.session = secrets.randbits(62) or 1
+        node.last_heartbeat = now
+        self.nodes[node.id] = node
+        row = {
+            "id": node.id,
+            "name": node.name,
+            "hostname": facts.get("hostname", ""),
+            "protocol_version": req.protocol_version,
+            "cpus": node.cpus,
+            "memory_mib": node.memory_mib,
+            "facts": facts,
+            "registered_at": now,
+            "last_seen_at": now,
+            "usage": None,
+        }
+        gpus = [
+            {
+                "index": g.get("index", 0),
+                "uuid": g.get("uuid", ""),
+                "name": g.get("name", ""),
+                "memory_mib": int(g.get("memory_mib", 0)),
+                "driver_version": g.get("driver_version", ""),
+            }
+            for g in facts.get("gpus", [])
+        ]
+        await self.commit(lambda s: store.upsert_node(s, row, gpus))
+        ch = Changes()
+        reported = {a.attempt_id: a.lease_token for a in req.running}
+        for att in list(node.attempts.values()):
+            if att.state == RUNNING and reported.get(att.id) != att.lease:
+                self._finish(att, FAILED, -1, "the node agent restarted and no longer runs this attempt", ch, now)
+        for att_id, lease in reported.items():
+            known = self.attempts.get(att_id)
+            if known is None or known.lease != lease or known.node_id != node.id or known.state in TERMINAL:
+                node.pending_cancels.append((att_id, lease))
+        if ch:
+            await self.commit(ch)
+        log.info(
+            "node %s (%s) registered: %s cpus, %s MiB, gpus %s",
+            node.name,
+            node.id,
+            node.cpus,
+            node.memory_mib,
+            node.gpus,
+        )
+        self.wake()
+        return infra_pb2.RegisterResponse(
+            protocol_version=PROTOCOL_VERSION,
+            node_id=node.id,
+            session=node.session,
+            heartbeat_interval_s=self.heartbeat_interval,
+        )
+
+    def heartbeat(self, req: infra_pb2.HeartbeatRequest) -> infra_pb2.HeartbeatResponse:
+        """Memory only: the last usage is persisted periodically by :meth:`_persist_loop`."""
+        node = self.nodes.get(req.node_id)
+        if node is None or node.session != req.session:
+            return infra_pb2.HeartbeatResponse(reregister=True)
+        node.last_heartbeat = time.time()
+        node.usage = req.usage
+        node.heartbeat_dirty = True
+        return infra_pb2.HeartbeatResponse()
+
+    async def _persist_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.persist_interval)
+            try:
+                await self._flush_heartbeats()
+            except Exception as e:  # the next round retries; a lost usage sample is harmless
+                log.warning("could not persist heartbeats: %s", e)
+
+    async def _flush_heartbeats(self) -> None:
+        rows = []
+        for n in self.nodes.values():
+            if n.heartbeat_dirty and n.last_heartbeat is not None:
+                n.heartbeat_dirty = False
+                usage = MessageToDict(n.usage, preserving_proto_field_name=True) if n.usage is not None else None
+                rows.append({"id": n.id, "last_seen_at": n.last_heartbeat, "usage": usage})
+        if rows:
+            await self.commit(lambda s: store.save_heartbeats(s, rows))
+
+    def online(self, node: NodeRt) -> bool:
+        hb = node.last_heartbeat
+        return node.queue is not None and hb is not None and time.time() - hb < 3 * self.heartbeat_interval + 5
+
+    async def assignments(self, node_id: str, session: int) -> AsyncIterator[infra_pb2.NodeCommand]:
+        """The node's command stream: re-sends what it may have missed, then new commands as they come."""
+        node = self.nodes.get(node_id)
+        if node is None or node.session != session:
+            raise NotFound("unknown node session: register first")
+        q: asyncio.Queue[infra_pb2.NodeCommand] = asyncio.Queue()
+        node.queue = q
+        for att in node.attempts.values():
+            if att.state == ASSIGNED:
+                q.put_nowait(self._assignment(att))
+            if att.stage.exp.cancel_requested:
+                q.put_nowait(self._cancel_command(att.id, att.lease, "experiment cancelled"))
+        for att_id, lease in node.pending_cancels:
+            q.put_nowait(self._cancel_command(att_id, lease, "this attempt is not current at the master"))
+        node.pending_cancels.clear()
+        self.wake()
+        try:
+            while True:
+                yield await q.get()
+        finally:
+            if node.queue is q:
+                node.queue = None
+
+    def _assignment(self, att: AttemptRt) -> infra_pb2.NodeCommand:
+        st = att.stage
+        r = st.resources
+        return infra_pb2.NodeCommand(
+            assign=infra_pb2.Assignment(
+                attempt_id=att.id,
+                lease_token=att.lease,
+                attempt=att.number,
+                stage_id=st.id,
+                experiment=st.exp.key,
+                stage=st.name,
+                kind=st.kind,
+                params_json=json.dumps(st.params),
+                smoke=st.exp.smoke,
+                resources=infra_pb2.Resources(gpus=r.gpus, cpus=r.cpus, memory_mib=r.memory_mib),
+                gpu_indices=list(att.gpus),
+            )
+        )
+
+    @staticmethod
+    def _cancel_command(att_id: int, lease: str, reason: str) -> infra_pb2.NodeCommand:
+        return infra_pb2.NodeCommand(
+            cancel=infra_pb2.CancelAttempt(attempt_id=att_id, lease_token=lease, reason=reason)
+        )
+
+    # --- submit and cancel ---------------------------------------------------------------------
+
+    async def submit(self, plan_json: str) -> str:
+        plan = validate_plan(parse_plan_text(plan_json), known_kinds=self.known_kinds())
+        now = time.time()
+        exp = ExperimentRt(
+            self._next_id("experiment"), "", plan.name, plan.priority, plan.smoke, plan.shared_workdir, PENDING
+        )
+        exp.key = f"{plan.name}-{exp.id}"
+        by_name: dict[str, StageRt] = {}
+        for pos, s in enumerate(plan.stages):
+            st = StageRt(
+                self._next_id("stage"),
+                exp,
+                pos,
+                s.name,
+                s.kind,
+                s.params,
+                s.resources,
+                s.max_retries,
+                PENDING,
+                extras=stage_extras(s.kind, s.params),
+            )
+            exp.stages.append(st)
+            by_name[s.name] = st
+        for s in plan.stages:
+            for dep in s.after:
+                by_name[s.name].deps.append(by_name[dep])
+                by_name[dep].dependents.append(by_name[s.name])
+        rows, transitions = self._experiment_rows(exp, plan, now)
+        deps = [{"stage_id": st.id, "depends_on_id": d.id} for st in exp.stages for d in st.deps]
+        await self.commit(lambda s: store.create_experiment(s, rows[0], rows[1], deps, transitions))
+        self.experiments[exp.key] = exp
+        self.ready.update(st for st in exp.stages if st.state == READY)
+        self.wake()
+        log.info("experiment %s submitted: %d stages", exp.key, len(exp.stages))
+        return exp.key
+
+    def _experiment_rows(self, exp: ExperimentRt, plan: Plan, now: float) -> tuple[Any, list[dict[str, Any]]]:
+        transitions = []
+        for st in exp.stages:
+            transitions.append(
+                {
+                    "stage_id": st.id,
+                    "attempt_id": None,
+                    "from_state": "",
+                    "to_state": PENDING,
+                    "time": now,
+                    "reason": "submitted",
+                }
+            )
+            if not st.deps:
+                st.state = READY
+                transitions.append(
+                    {
+                        "stage_id": st.id,
+                        "attempt_id": None,
+                        "from_state": PENDING,
+                        "to_state": READY,
+                        "time": now,
+                        "reason": "no dependencies",
+                    }
+                )
+        exp_row = {
+            "id": exp.id,
+            "key": exp.key,
+            "name": exp.name,
+            "priority": exp.priority,
+            "smoke": exp.smoke,
+            "shared_workdir": exp.shared_workdir,
+            "plan": plan.to_dict(),
+            "state": PENDING,
+            "cancel_requested": False,
+            "home_node_id": None,
+            "created_at": now,
+            "finished_at": None,
+        }
+        stage_rows = [
+            {
+                "id": st.id,
+                "experiment_id": exp.id,
+                "position": st.position,
+                "name": st.name,
+                "kind": st.kind,
+                "params": st.params,
+                "gpus": st.resources.gpus,
+                "cpus": st.resources.cpus,
+                "memory_mib": st.resources.memory_mib,
+                "max_retries": st.max_retries,
+                "state": st.state,
+                "reason": "no dependencies" if st.state == READY else "submitted",
+                "attempts": 0,
+                "updated_at": now,
+            }
+            for st in exp.stages
+        ]
+        return (exp_row, stage_rows), transitions
+
+    async def cancel(self, key: str, reason: str) -> tuple[int, int]:
+        exp = self.experiments.get(key)
+        if exp is None:
+            if await self.read(store.experiment_exists, self.engine, key):
+                return 0, 0  # already finished
+            raise NotFound(f"no experiment {key!r}")
+        now = time.time()
+        ch = Changes()
+        why = f"cancelled: {reason}" if reason else "cancelled"
+        exp.cancel_requested = True
+        ch.experiments.append({"id": exp.id, "cancel_requested": True})
+        cancelled = signalled = 0
+        for st in exp.stages:
+            if st.state in (PENDING, READY):
+                self._move(st, CANCELLED, why, ch, now)
+                cancelled += 1
+            elif st.state in ACTIVE and st.current is not None:
+                node = self.nodes.get(st.current.node_id)
+                if node is not None and node.queue is not None:
+                    node.queue.put_nowait(self._cancel_command(st.current.id, st.current.lease, why))
+                signalled += 1  # a node that is away gets the cancel when its stream reopens
+        self._update_experiment(exp, ch, now)
+        await self.commit(ch)
+        return cancelled, signalled
+
+    # --- scheduling ----------------------------------------------------------------------------
+
+    async def _schedule_loop(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            await asyncio.sleep(0.002)  # let a burst of reports coalesce into one pass
+            try:
+                self._schedule()
+            except Exception:
+                log.exception("scheduling pass failed")
+
+    def _can_run(self, node: NodeRt, kinds: set[str], extras: set[str]) -> bool:
+        return kinds <= node.kinds and extras <= node.extras
+
+    def _place(self, st: StageRt, nodes: list[NodeRt]) -> NodeRt | None:
+        """Best fit on GPUs (the fewest GPUs left idle), scanning from a rotating start so that equal
+        nodes share the work; a node that fits with no GPU left idle ends the scan."""
+        exp, r = st.exp, st.resources
+        if not exp.shared_workdir and exp.home_node is not None:  # its inputs are on that node
+            node = self.nodes.get(exp.home_node)
+            ok = node is not None and node.queue is not None and node.fits(r)
+            return node if ok and self._can_run(node, {st.kind}, set(st.extras)) else None
+        if exp.shared_workdir:
+            kinds, extras, need = {st.kind}, set(st.extras), r
+        else:  # choosing the home node: it must be able to run every stage of the experiment
+            kinds, extras, need = exp.kinds(), exp.extras(), exp.need()
+        best, best_spare = None, None
+        n = len(nodes)
+        for k in range(n):
+            node = nodes[(self._rotation + k) % n]
+            if node.fits(r) and node.could_fit(need) and self._can_run(node, kinds, extras):
+                spare = len(node.gpus) - len(node.used_gpus) - r.gpus
+                if best_spare is None or spare < best_spare:
+                    best, best_spare = node, spare
+                    if spare == 0:
+                        break
+        self._rotation += 1
+        return best
+
+    def _schedule(self) -> None:
+        if not self.ready:
+            return
+        nodes = [n for n in self.nodes.values() if n.queue is not None and n.used_cpus < n.cpus]
+        if not nodes:
+            return
+        now = time.time()
+        ch = Changes()
+        sent: list[tuple[NodeRt, AttemptRt]] = []
+        for st in sorted(self.ready, key=StageRt.sort_key):
+            node = self._place(st, nodes)
+            if node is None:
+                continue
+            st.attempts += 1
+            att = AttemptRt(
+                self._next_id("attempt"),
+                st,
+                st.attempts,
+                node.id,
+                secrets.token_hex(16),
+                tuple(node.free_gpus()[: st.resources.gpus]),
+                ASSIGNED,
+            )
+            node.allocate(att)
+            st.current = att
+            st.attempt_ids.append(att.id)
+            self.attempts[att.id] = att
+            ch.new_attempts.append(
+                {
+                    "id": att.id,
+                    "stage_id": st.id,
+                    "number": att.number,
+                    "node_id": node.id,
+                    "lease_token": att.lease,
+                    "gpu_indices": list(att.gpus),
+                    "state": ASSIGNED,
+                    "exit_code": None,
+                    "message": "",
+                    "assigned_at": now,
+                    "started_at": None,
+                    "finished_at": None,
+                }
+            )
+            self._move(st, ASSIGNED, f"attempt {att.number} assigned to {node.name}", ch, now, att)
+            if not st.exp.shared_workdir and st.exp.home_node is None:
+                st.exp.home_node = node.id
+                ch.experiments.append({"id": st.exp.id, "home_node_id": node.id})
+            self._update_experiment(st.exp, ch, now)
+            sent.append((node, att))
+        if sent:
+            asyncio.ensure_future(self._deliver(ch, sent))
+
+    async def _deliver(self, ch: Changes, sent: list[tuple[NodeRt, AttemptRt]]) -> None:
+        """Send assignments once they are committed; one that cannot be sent now is re-sent when the
+        node's stream reopens (it stays 'assigned')."""
+        try:
+            await self.commit(ch)
+        except Exception:
+            log.exception("could not record %d assignments", len(sent))
+            return
+        for node, att in sent:
+            if node.queue is not None and att.state == ASSIGNED:
+                node.queue.put_nowait(self._assignment(att))
+
+    # --- reports from nodes --------------------------------------------------------------------
+
+    def _current(self, node_id: str, attempt_id: int, lease: str) -> AttemptRt | None:
+        att = self.attempts.get(attempt_id)
+        if att is None or att.lease != lease or att.node_id != node_id or att.stage.current is not att:
+            return None
+        return att
+
+    async def report_status(self, rep: infra_pb2.StageStatusReport) -> tuple[bool, str]:
+        att = self._current(rep.node_id, rep.attempt_id, rep.lease_token)
+        if att is None:
+            return False, "stale lease: this attempt is not current at the master"
+        state = STATE_NAMES.get(rep.state, "")
+        if state == att.state:
+            return True, "already recorded"
+        if att.state in TERMINAL:
+            return False, f"attempt already {att.state}"
+        if state not in (RUNNING, SUCCEEDED, FAILED, CANCELLED) or (state == RUNNING and att.state != ASSIGNED):
+            return False, f"invalid report {state or rep.state!r} for an attempt that is {att.state}"
+        now = time.time()
+        ch = Changes()
+        if state == RUNNING:
+            att.state = RUNNING
+            ch.attempts.append({"id": att.id, "state": RUNNING, "started_at": now})
+            node = self.nodes.get(att.node_id)
+            self._move(
+                att.stage,
+                RUNNING,
+                f"attempt {att.number} started on {node.name if node else att.node_id}",
+                ch,
+                now,
+                att,
+            )
+            self._update_experiment(att.stage.exp, ch, now)
+        else:
+            self._finish(att, state, rep.exit_code, rep.message, ch, now)
+        await self.commit(ch)
+        return True, ""
+
+    def _finish(self, att: AttemptRt, state: str, exit_code: int, message: str, ch: Changes, now: float) -> None:
+        st, exp = att.stage, att.stage.exp
+        att.state = state
+        ch.attempts.append(
+            {"id": att.id, "state": state, "exit_code": exit_code, "message": message[:4000], "finished_at": now}
+        )
+        node = self.nodes.get(att.node_id)
+        if node is not None:
+            node.release(att)
+        detail = f"attempt {att.number} {state} (exit {exit_code})" + (f": {message}" if message else "")
+        if state == SUCCEEDED:
+            self._move(st, SUCCEEDED, detail, ch, now, att)
+            for d in st.dependents:
+                if d.state == PENDING and all(x.state == SUCCEEDED for x in d.deps):
+                    self._move(d, READY, "dependencies succeeded", ch, now)
+        elif state == FAILED and not exp.cancel_requested and st.attempts <= st.max_retries:
+            self._move(st, READY, f"{detail}; retry {st.attempts} of {st.max_retries}", ch, now, att)
+        else:
+            final = CANCELLED if state == CANCELLED or exp.cancel_requested else FAILED
+            self._move(st, final, detail, ch, now, att)
+            self._cascade_cancel(st, final, ch, now)
+        self._update_experiment(exp, ch, now)
+        self.wake()
+
+    async def report_events(self, batch: infra_pb2.EventBatch) -> tuple[int, list[int]]:
+        rows, rejected = [], set()
+        for ev in batch.events:
+            if self._current(batch.node_id, ev.attempt_id, ev.lease_token) is None:
+                rejected.add(ev.attempt_id)
+                continue
+            if ev.WhichOneof("body") == "artifact" and not _inside(ev.artifact.path):
+                log.warning(
+                    "node %s sent artifact path %r outside its workdir; dropped", batch.node_id, ev.artifact.path
+                )
+                ev = _as_log(ev, f"artifact rejected by the master: {ev.artifact.path!r} is outside the workdir")
+            rows.append(
+                {
+                    "attempt_id": ev.attempt_id,
+                    "seq": ev.seq,
+                    "type": ev.WhichOneof("body") or "log",
+                    "time": ev.time,
+                    "data": event_data(ev),
+                }
+            )
+        stored = await self.commit(lambda s: store.insert_events(s, rows)) if rows else 0
+        if rows:
+            tick, self._events_tick = self._events_tick, asyncio.Event()
+            tick.set()
+        return stored, sorted(rejected)
+
+    async def wait_for_events(self, timeout: float) -> None:
+        """Return when new events were stored (or after ``timeout``): how ``logs --follow`` waits."""
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._events_tick.wait(), timeout)
+
+
+def _inside(path: str) -> bool:
+    """An artifact path must be relative to the node's workdir and stay in it (checked on the node too)."""
+    p = PurePosixPath(path)
+    return bool(path) and not p.is_absolute() and ".." not in p.parts and "\\" not in path
+
+
+def _as_log(ev: infra_pb2.Event, text: str) -> infra_pb2.Event:
+    out = infra_pb2.Event(attempt_id=ev.attempt_id, lease_token=ev.lease_token, seq=ev.seq, time=ev.time)
+    out.log.stream, out.log.text = "agent", text
+    return out
+
+
+def event_data(ev: infra_pb2.Event) -> dict[str, Any]:
+    body = ev.WhichOneof("body")
+    if body == "metric":
+        values: dict[str, float | None] = dict(ev.metric.values)
+        values.update(dict.fromkeys(ev.metric.null_values))
+        return {"step": ev.metric.step, "values": values}
+    if body == "artifact":
+        return {"path": ev.artifact.path, "kind": ev.artifact.kind}
+    if body == "progress":
+        p = ev.progress
+        return {"what": p.what, "done": p.done, "total": p.total if p.has_total else None}
+    return {"stream": ev.log.stream, "text": ev.log.text}

@@ -1,0 +1,228 @@
+"""gRPC servicers: translate messages to controller calls and controller results to messages."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+import grpc
+
+from infra.plan import PlanError
+from master import store
+from master.controller import Controller, NotFound, ProtocolMismatch
+from protos import infra_pb2, infra_pb2_grpc
+
+STATES = {k.lower(): v for k, v in infra_pb2.StageState.items()}
+DEFAULT_STATUS_LIMIT = 50
+
+
+def _state(name: str) -> int:
+    return STATES.get(name, 0)
+
+
+class NodeServicer(infra_pb2_grpc.NodeServiceServicer):
+    def __init__(self, controller: Controller) -> None:
+        self.c = controller
+
+    async def Register(self, request: infra_pb2.RegisterRequest, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await self.c.register(request)
+        except ProtocolMismatch as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+
+    async def Heartbeat(self, request: infra_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext) -> Any:
+        return self.c.heartbeat(request)
+
+    async def Assignments(
+        self,
+        request: infra_pb2.AssignmentStreamRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[infra_pb2.NodeCommand]:
+        try:
+            async for command in self.c.assignments(request.node_id, request.session):
+                yield command
+        except NotFound as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+
+    async def ReportEvents(self, request: infra_pb2.EventBatch, context: grpc.aio.ServicerContext) -> Any:
+        stored, rejected = await self.c.report_events(request)
+        return infra_pb2.EventAck(stored=stored, rejected_attempts=rejected)
+
+    async def ReportStatus(self, request: infra_pb2.StageStatusReport, context: grpc.aio.ServicerContext) -> Any:
+        accepted, reason = await self.c.report_status(request)
+        return infra_pb2.StageStatusAck(accepted=accepted, reason=reason)
+
+
+class ClientServicer(infra_pb2_grpc.ClientServiceServicer):
+    def __init__(self, controller: Controller) -> None:
+        self.c = controller
+
+    async def Submit(self, request: infra_pb2.SubmitRequest, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            key = await self.c.submit(request.plan_json)
+        except PlanError as e:
+            return infra_pb2.SubmitResponse(
+                errors=[infra_pb2.PlanError(path=i.path, message=i.message) for i in e.issues]
+            )
+        return infra_pb2.SubmitResponse(experiment=key)
+
+    async def GetStatus(self, request: infra_pb2.StatusRequest, context: grpc.aio.ServicerContext) -> Any:
+        exps = await self.c.read(
+            store.status, self.c.engine, request.experiment or None, request.limit or DEFAULT_STATUS_LIMIT
+        )
+        if request.experiment and not exps:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no experiment {request.experiment!r}")
+        return infra_pb2.StatusResponse(nodes=self._nodes(), experiments=[_experiment(e) for e in exps])
+
+    def _nodes(self) -> list[infra_pb2.NodeStatus]:
+        now = time.time()
+        out = []
+        for n in sorted(self.c.nodes.values(), key=lambda n: n.name):
+            facts = infra_pb2.NodeFacts()
+            _fill(facts, n.facts)
+            out.append(
+                infra_pb2.NodeStatus(
+                    node_id=n.id,
+                    facts=facts,
+                    online=self.c.online(n),
+                    heartbeat_age_s=now - n.last_heartbeat if n.last_heartbeat is not None else -1,
+                    usage=n.usage,
+                    allocated=infra_pb2.Resources(
+                        gpus=len(n.used_gpus), cpus=n.used_cpus, memory_mib=n.used_memory_mib
+                    ),
+                    allocated_gpus=sorted(n.used_gpus),
+                )
+            )
+        return out
+
+    async def _stage(self, ref: infra_pb2.StageRef, context: grpc.aio.ServicerContext) -> dict[str, Any]:
+        row = await self.c.read(store.find_stage, self.c.engine, ref.experiment, ref.stage, ref.stage_id)
+        if row is None:
+            what = f"stage id {ref.stage_id}" if ref.stage_id else f"stage {ref.experiment}/{ref.stage}"
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no {what}")
+        return row  # type: ignore[return-value]
+
+    async def GetLogs(
+        self,
+        request: infra_pb2.LogsRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[infra_pb2.LogRecord]:
+        stage = await self._stage(request.stage, context)
+        attempt, after = request.attempt, request.after_seq
+        while True:
+            if not request.attempt:  # follow the latest attempt (a retry starts a new one)
+                latest = await self.c.read(store.latest_attempt, self.c.engine, stage["id"])
+                if latest != attempt:
+                    attempt, after = latest, 0
+            state = await self.c.read(store.stage_state, self.c.engine, stage["id"])
+            rows = await self.c.read(store.events, self.c.engine, stage["id"], "log", attempt, after)
+            for r in rows:
+                after = r["seq"]
+                yield infra_pb2.LogRecord(
+                    attempt=r["attempt"],
+                    seq=r["seq"],
+                    time=r["time"],
+                    stream=r["data"].get("stream", ""),
+                    text=r["data"].get("text", ""),
+                )
+            if not request.follow or (state in ("succeeded", "failed", "cancelled") and not rows):
+                return
+            if not rows:
+                await self.c.wait_for_events(1.0)
+
+    async def GetMetrics(self, request: infra_pb2.MetricsRequest, context: grpc.aio.ServicerContext) -> Any:
+        stage = await self._stage(request.stage, context)
+        rows = await self.c.read(store.events, self.c.engine, stage["id"], "metric", request.attempt or None)
+        out = []
+        for r in rows:
+            values = r["data"].get("values", {})
+            metric = infra_pb2.Metric(
+                step=int(r["data"].get("step", 0)),
+                values={k: v for k, v in values.items() if v is not None},
+                null_values=[k for k, v in values.items() if v is None],
+            )
+            out.append(infra_pb2.MetricRecord(attempt=r["attempt"], seq=r["seq"], time=r["time"], metric=metric))
+        return infra_pb2.MetricsResponse(metrics=out)
+
+    async def ListArtifacts(self, request: infra_pb2.ArtifactsRequest, context: grpc.aio.ServicerContext) -> Any:
+        if not await self.c.read(store.experiment_exists, self.c.engine, request.experiment):
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no experiment {request.experiment!r}")
+        rows = await self.c.read(store.artifacts, self.c.engine, request.experiment)
+        return infra_pb2.ArtifactsResponse(
+            artifacts=[
+                infra_pb2.ArtifactRecord(
+                    stage=r["stage"],
+                    attempt=r["attempt"],
+                    node_id=r["node_id"],
+                    node_name=r["node_name"],
+                    time=r["time"],
+                    artifact=infra_pb2.Artifact(path=r["data"]["path"], kind=r["data"]["kind"]),
+                )
+                for r in rows
+            ]
+        )
+
+    async def Cancel(self, request: infra_pb2.CancelRequest, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            cancelled, signalled = await self.c.cancel(request.experiment, request.reason)
+        except NotFound as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        return infra_pb2.CancelResponse(cancelled=cancelled, signalled=signalled)
+
+
+def _fill(msg: Any, data: dict[str, Any]) -> None:
+    from google.protobuf.json_format import ParseDict
+
+    ParseDict(data, msg, ignore_unknown_fields=True)
+
+
+def _experiment(e: dict[str, Any]) -> infra_pb2.ExperimentStatus:
+    return infra_pb2.ExperimentStatus(
+        experiment=e["key"],
+        name=e["name"],
+        state=e["state"],
+        priority=e["priority"],
+        created_at=e["created_at"],
+        finished_at=e["finished_at"] or 0,
+        shared_workdir=e["shared_workdir"],
+        smoke=e["smoke"],
+        stages=[_stage(s) for s in e["stages"]],
+    )
+
+
+def _stage(s: dict[str, Any]) -> infra_pb2.StageStatus:
+    return infra_pb2.StageStatus(
+        stage_id=s["id"],
+        name=s["name"],
+        kind=s["kind"],
+        state=_state(s["state"]),
+        after=s["after"],
+        resources=infra_pb2.Resources(gpus=s["gpus"], cpus=s["cpus"], memory_mib=s["memory_mib"]),
+        reason=s["reason"],
+        max_retries=s["max_retries"],
+        attempts=[
+            infra_pb2.AttemptStatus(
+                attempt_id=a["id"],
+                number=a["number"],
+                node_id=a["node_id"],
+                node_name=a["node_name"],
+                state=_state(a["state"]),
+                exit_code=a["exit_code"] or 0,
+                message=a["message"],
+                gpu_indices=a["gpu_indices"],
+                assigned_at=a["assigned_at"],
+                started_at=a["started_at"] or 0,
+                finished_at=a["finished_at"] or 0,
+            )
+            for a in s["attempt_rows"]
+        ],
+        transitions=[
+            infra_pb2.Transition(
+                from_state=_state(t["from_state"]), to_state=_state(t["to_state"]), time=t["time"], reason=t["reason"]
+            )
+            for t in s["transitions"]
+        ],
+    )

@@ -1,0 +1,128 @@
+"""In-memory model of the live cluster: nodes with their allocations, and unfinished experiments.
+
+The master keeps this authoritative while it runs (the database is written behind it, in order, by
+the writer thread) so that heartbeats touch no database and scheduling needs no queries.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass, field
+from typing import Any
+
+from infra.stages import Resources
+
+PENDING, READY, ASSIGNED, RUNNING = "pending", "ready", "assigned", "running"
+SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
+TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
+ACTIVE = frozenset({ASSIGNED, RUNNING})
+
+
+@dataclass(eq=False)
+class NodeRt:
+    id: str
+    name: str
+    facts: dict[str, Any]
+    cpus: float
+    memory_mib: int
+    gpus: list[int]  # indices
+    kinds: frozenset[str]
+    extras: frozenset[str]
+    session: int = 0  # 0: not registered with this master process
+    queue: asyncio.Queue[Any] | None = None  # the open assignment stream, if any
+    last_heartbeat: float | None = None
+    usage: Any = None  # the last infra_pb2.Usage
+    heartbeat_dirty: bool = False
+    used_cpus: float = 0.0
+    used_memory_mib: int = 0
+    used_gpus: set[int] = field(default_factory=set)
+    attempts: dict[int, AttemptRt] = field(default_factory=dict)  # active (assigned/running) here
+    pending_cancels: list[tuple[int, str]] = field(default_factory=list)  # unknown attempts it still runs
+
+    def free_gpus(self) -> list[int]:
+        return [g for g in self.gpus if g not in self.used_gpus]
+
+    def fits(self, r: Resources) -> bool:
+        """Enough free resources now (a tiny tolerance keeps float CPU sums exact enough)."""
+        return (
+            r.gpus <= len(self.gpus) - len(self.used_gpus)
+            and r.cpus <= self.cpus - self.used_cpus + 1e-9
+            and r.memory_mib <= self.memory_mib - self.used_memory_mib
+        )
+
+    def could_fit(self, r: Resources) -> bool:
+        return r.gpus <= len(self.gpus) and r.cpus <= self.cpus + 1e-9 and r.memory_mib <= self.memory_mib
+
+    def allocate(self, attempt: AttemptRt) -> None:
+        r = attempt.stage.resources
+        self.used_cpus += r.cpus
+        self.used_memory_mib += r.memory_mib
+        self.used_gpus.update(attempt.gpus)
+        self.attempts[attempt.id] = attempt
+
+    def release(self, attempt: AttemptRt) -> None:
+        if self.attempts.pop(attempt.id, None) is None:
+            return
+        r = attempt.stage.resources
+        self.used_cpus = max(0.0, self.used_cpus - r.cpus)
+        self.used_memory_mib = max(0, self.used_memory_mib - r.memory_mib)
+        self.used_gpus.difference_update(attempt.gpus)
+
+
+@dataclass(eq=False)
+class AttemptRt:
+    id: int
+    stage: StageRt
+    number: int
+    node_id: str
+    lease: str
+    gpus: tuple[int, ...]
+    state: str
+
+
+@dataclass(eq=False)
+class StageRt:
+    id: int
+    exp: ExperimentRt
+    position: int
+    name: str
+    kind: str
+    params: dict[str, Any]
+    resources: Resources
+    max_retries: int
+    state: str
+    attempts: int = 0
+    extras: frozenset[str] = frozenset()
+    deps: list[StageRt] = field(default_factory=list)
+    dependents: list[StageRt] = field(default_factory=list)
+    current: AttemptRt | None = None
+    attempt_ids: list[int] = field(default_factory=list)  # those in the master's memory
+
+    def sort_key(self) -> tuple[int, int, int]:
+        """Priority first (higher first), then submission order."""
+        return (-self.exp.priority, self.exp.id, self.position)
+
+
+@dataclass(eq=False)
+class ExperimentRt:
+    id: int
+    key: str
+    name: str
+    priority: int
+    smoke: bool
+    shared_workdir: bool
+    state: str
+    cancel_requested: bool = False
+    home_node: str | None = None  # where its files are, unless the workdir is shared
+    stages: list[StageRt] = field(default_factory=list)
+
+    def need(self) -> Resources:
+        """The largest single-stage request: a home node must be able to run every stage."""
+        rs = [s.resources for s in self.stages]
+        return Resources(max(r.gpus for r in rs), max(r.cpus for r in rs), max(r.memory_mib for r in rs))
+
+    def kinds(self) -> set[str]:
+        return {s.kind for s in self.stages}
+
+    def extras(self) -> set[str]:
+        return set().union(*(s.extras for s in self.stages))

@@ -1,0 +1,236 @@
+"""The master's repository: a handful of write units (run by the writer thread) and read queries.
+
+Writes take a :class:`Session` inside the writer's transaction and use bulk statements; reads open
+their own short session. Rows cross this boundary as plain dicts and small dataclasses, never ORM
+objects, so nothing lazy-loads in another thread.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Engine, bindparam, delete, func, insert, select, update
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.orm import Session
+
+from master.models import Attempt, Event, Experiment, Gpu, Node, Stage, StageDependency, Transition
+
+TERMINAL = ("succeeded", "failed", "cancelled")
+
+
+@dataclass
+class Changes:
+    """One unit of state change: rows to insert and rows to update by primary key.
+
+    The writer merges the Changes queued together into one (a row updated twice keeps the last value
+    of each column) and applies it with one executemany per table and column set.
+    """
+
+    experiments: list[dict[str, Any]] = field(default_factory=list)
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    new_attempts: list[dict[str, Any]] = field(default_factory=list)
+    attempts: list[dict[str, Any]] = field(default_factory=list)
+    transitions: list[dict[str, Any]] = field(default_factory=list)
+
+    def __bool__(self) -> bool:
+        return any((self.experiments, self.stages, self.new_attempts, self.attempts, self.transitions))
+
+    def extend(self, other: Changes) -> None:
+        for name in ("experiments", "stages", "new_attempts", "attempts", "transitions"):
+            getattr(self, name).extend(getattr(other, name))
+
+    def apply(self, s: Session) -> None:
+        conn = s.connection()
+        if self.new_attempts:
+            conn.execute(insert(Attempt.__table__), self.new_attempts)
+        for model, rows in ((Experiment, self.experiments), (Stage, self.stages), (Attempt, self.attempts)):
+            for keys, group in _by_columns(rows).items():
+                table = model.__table__
+                stmt = update(table).where(table.c.id == bindparam("row_id"))
+                conn.execute(stmt.values({k: bindparam(k) for k in keys}), group)
+        if self.transitions:
+            conn.execute(insert(Transition.__table__), self.transitions)
+
+
+def _by_columns(rows: list[dict[str, Any]]) -> dict[tuple[str, ...], list[dict[str, Any]]]:
+    """Rows merged per id (the last value of a column wins), grouped by the columns they set."""
+    merged: dict[Any, dict[str, Any]] = {}
+    for row in rows:
+        merged.setdefault(row["id"], {}).update(row)
+    out: dict[tuple[str, ...], list[dict[str, Any]]] = {}
+    for row_id, row in merged.items():
+        keys = tuple(sorted(k for k in row if k != "id"))
+        out.setdefault(keys, []).append({"row_id": row_id, **{k: row[k] for k in keys}})
+    return out
+
+
+Rows = list[dict[str, Any]]
+
+
+def create_experiment(s: Session, experiment: dict[str, Any], stages: Rows, deps: Rows, transitions: Rows) -> None:
+    s.execute(insert(Experiment), [experiment])
+    s.execute(insert(Stage), stages)
+    if deps:
+        s.execute(insert(StageDependency), deps)
+    s.execute(insert(Transition), transitions)
+
+
+def upsert_node(s: Session, node: dict[str, Any], gpus: list[dict[str, Any]]) -> None:
+    if s.get(Node, node["id"]) is None:
+        s.execute(insert(Node), [node])
+    else:
+        s.execute(update(Node), [{k: v for k, v in node.items() if k != "registered_at"}])
+    s.execute(delete(Gpu).where(Gpu.node_id == node["id"]))
+    if gpus:
+        s.execute(insert(Gpu), [{**g, "node_id": node["id"]} for g in gpus])
+
+
+def save_heartbeats(s: Session, rows: list[dict[str, Any]]) -> None:
+    if rows:
+        s.execute(update(Node), rows)
+
+
+def insert_events(s: Session, rows: list[dict[str, Any]]) -> int:
+    """Store events once: a (attempt_id, seq) already stored is skipped. Returns how many were new."""
+    dialect = s.get_bind().dialect.name
+    ins = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}[dialect](Event)
+    stmt = ins.on_conflict_do_nothing(index_elements=["attempt_id", "seq"]).returning(Event.id)
+    return len(s.execute(stmt, rows).all())
+
+
+# --- reads -----------------------------------------------------------------------------------
+
+
+@dataclass
+class Snapshot:
+    """What the master needs in memory at start: all nodes and every unfinished experiment."""
+
+    max_ids: dict[str, int]
+    nodes: list[dict[str, Any]]
+    experiments: list[dict[str, Any]]
+    stages: list[dict[str, Any]]
+    deps: list[tuple[int, int]]
+    attempts: list[dict[str, Any]]  # the latest attempt of each stage of those experiments
+
+
+def _rows(s: Session, stmt: Any) -> list[dict[str, Any]]:
+    return [dict(r._mapping) for r in s.execute(stmt)]
+
+
+def _cols(model: Any) -> list[Any]:
+    return list(model.__table__.columns)
+
+
+def load_snapshot(engine: Engine) -> Snapshot:
+    with Session(engine) as s:
+        max_ids = {
+            name: s.scalar(select(func.coalesce(func.max(model.id), 0))) or 0
+            for name, model in (("experiment", Experiment), ("stage", Stage), ("attempt", Attempt))
+        }
+        nodes = _rows(s, select(*_cols(Node)))
+        gpus = _rows(s, select(*_cols(Gpu)).order_by(Gpu.node_id, Gpu.index))
+        for n in nodes:
+            n["gpus"] = [g for g in gpus if g["node_id"] == n["id"]]
+        exps = _rows(s, select(*_cols(Experiment)).where(Experiment.state.not_in(TERMINAL)))
+        ids = [e["id"] for e in exps]
+        stages = _rows(s, select(*_cols(Stage)).where(Stage.experiment_id.in_(ids)).order_by(Stage.id))
+        sids = [st["id"] for st in stages]
+        dep_q = select(StageDependency.stage_id, StageDependency.depends_on_id)
+        deps = [(a, b) for a, b in s.execute(dep_q.where(StageDependency.stage_id.in_(sids)))]
+        latest = select(Attempt.stage_id, func.max(Attempt.number).label("n")).where(Attempt.stage_id.in_(sids))
+        latest = latest.group_by(Attempt.stage_id).subquery()
+        attempts = _rows(
+            s,
+            select(*_cols(Attempt)).join(
+                latest, (Attempt.stage_id == latest.c.stage_id) & (Attempt.number == latest.c.n)
+            ),
+        )
+    return Snapshot(max_ids, nodes, exps, stages, deps, attempts)  # type: ignore[arg-type]
+
+
+def experiment_exists(engine: Engine, key: str) -> bool:
+    with Session(engine) as s:
+        return s.scalar(select(Experiment.id).where(Experiment.key == key)) is not None
+
+
+def status(engine: Engine, key: str | None, limit: int) -> list[dict[str, Any]]:
+    """Experiments (newest first; one by key, with its transitions) with stages and attempts."""
+    with Session(engine) as s:
+        q = select(*_cols(Experiment))
+        q = q.where(Experiment.key == key) if key else q.order_by(Experiment.id.desc()).limit(limit)
+        exps = _rows(s, q)
+        ids = [e["id"] for e in exps]
+        stages = _rows(s, select(*_cols(Stage)).where(Stage.experiment_id.in_(ids)).order_by(Stage.position))
+        sids = [st["id"] for st in stages]
+        names = {st["id"]: st["name"] for st in stages}
+        attempts = _rows(
+            s,
+            select(*_cols(Attempt), Node.name.label("node_name"))
+            .join(Node, Node.id == Attempt.node_id)
+            .where(Attempt.stage_id.in_(sids))
+            .order_by(Attempt.number),
+        )
+        deps = s.execute(select(StageDependency).where(StageDependency.stage_id.in_(sids))).scalars().all()
+        transitions = (
+            _rows(s, select(*_cols(Transition)).where(Transition.stage_id.in_(sids)).order_by(Transition.id))
+            if key
+            else []
+        )
+    for st in stages:
+        st["after"] = [names[d.depends_on_id] for d in deps if d.stage_id == st["id"]]
+        st["attempt_rows"] = [a for a in attempts if a["stage_id"] == st["id"]]
+        st["transitions"] = [t for t in transitions if t["stage_id"] == st["id"]]
+    for e in exps:
+        e["stages"] = [st for st in stages if st["experiment_id"] == e["id"]]
+    return exps
+
+
+def find_stage(engine: Engine, experiment: str, stage: str, stage_id: int) -> dict[str, Any] | None:
+    with Session(engine) as s:
+        q = select(Stage.id, Stage.name, Stage.state, Experiment.key).join(Experiment)
+        q = q.where(Stage.id == stage_id) if stage_id else q.where(Experiment.key == experiment, Stage.name == stage)
+        row = s.execute(q).first()
+        return dict(row._mapping) if row else None
+
+
+def stage_state(engine: Engine, stage_id: int) -> str:
+    with Session(engine) as s:
+        return s.scalar(select(Stage.state).where(Stage.id == stage_id)) or ""
+
+
+def latest_attempt(engine: Engine, stage_id: int) -> int:
+    with Session(engine) as s:
+        return s.scalar(select(func.max(Attempt.number)).where(Attempt.stage_id == stage_id)) or 0
+
+
+def events(
+    engine: Engine, stage_id: int, type_: str, attempt: int | None, after_seq: int = 0, limit: int = 10_000
+) -> Rows:
+    """Events of one type for a stage (one attempt, or all when ``attempt`` is None), by attempt then seq."""
+    with Session(engine) as s:
+        q = (
+            select(Attempt.number.label("attempt"), Event.seq, Event.time, Event.data)
+            .join(Attempt, Attempt.id == Event.attempt_id)
+            .where(Attempt.stage_id == stage_id, Event.type == type_, Event.seq > after_seq)
+            .order_by(Attempt.number, Event.seq)
+            .limit(limit)
+        )
+        if attempt is not None:
+            q = q.where(Attempt.number == attempt)
+        return _rows(s, q)
+
+
+def artifacts(engine: Engine, key: str) -> list[dict[str, Any]]:
+    with Session(engine) as s:
+        q = (
+            select(Stage.name.label("stage"), Attempt.number.label("attempt"), Attempt.node_id)
+            .add_columns(Node.name.label("node_name"), Event.time, Event.data)
+            .join(Attempt, Attempt.id == Event.attempt_id)
+            .join(Stage, Stage.id == Attempt.stage_id)
+            .join(Experiment, Experiment.id == Stage.experiment_id)
+            .join(Node, Node.id == Attempt.node_id)
+            .where(Experiment.key == key, Event.type == "artifact")
+            .order_by(Stage.position, Attempt.number, Event.seq)
+        )
+        return _rows(s, q)

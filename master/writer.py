@@ -1,0 +1,97 @@
+"""The database's single writer thread, with group commit.
+
+Everything the master changes goes through here, in order: many small units of work (an assignment,
+a status report, a batch of events) queued within a few milliseconds are committed as one
+transaction, which is what lets one SQLite file keep up with hundreds of stage changes per second.
+If a batch fails, its units are replayed one transaction each so that only the faulty one fails.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Any, TypeVar
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
+from master.store import Changes
+
+T = TypeVar("T")
+log = logging.getLogger("infra.master.writer")
+MAX_BATCH = 256
+
+
+class Writer:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self._queue: queue.SimpleQueue[tuple[Callable[[Session], Any], Future[Any]] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="db-writer", daemon=True)
+        self._thread.start()
+
+    def submit(self, unit: Callable[[Session], T] | Changes) -> Future[T]:
+        """Queue a unit of work (a function of the session, or a :class:`Changes`); its future resolves
+        once it is committed."""
+        fut: Future[T] = Future()
+        self._queue.put((unit, fut))
+        return fut
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Commit what is queued, then stop."""
+        self._queue.put(None)
+        self._thread.join(timeout)
+
+    def _run(self) -> None:
+        stop = False
+        while not stop:
+            first = self._queue.get()
+            if first is None:
+                break
+            batch = [first]
+            while len(batch) < MAX_BATCH:
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is None:
+                    stop = True
+                    break
+                batch.append(item)
+            self._commit(batch)
+
+    def _commit(self, batch: list[tuple[Callable[[Session], Any], Future[Any]]]) -> None:
+        try:
+            with Session(self.engine) as session, session.begin():
+                results = self._apply(session, [unit for unit, _ in batch])
+        except Exception as exc:
+            if len(batch) == 1:
+                log.error("database write failed: %s", exc)
+                batch[0][1].set_exception(exc)
+                return
+            for item in batch:  # isolate the faulty unit
+                self._commit([item])
+            return
+        for (_, fut), result in zip(batch, results, strict=True):
+            fut.set_result(result)
+
+    @staticmethod
+    def _apply(session: Session, units: list[Callable[[Session], Any]]) -> list[Any]:
+        """Run the units in order; consecutive state changes are merged into one application."""
+        results: list[Any] = []
+        merged: Changes | None = None
+        for unit in units:
+            if isinstance(unit, Changes):
+                merged = merged or Changes()
+                merged.extend(unit)
+                results.append(None)
+                continue
+            if merged is not None:
+                merged.apply(session)
+                merged = None
+            results.append(unit(session))
+        if merged is not None:
+            merged.apply(session)
+        return results

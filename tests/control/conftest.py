@@ -1,0 +1,157 @@
+"""Fixtures for the control plane: real master and node processes on loopback, SQLite or PostgreSQL.
+
+Every process started here is stopped at teardown (also when a test fails); every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+STAGEKIT = Path(__file__).resolve().parent / "stagekit.py"
+POSTGRES_DEFAULT = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: float = 0.1) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def stop_process(proc: subprocess.Popen[Any], timeout: float = 15.0) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+class Cluster:
+    """A master and node agents as subprocesses (``python -m infra.cli ...``), plus CLI calls."""
+
+    def __init__(self, tmp: Path, db_url: str) -> None:
+        self.tmp, self.db_url = tmp, db_url
+        self.env = {**os.environ, "INFRA_CONFIG_DIR": str(tmp / "config"), "INFRA_STAGE_MODULES": str(STAGEKIT)}
+        self.env.pop("INFRA_MASTER", None)
+        self.procs: list[subprocess.Popen[Any]] = []
+        self.address = ""
+
+    def start_master(self) -> str:
+        log = (self.tmp / "master.log").open("w")
+        cmd = [sys.executable, "-m", "infra.cli", "master", "--db", self.db_url, "--bind", "127.0.0.1:0"]
+        proc = subprocess.Popen([*cmd, "--heartbeat", "1"], stdout=subprocess.PIPE, stderr=log, text=True, env=self.env)
+        self.procs.append(proc)
+        found: list[str] = []
+
+        def read() -> None:
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                if "listening on " in line:
+                    found.append(line.split("listening on ", 1)[1].split()[0])
+
+        threading.Thread(target=read, daemon=True).start()
+        self.address = wait_for(
+            lambda: found[0] if found else proc.poll() is not None and self._dead("master"), 60, "the master to listen"
+        )
+        return self.address
+
+    def _dead(self, what: str) -> None:
+        raise AssertionError(f"the {what} exited early:\n" + (self.tmp / f"{what}.log").read_text())
+
+    def start_node(self, name: str, *args: str) -> subprocess.Popen[Any]:
+        log = (self.tmp / f"{name}.log").open("w")
+        cmd = [sys.executable, "-m", "infra.cli", "node", "--master", self.address, "--name", name]
+        cmd += ["--workdir", str(self.tmp / f"work-{name}"), "--heartbeat", "0.5", *args]
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+        self.procs.append(proc)
+        return proc
+
+    def cli(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "infra.cli", *args, "--master", self.address]
+        result = subprocess.run(cmd, capture_output=True, text=True, env=self.env, timeout=timeout, cwd=self.tmp)
+        if check and result.returncode != 0:
+            raise AssertionError(f"{' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
+        return result
+
+    def status(self, experiment: str | None = None) -> dict[str, Any]:
+        return json.loads(self.cli("status", *([experiment] if experiment else []), "--json").stdout)
+
+    def submit(self, plan: dict[str, Any]) -> str:
+        path = self.tmp / f"plan-{uuid.uuid4().hex[:8]}.json"
+        path.write_text(json.dumps(plan))
+        return self.cli("submit", str(path)).stdout.strip()
+
+    def wait_finished(self, key: str, timeout: float = 90) -> dict[str, Any]:
+        def done() -> dict[str, Any] | None:
+            exp = self.status(key)["experiments"][0]
+            return exp if exp["state"] in ("succeeded", "failed", "cancelled") else None
+
+        return wait_for(done, timeout, f"experiment {key} to finish", interval=0.5)
+
+    wait_for = staticmethod(wait_for)
+
+    def stop(self) -> None:
+        for proc in reversed(self.procs):  # nodes first: they stop their stages
+            stop_process(proc)
+
+
+@pytest.fixture
+def config_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    d = tmp_path / "config"
+    monkeypatch.setenv("INFRA_CONFIG_DIR", str(d))
+    return d
+
+
+@pytest.fixture
+def postgres_url() -> Iterator[str]:
+    """A freshly created PostgreSQL database, dropped afterwards; skipped when no server answers."""
+    sqlalchemy = pytest.importorskip("sqlalchemy")
+    from sqlalchemy.engine import make_url
+
+    base = os.environ.get("INFRA_TEST_POSTGRES_URL", POSTGRES_DEFAULT)
+    admin = sqlalchemy.create_engine(base, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3})
+    try:
+        conn = admin.connect()
+    except sqlalchemy.exc.OperationalError as e:
+        admin.dispose()
+        pytest.skip(f"PostgreSQL at {base} does not answer: {str(e).splitlines()[0]}")
+    name = f"infra_test_{uuid.uuid4().hex[:12]}"
+    conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    try:
+        yield make_url(base).set(database=name).render_as_string(hide_password=False)
+    finally:
+        conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        conn.close()
+        admin.dispose()
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'master.db'}"
+    return request.getfixturevalue("postgres_url")
+
+
+@pytest.fixture
+def cluster(tmp_path: Path, db_url: str) -> Iterator[Cluster]:
+    c = Cluster(tmp_path, db_url)
+    try:
+        yield c
+    finally:
+        c.stop()

@@ -1,0 +1,174 @@
+"""Plan validation: every problem named by its field path, all at once."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from infra.plan import PlanError, load_plan_data, parse_memory, resolve_inputs, validate_plan
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _plan(*stages: dict[str, Any], **top: Any) -> dict[str, Any]:
+    return {"name": "p", **top, "stages": list(stages)}
+
+
+PREP = {"name": "prep", "kind": "prepare", "params": {"demo": {"n": 5}}}
+
+
+def _errors(data: Any, known: set[str] | None = None) -> list[str]:
+    with pytest.raises(PlanError) as err:
+        validate_plan(data, known)
+    return [str(i) for i in err.value.issues]
+
+
+def test_a_valid_plan_is_normalised() -> None:
+    plan = validate_plan(
+        _plan(
+            PREP,
+            {
+                "name": "ev",
+                "kind": "evaluate",
+                "after": ["prep"],
+                "params": {"inputs": ["./prep/x/../raw.csv.gz"]},
+                "resources": {"memory": "512MiB"},
+                "max_retries": 2,
+            },
+            resources={"gpus": 0, "cpus": 0.5, "memory": "4GiB"},
+            priority=3,
+        )
+    )
+    ev = plan.stages[1]
+    assert ev.params == {"inputs": ["prep/raw.csv.gz"]}
+    assert (ev.resources.gpus, ev.resources.cpus, ev.resources.memory_mib) == (0, 0.5, 512)
+    assert plan.stages[0].resources.memory_mib == 4096 and ev.max_retries == 2 and plan.priority == 3
+    assert [s.name for s in plan.order()] == ["prep", "ev"]
+
+
+def test_unknown_kind() -> None:
+    errors = _errors(_plan(PREP, {"name": "t", "kind": "trian"}))
+    assert errors == [
+        "stages[1].kind: unknown stage kind 'trian'; known: benchmark, evaluate, mcts, prepare, sample, train"
+    ]
+
+
+def test_kinds_that_nodes_advertise_are_accepted_with_params_unchecked() -> None:
+    plan = validate_plan(_plan({"name": "x", "kind": "relax", "params": {"anything": 1}}), known_kinds={"relax"})
+    assert plan.stages[0].params == {"anything": 1}
+
+
+def test_missing_fields() -> None:
+    errors = _errors({"stages": [{"kind": "prepare", "params": {"demo": {}}}, {"name": "t", "kind": "train"}]})
+    assert "name: missing required field" in errors
+    assert "stages[0].name: missing required field" in errors
+    assert "stages[1].params.data_dir: missing required field" in errors
+
+
+def test_cycle_is_named() -> None:
+    errors = _errors(
+        _plan(
+            {**PREP, "after": ["c"]},
+            {"name": "b", "kind": "evaluate", "after": ["prep"], "params": {"inputs": ["x"]}},
+            {"name": "c", "kind": "evaluate", "after": ["b"], "params": {"inputs": ["x"]}},
+        )
+    )
+    assert errors == ["stages[0].after: dependency cycle: prep -> c -> b -> prep"]
+
+
+def test_negative_gpus() -> None:
+    errors = _errors(_plan({**PREP, "resources": {"gpus": -1}}, resources={"gpus": -2}))
+    assert errors == [
+        "resources.gpus: Input should be greater than or equal to 0",
+        "stages[0].resources.gpus: Input should be greater than or equal to 0",
+    ]
+
+
+@pytest.mark.parametrize("path", ["../other/train", "train/../../x", "/etc/passwd", "~/x", "."])
+def test_artifact_paths_may_not_leave_the_experiment(path: str) -> None:
+    errors = _errors(_plan({"name": "s", "kind": "sample", "params": {"model": path, "prompt": "NaCl"}}))
+    assert len(errors) == 1 and errors[0].startswith(f"stages[0].params.model: path {path!r}")
+
+
+def test_all_errors_at_once_with_field_paths() -> None:
+    errors = _errors(
+        _plan(
+            PREP,
+            {"name": "prep", "kind": "prepare", "params": {"inputs": ["a.csv"], "splt": [1, 0, 0]}},
+            {
+                "name": "t",
+                "kind": "train",
+                "after": ["prep", "trian"],
+                "params": {"data_dir": "prep/data"},
+                "resources": {"memory": "4GB"},
+                "retries": 1,
+            },
+            smoke="yes",
+        )
+    )
+    assert errors == [
+        "smoke: Input should be a valid boolean",
+        "stages[1].name: duplicate stage name 'prep' (also stages[0])",
+        "stages[1].params.splt: unknown field (not allowed here)",
+        "stages[2].after[1]: unknown stage 'trian'",
+        'stages[2].resources.memory: invalid memory size \'4GB\'; use e.g. "4GiB", "512MiB" or a whole number of MiB',
+        "stages[2].retries: unknown field (not allowed here)",
+    ]
+
+
+def test_kind_level_rules() -> None:
+    errors = _errors(
+        _plan({"name": "s", "kind": "sample", "params": {"model": "t/m.pt"}}, {"name": "p", "kind": "prepare"})
+    )
+    assert errors == [
+        "stages[0].params: give exactly one of 'prompt' (a formula) and 'prompts' (a file)",
+        "stages[1].params: give 'inputs' (structure files) or 'demo' ({n, seed}) or both",
+    ]
+
+
+def test_json_errors_name_the_line(tmp_path: Path) -> None:
+    path = tmp_path / "p.json"
+    path.write_text('{"name": "x",\n "stages": [}\n')
+    with pytest.raises(PlanError) as err:
+        load_plan_data(path)
+    assert str(err.value.issues[0]).startswith(f"{path} line 2 column 13: invalid JSON")
+
+
+def test_memory_sizes() -> None:
+    assert [parse_memory(v) for v in ("4GiB", "512MiB", "1.5GiB", 100, "1TiB")] == [4096, 512, 1536, 100, 1 << 20]
+    for bad in ("4GB", "-1MiB", True, -5, "lots"):
+        with pytest.raises(ValueError):
+            parse_memory(bad)
+
+
+def test_relative_inputs_are_made_absolute_on_submit(tmp_path: Path) -> None:
+    data = _plan(
+        {"name": "p", "kind": "prepare", "params": {"inputs": ["data/a.csv", "/abs/b.csv"]}},
+        {"name": "b", "kind": "benchmark", "params": {"model": "p/m.pt", "test": "t.csv"}},
+    )
+    out = resolve_inputs(data, tmp_path)
+    assert out["stages"][0]["params"]["inputs"] == [str(tmp_path / "data/a.csv"), "/abs/b.csv"]
+    assert out["stages"][1]["params"]["test"] == str(tmp_path / "t.csv")
+    assert out["stages"][1]["params"]["model"] == "p/m.pt"  # experiment artifacts stay relative
+    assert data["stages"][0]["params"]["inputs"][0] == "data/a.csv"  # the input is not modified
+
+
+def test_examples_validate_and_the_demo_plan_is_the_example() -> None:
+    from infra.demo import DEMO_PLAN
+
+    for name in ("demo.json", "perov5.json"):
+        validate_plan(resolve_inputs(load_plan_data(ROOT / "examples" / name), ROOT))
+    assert json.loads((ROOT / "examples" / "demo.json").read_text()) == DEMO_PLAN
+
+
+def test_the_demo_runs_what_the_installation_offers() -> None:
+    from infra.demo import DEMO_PLAN, demo_plan
+
+    full, note = demo_plan({"prepare", "train", "sample", "evaluate", "mcts"})
+    assert full is DEMO_PLAN and note == ""
+    reduced, note = demo_plan({"prepare", "evaluate"})
+    assert [s.name for s in validate_plan(reduced).stages] == ["prepare", "evaluate"]
+    assert "lacks stage kind(s) sample, train" in note
