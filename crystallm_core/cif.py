@@ -116,9 +116,22 @@ def _dataset(cell: tuple, symprec: float):  # noqa: ANN202 (spglib's dataset typ
 def canonicalize(structure: Structure, decimals: int = DEFAULT_DECIMALS, symprec: float = DEFAULT_SYMPREC) -> Canonical:
     """Symmetrize ``structure`` and write it in canonical form.
 
-    Raises :class:`CifError` for disordered structures and where spglib finds no
-    symmetry dataset at ``symprec``.
+    Idealizing can move atoms to within ``symprec`` of a higher-symmetry arrangement, so the
+    text is read back and, while its group differs from the one it states, canonicalized again:
+    a canonical CIF re-detects as the space group it names. Raises :class:`CifError` for
+    disordered structures and where spglib finds no symmetry dataset at ``symprec``.
     """
+    canon = _canonicalize_once(structure, decimals, symprec)
+    for _ in range(3):
+        cell = expand(read_cif(canon.text))
+        ds = _dataset(cell.spglib_cell(), symprec)
+        if ds is None or ds.number == canon.spacegroup_number:
+            break
+        canon = _canonicalize_once(Structure(cell.lattice, cell.symbols, cell.frac), decimals, symprec)
+    return canon
+
+
+def _canonicalize_once(structure: Structure, decimals: int, symprec: float) -> Canonical:
     if not structure.is_ordered:
         raise CifError("disordered structure (partial occupancies) is not supported")
     numbers = [site.specie.Z for site in structure]
@@ -310,11 +323,14 @@ def _parse_xyz(op: str) -> tuple[np.ndarray, np.ndarray]:
     for i, part in enumerate(parts):
         for sign, coef, axis, num, den in re.findall(r"([+-]?)(?:(\d*\.?\d*)\*?([xyz])|(\d+\.?\d*)(?:/(\d+))?)", part):
             s = -1.0 if sign == "-" else 1.0
-            if axis:
-                rot[i, "xyz".index(axis)] += s * (float(coef) if coef else 1.0)
-            elif num:
-                trans[i] += s * float(num) / (float(den) if den else 1.0)
-        if not re.fullmatch(r"([+-]?(\d*\.?\d*\*?[xyz]|\d+\.?\d*(/\d+)?))+", parts[i]):
+            try:
+                if axis:
+                    rot[i, "xyz".index(axis)] += s * (float(coef) if coef else 1.0)
+                elif num:
+                    trans[i] += s * float(num) / (float(den) if den else 1.0)
+            except (ValueError, ZeroDivisionError):
+                raise CifError(f"symmetry operator {op!r} is malformed") from None
+        if not re.fullmatch(r"([+-]?(\d+\.?\d*\*?[xyz]|\d*\*?[xyz]|\d+\.?\d*(/[1-9]\d*)?))+", parts[i]):
             raise CifError(f"symmetry operator {op!r} is malformed")
     return rot, trans
 
@@ -338,6 +354,9 @@ def sites(block: CifBlock) -> list[Site]:
     loop = block.loop_with("_atom_site_fract_x")
     if loop is None:
         raise CifError("no atom-site loop with fractional coordinates")
+    missing = [f"_atom_site_fract_{a}" for a in "yz" if f"_atom_site_fract_{a}" not in loop]
+    if missing:
+        raise CifError(f"atom-site loop lacks {', '.join(missing)}")
     sym_col = loop.get("_atom_site_type_symbol") or loop.get("_atom_site_label")
     if sym_col is None:
         raise CifError("atom-site loop has neither _atom_site_type_symbol nor _atom_site_label")
@@ -366,7 +385,9 @@ def symmetry_operations(block: CifBlock) -> tuple[np.ndarray, np.ndarray]:
     """Operators listed in the CIF, or those of its space group when it lists none."""
     loop = block.loop_with("_symmetry_equiv_pos_as_xyz") or block.loop_with("_space_group_symop_operation_xyz")
     if loop is not None:
-        ops = loop.get("_symmetry_equiv_pos_as_xyz") or loop["_space_group_symop_operation_xyz"]
+        ops = loop.get("_symmetry_equiv_pos_as_xyz", loop.get("_space_group_symop_operation_xyz", []))
+        if not ops:
+            raise CifError("empty symmetry-operator loop")
         parsed = [_parse_xyz(op) for op in ops]
         return np.array([r for r, _ in parsed]), np.array([t for _, t in parsed])
     sg = spacegroup_number(block)
@@ -388,22 +409,40 @@ def spacegroup_number(block: CifBlock) -> int | None:
 
 
 def orbit(frac: np.ndarray, rots: np.ndarray, trans: np.ndarray, tol: float = 1e-3) -> np.ndarray:
-    """Distinct images of one fractional position under the operators."""
+    """Distinct images of one fractional position under the operators (first of each close group kept)."""
     images = np.mod(rots @ frac + trans, 1.0)
-    images[np.isclose(images, 1.0, atol=tol)] = 0.0
-    keep: list[np.ndarray] = []
-    for p in images:
-        if all(np.abs((p - q + 0.5) % 1.0 - 0.5).max() > tol for q in keep):
-            keep.append(p)
-    return np.array(keep)
+    images[1.0 - images <= tol + 1e-5] = 0.0
+    delta = images[None, :, :] - images[:, None, :]
+    close = np.abs((delta + 0.5) % 1.0 - 0.5).max(axis=2) <= tol
+    removed = np.zeros(len(images), dtype=bool)
+    keep = []
+    for i in range(len(images)):
+        if not removed[i]:
+            keep.append(i)
+            removed |= close[i]
+    return images[keep]
 
 
-def to_structure(block: CifBlock) -> tuple[Structure, list[int]]:
-    """Expand the asymmetric unit into a pymatgen Structure.
+@dataclass(frozen=True)
+class Expanded:
+    """The full cell of a CIF as plain arrays (cheaper than a pymatgen Structure when only spglib needs it)."""
 
-    Returns the structure and, for each listed site, how many positions its orbit
-    has (what its multiplicity should be).
-    """
+    lattice: Lattice
+    symbols: list[str]
+    frac: np.ndarray
+    counts: list[int]  # orbit size of each listed site (what its multiplicity should be)
+
+    def spglib_cell(self) -> tuple[np.ndarray, np.ndarray, list[int]]:
+        return self.lattice.matrix, self.frac, [_atomic_number(s) for s in self.symbols]
+
+
+@cache
+def _atomic_number(symbol: str) -> int:
+    return Element(symbol).Z
+
+
+def expand(block: CifBlock) -> Expanded:
+    """Apply the symmetry operators to the asymmetric unit."""
     a, b, c, al, be, ga = cell_parameters(block)
     if min(a, b, c) <= 0:
         raise CifError("cell length is not positive")
@@ -411,13 +450,19 @@ def to_structure(block: CifBlock) -> tuple[Structure, list[int]]:
     if not math.isfinite(lattice.volume) or lattice.volume <= 1e-6:
         raise CifError("cell angles give no volume")
     rots, trans = symmetry_operations(block)
-    species, coords, counts = [], [], []
+    symbols, coords, counts = [], [], []
     for s in sites(block):
         pts = orbit(np.array(s.frac), rots, trans)
         counts.append(len(pts))
-        species.extend([s.symbol] * len(pts))
-        coords.extend(pts)
-    return Structure(lattice, species, coords), counts
+        symbols.extend([s.symbol] * len(pts))
+        coords.append(pts)
+    return Expanded(lattice, symbols, np.concatenate(coords), counts)
+
+
+def to_structure(block: CifBlock) -> tuple[Structure, list[int]]:
+    """The full cell as a pymatgen Structure, and each listed site's orbit size."""
+    cell = expand(block)
+    return Structure(cell.lattice, cell.symbols, cell.frac), cell.counts
 
 
 def parse_structure(text: str) -> Structure:
