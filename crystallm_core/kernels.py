@@ -23,7 +23,14 @@ except ImportError:  # CPU-only installs
 
 
 def dense_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """q (b, h, 1, d); k, v (b, h, T, d); row i attends to cache positions 0..pos[i]."""
+    """q (b, h, 1, d); k, v (b, h, T, d); row i attends to cache positions 0..pos[i].
+
+    On the CPU the cache is cut at the furthest position in use (a host read, which is cheap
+    there); on a GPU the cut would stall graph capture, and the Triton kernel is used instead.
+    """
+    if not q.is_cuda:
+        end = int(pos.max()) + 1
+        k, v = k[:, :, :end], v[:, :, :end]
     visible = torch.arange(k.shape[2], device=q.device)[None, :] <= pos[:, None]
     return F.scaled_dot_product_attention(q, k, v, attn_mask=visible[:, None, None, :])
 

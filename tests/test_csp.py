@@ -1,0 +1,38 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from crystallm_core.csp import score
+from crystallm_core.events import JsonlSink
+from crystallm_core.train import TrainConfig, Trainer
+from tests.conftest import PEROV_TEST
+
+
+def test_match_rate_and_rmse_at_1_and_n():
+    rms = [[None, 0.2, 0.1], [0.3, None, None], [None, None, None], [None, None, 0.05]]
+    assert score(rms, 1) == (0.25, pytest.approx(0.3))
+    rate, rmse = score(rms, 3)
+    assert rate == 0.75 and rmse == pytest.approx((0.1 + 0.3 + 0.05) / 3)
+
+
+def test_benchmark_smoke_runs_end_to_end(demo_small, tmp_path):
+    if not PEROV_TEST.exists():
+        pytest.skip(f"{PEROV_TEST} is missing")
+    cfg = TrainConfig(data_dir=str(demo_small), out_dir=str(tmp_path / "run"), model="tiny", max_steps=2,
+                      batch_size=2, block_size=128, eval_interval=2, eval_batches=1)  # fmt: skip
+    with JsonlSink(tmp_path / "events.jsonl") as sink:
+        Trainer(cfg).run(sink)
+    out = tmp_path / "csp"
+    done = subprocess.run(
+        [sys.executable, "-m", "crystallm_core.cli", "benchmark", "csp", "--model", str(tmp_path / "run/ckpts/last.pt"),
+         "--test", str(PEROV_TEST), "--smoke", "--workers", "1", "--out", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["structures"] == 8 and result["attempts"] == 16
+    assert 0.0 <= result["validity"] <= 1.0 and result["match_rate_1"] <= result["match_rate_n"]
+    assert json.loads((out / "csp.json").read_text()) == result
+    assert (out / "samples.csv.gz").exists()
