@@ -62,5 +62,11 @@ setup(
             "infra-wkdir=infra.wkdir:main",
             "infra-train=infra.local:main",
         ],
+        # Built-in scorers ship as plugins; others' packages add theirs to the same group (docs/PLUGINS.md).
+        "infra.plugins": [
+            "random-scorer=plugins.scorers.random_scorer",
+            "chgnet-scorer=plugins.scorers.chgnet_scorer",
+            "zmq-scorer=plugins.scorers.zmq_scorer",
+        ],
     },
 )

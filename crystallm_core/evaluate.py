@@ -10,22 +10,25 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import multiprocessing as mp
 import os
 import sys
 from collections import Counter
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from crystallm_core import events
 from crystallm_core.inputs import CIF_SUFFIX, InputError, Record, read_input
+from crystallm_core.registry import Registry
 from crystallm_core.validity import Validity, check
 
 CHECKS = ("sensible", "formula_ok", "multiplicity_ok", "bonds_ok", "spacegroup_ok", "is_valid")
 MAX_CHUNK = 64  # CIFs per task sent to a worker: large enough to amortise pickling, small enough to balance
 PROGRESS_EVERY = 1000  # CIFs between progress events
+SMOKE_INPUTS = 64  # --smoke checks only this many CIFs
 
 
 @dataclass(frozen=True)
@@ -93,6 +96,31 @@ def evaluate_texts(texts: Iterable[str], workers: int | None = None) -> Summary:
     return summarize(check_texts(texts, workers))
 
 
+METRICS: Registry[Callable[[str], float]] = Registry("metric")
+
+
+def register_metric(name: str, fn: Callable[[str], float], *, source: str = "", replace: bool = False) -> None:
+    """Add a per-CIF metric (CIF text -> number); ``crystallm evaluate`` reports its mean. Plugins call this."""
+    METRICS.register(name, fn, source=source, replace=replace)
+
+
+def metric_means(texts: Sequence[str]) -> dict[str, float | None]:
+    """Mean of each registered metric over the CIFs it measured; a CIF where it raises or gives a
+    non-finite number is left out of that metric's mean (None when no CIF was measured)."""
+    means: dict[str, float | None] = {}
+    for name in METRICS.names():
+        fn, values = METRICS.get(name), []
+        for text in texts:
+            try:
+                v = float(fn(text))
+            except Exception:  # a plugin metric failing on one odd CIF must not end the evaluation
+                continue
+            if math.isfinite(v):
+                values.append(v)
+        means[name] = sum(values) / len(values) if values else None
+    return means
+
+
 # ---------------------------------------------------------------- the verb
 
 
@@ -103,6 +131,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     parser.add_argument("--out", type=Path, default=None, help="write per-CIF results as JSON lines to this file")
+    parser.add_argument("--smoke", action="store_true", help=f"only the first {SMOKE_INPUTS} CIFs of the inputs")
 
 
 def _error(message: str) -> int:
@@ -119,6 +148,8 @@ def run(args: argparse.Namespace) -> int:
         records = read_records(args.paths)
     except InputError as exc:
         return _error(str(exc))
+    if args.smoke:
+        records = records[:SMOKE_INPUTS]
     if args.out is not None:
         try:
             args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -128,15 +159,20 @@ def run(args: argparse.Namespace) -> int:
     try:
         results = _run_checks(records, args.workers, args.out, sink)
         summary = summarize(results)
+        metrics = metric_means([r.text for r in records])
         if sink is not None:
             _emit_summary(sink, summary, args.out)
+            if metrics:
+                sink.metric(0, **{f"metric_{k}": v for k, v in metrics.items() if v is not None})
     finally:
         if sink is not None:
             sink.close()
     if args.json:
-        print(json.dumps(summary.to_dict()))
+        print(json.dumps({**summary.to_dict(), **({"metrics": metrics} if metrics else {})}))
     else:
         print_table(summary)
+        for name, mean in metrics.items():
+            print(f"mean {name}: {'n/a' if mean is None else f'{mean:.6g}'}")
     return 0
 
 

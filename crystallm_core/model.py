@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from crystallm_core.kernels import decode_attention
+from crystallm_core.registry import Registry
 
 
 @dataclass(frozen=True)
@@ -57,10 +58,25 @@ NAMED: dict[str, dict[str, int]] = {
 }
 
 
+MODELS: Registry[dict[str, int]] = Registry("model")
+
+
+def register_model(name: str, spec: dict[str, int], *, source: str = "", replace: bool = False) -> None:
+    """Add a named size (ModelConfig keywords without vocab_size) for :func:`named_config`; plugins call this."""
+    if {"vocab_size", "dropout"} & set(spec):
+        raise ValueError(f"model {name!r}: vocab_size and dropout come from the data and the training config")
+    ModelConfig(vocab_size=1, **spec)  # a bad spec fails where it is registered, naming the field
+    MODELS.register(name, dict(spec), source=source, replace=replace)
+
+
+for _name, _spec in NAMED.items():
+    register_model(_name, _spec, source=__name__)
+
+
 def named_config(name: str, vocab_size: int, dropout: float = 0.0, block_size: int | None = None) -> ModelConfig:
-    if name not in NAMED:
-        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(NAMED)}")
-    spec = dict(NAMED[name])
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose one of {', '.join(MODELS.names())}")
+    spec = dict(MODELS.get(name))
     if block_size is not None:
         spec["block_size"] = block_size
     return ModelConfig(vocab_size=vocab_size, dropout=dropout, **spec)

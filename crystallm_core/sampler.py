@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -150,8 +150,10 @@ class Sampler:
             for _ in range(n):
                 self._step(params)
             return
-        if self._graph is None or self._graph_params != params:
-            self._capture(params)
+        # The seed only reseeds the generator whose state the graph reads: one graph serves every seed.
+        key = replace(params, seed=0)
+        if self._graph is None or self._graph_params != key:
+            self._capture(key)
         for _ in range(n):
             self._graph.replay()
 

@@ -25,7 +25,8 @@ SOFTWARE = ("infra", "torch", "grpcio", "protobuf", "pymatgen", "nvidia-ml-py")
 EXTRAS = {"chgnet": "chgnet", "oid": "omegaid"}  # extra -> distribution that provides it
 # Present in every nvidia-ml-py >= 11, absent from nvidia-ml-py3 7.x (NVML 7.5 era).
 MODERN_NVML_MARKERS = ("nvmlDeviceGetCudaComputeCapability", "nvmlDeviceGetComputeRunningProcesses_v2")
-NVML_FIX = "pip uninstall -y nvidia-ml-py3 && pip install --force-reinstall nvidia-ml-py"
+# Reinstalling nvidia-ml-py puts its pynvml.py back; nvidia-ml-py3 stays (chgnet imports its nvidia_smi).
+NVML_FIX = "pip install --force-reinstall --no-deps nvidia-ml-py"
 
 
 def _version(dist: str) -> str | None:

@@ -1,0 +1,1 @@
+"""Plugins shipped with the package; each registers itself through the ``infra.plugins`` entry points."""
