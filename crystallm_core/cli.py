@@ -19,7 +19,14 @@ VERBS: dict[str, tuple[str, str]] = {
     "sample": ("crystallm_core.sample", "generate CIFs for compositions"),
     "benchmark": ("crystallm_core.csp", "crystal-structure prediction benchmark (csp)"),
     "export": ("crystallm_core.checkpoint", "write an inference-only copy of a checkpoint (weights, config)"),
+    "plot": ("crystallm_core.plots", "draw a run's training curves (loss, learning rate, throughput) as PNGs"),
+    "probes": ("crystallm_core.analysis", "analyse activation probes: ΦID atoms between modules (omegaid)"),
+    "mcts": ("crystallm_core.mcts", "Monte-Carlo tree search for low-scoring (stable) structures"),
+    "scorer": ("crystallm_core.scorer_server", "serve a scorer over ZeroMQ, or score CIF files"),
+    "plugins": ("crystallm_core.plugins", "list registered scorers, vocabularies, models, metrics, stages"),
 }
+# Verbs that may use a plugin's scorer, vocabulary, model size or metric load plugins first.
+PLUGIN_VERBS = {"prepare", "evaluate", "train", "sample", "benchmark", "export", "mcts", "scorer"}
 
 
 def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
@@ -41,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.verb is None:
         build_parser().print_help()
         return 2
+    if args.verb in PLUGIN_VERBS:
+        from crystallm_core.plugins import load_for_cli
+
+        load_for_cli()
     return int(importlib.import_module(VERBS[args.verb][0]).run(args) or 0)
 
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from crystallm_core.events import open_sink
 
 MATCHER = dict(stol=0.5, angle_tol=10, ltol=0.3)
+SMOKE_TOKENS = 64  # --smoke: generated tokens per attempt, as `crystallm sample --smoke`
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,7 @@ def run_csp(
     workers: int | None = None,
     device: str = "auto",
     out: Path | None = None,
+    max_tokens: int | None = None,
 ) -> CspResult:
     from pymatgen.core import Structure
 
@@ -112,7 +114,8 @@ def run_csp(
     model, vocab, _ = load_for_inference(model_path, device)
     on_gpu = next(model.parameters()).device.type == "cuda"
     sampler = Sampler(model, vocab, batch_size=batch_size or (1024 if on_gpu else 32))
-    params = SamplingParams(temperature=temperature, top_k=top_k, seed=seed, max_tokens=model.cfg.block_size)
+    length = min(model.cfg.block_size, max_tokens or model.cfg.block_size)  # default: up to the whole context
+    params = SamplingParams(temperature=temperature, top_k=top_k, seed=seed, max_tokens=length)
     samples, stats = generate(sampler, prompts, n, params)
     cifs = [s.cif for s in samples]
     phase(f"{len(cifs)} samples generated ({stats.samples_per_s:.0f}/s)")
@@ -155,7 +158,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workers", type=int, default=None)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", default=None, help="directory for samples.csv.gz and csp.json")
-    p.add_argument("--smoke", action="store_true", help="8 test structures, 2 attempts each")
+    p.add_argument(
+        "--smoke", action="store_true", help=f"8 test structures, 2 attempts each of at most {SMOKE_TOKENS} tokens"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -179,6 +184,7 @@ def run(args: argparse.Namespace) -> int:
             args.workers,
             args.device,
             out,
+            SMOKE_TOKENS if args.smoke else None,
         )
     except (ValueError, FileNotFoundError) as e:
         print(f"crystallm benchmark: {e}", file=sys.stderr)

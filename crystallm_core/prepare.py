@@ -20,6 +20,7 @@ from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
+from itertools import islice
 from multiprocessing import Pool
 from multiprocessing.pool import AsyncResult
 from pathlib import Path
@@ -44,6 +45,7 @@ TASKS_PER_WORKER = 4  # tasks in flight per worker: keeps workers busy without r
 STORE_BATCH = 2000  # rows per store transaction
 PROGRESS_EVERY_S = 1.0
 REASON_MAX = 500
+SMOKE_STRUCTURES = 64  # --smoke reads only this many structures of the inputs
 
 
 class PrepareError(ValueError):
@@ -408,9 +410,13 @@ def prepare(
     where: Sequence[str] = (),
     symprec: float = DEFAULT_SYMPREC,
     vocab: str = "cif-v1",
+    limit: int | None = None,
 ) -> PrepareReport:
-    """Prepare ``inputs`` into the data set directory ``out`` (see the module docstring)."""
+    """Prepare ``inputs`` into the data set directory ``out`` (see the module docstring); ``limit`` reads
+    only the first ``limit`` structures of the inputs (recorded in meta.json)."""
     ratios = check_ratios(split)
+    if limit is not None and limit < 1:
+        raise PrepareError(f"limit must be at least 1, got {limit}")
     filters = parse_filters(list(where))
     if decimals < 1:
         raise PrepareError(f"decimals must be at least 1, got {decimals}")
@@ -425,12 +431,14 @@ def prepare(
         raise PrepareError(str(exc)) from None
     sources = [str(p) for p in inputs]
     records = read_inputs(sources)  # checks every input before anything is written
+    if limit is not None:
+        records = islice(records, limit)
     out = Path(out)
     _check_out(out)
     created_dir = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        return _run(sources, records, out, filters, voc, nworkers, decimals, symprec, dedup, ratios, seed)
+        return _run(sources, records, out, filters, voc, nworkers, decimals, symprec, dedup, ratios, seed, limit)
     except BaseException:
         for p in [*dataset_files(out), out / (META + ".tmp")]:
             p.unlink(missing_ok=True)
@@ -451,6 +459,7 @@ def _run(
     dedup: bool,
     ratios: tuple[float, float, float],
     seed: int,
+    limit: int | None,
 ) -> PrepareReport:
     started = time.monotonic()
     digests = [{"path": p, "sha256": source_digest(p)} for p in sources]
@@ -486,6 +495,7 @@ def _run(
             "dedup": dedup,
             "split_ratios": list(ratios) if origin == "ratios" else None,
             "seed": seed if origin == "ratios" else None,
+            "limit": limit,
         }
         write_meta(out, _meta(report, vocab, digests, settings))
         _emit_results(sink, report, out)
@@ -513,6 +523,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--symprec", type=float, default=DEFAULT_SYMPREC, help="spglib tolerance in Å")
     parser.add_argument("--vocab", default="cif-v1", help="vocabulary of the token files")
+    parser.add_argument(
+        "--smoke", action="store_true", help=f"only the first {SMOKE_STRUCTURES} structures of the inputs"
+    )
 
 
 def run(args: argparse.Namespace) -> int:
@@ -528,11 +541,14 @@ def run(args: argparse.Namespace) -> int:
             where=args.where,
             symprec=args.symprec,
             vocab=args.vocab,
+            limit=SMOKE_STRUCTURES if args.smoke else None,
         )
     except (ValueError, OSError) as exc:  # InputError, PrepareError, filter and vocabulary errors included
         print(f"crystallm prepare: error: {exc}", file=sys.stderr)
         return 2
     print(report.summary())
+    if args.smoke:
+        print(f"  smoke run: only the first {SMOKE_STRUCTURES} structures of the inputs were read")
     if report.selected == 0:
         print("crystallm prepare: error: no structure went into the token files", file=sys.stderr)
         return 1

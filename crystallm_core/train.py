@@ -6,6 +6,10 @@ optimizer is AdamW with decoupled weight decay on matrices only; the learning ra
 warms up linearly, then follows a cosine down to ``min_lr``. Checkpoints hold
 everything needed to continue bit for bit: model, optimizer, scheduler, step, every
 RNG state (including the batch sampler's), config and vocabulary id.
+
+``out_dir`` is an experiment root (crystallm_core/layout.py): checkpoints go to ``ckpts/``,
+activation probes (crystallm_core/probes.py) to ``probes/``, curves to ``plots/`` at the end of
+every run, and events to ``$CRYSTALLM_EVENTS``, else ``metrics/train.jsonl``.
 """
 
 from __future__ import annotations
@@ -13,10 +17,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import math
+import os
 import random
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +30,10 @@ import torch
 
 from crystallm_core import checkpoint
 from crystallm_core.config import ConfigError, apply_overrides, build, load_file
-from crystallm_core.events import JsonlSink, open_sink
+from crystallm_core.events import ENV_VAR, JsonlSink
+from crystallm_core.layout import ExperimentLayout
 from crystallm_core.model import GPT, named_config
+from crystallm_core.probes import SMOKE_SUBSET, Prober, parse_probes
 from crystallm_core.tokens import TokenData, read_meta
 from crystallm_core.vocab import vocab_for_id
 
@@ -56,6 +63,7 @@ class TrainConfig:
     compile: bool | None = None  # default: on for CUDA
     smoke: bool = False
     smoke_cifs: int = 64  # data subset in smoke mode
+    probes: list[dict] = field(default_factory=list)  # activation probes (crystallm_core/probes.py)
 
     def __post_init__(self) -> None:
         positive = ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches", "log_interval")
@@ -64,21 +72,24 @@ class TrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.warmup_steps < 0 or self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError("need warmup_steps >= 0 and 0 <= min_lr <= lr > 0")
+        # Checked key by key now; stored with their defaults filled in, so checkpoints record what ran.
+        object.__setattr__(self, "probes", [spec.to_dict() for spec in parse_probes(self.probes)])
 
     def smoked(self) -> TrainConfig:
         """The same run in miniature: few steps, small batches, a data subset, no compile."""
         return replace(
             self,
             smoke=True,
-            max_steps=min(self.max_steps, 8),
-            warmup_steps=min(self.warmup_steps, 2),
-            eval_interval=4,
-            eval_batches=2,
+            max_steps=min(self.max_steps, 4),
+            warmup_steps=min(self.warmup_steps, 1),
+            eval_interval=2,  # two validations and checkpoint rounds, as in a real run
+            eval_batches=1,
             log_interval=1,
-            batch_size=min(self.batch_size, 4),
+            batch_size=min(self.batch_size, 2),
             grad_accum=1,
             block_size=min(self.block_size or 256, 256),
             compile=False,
+            probes=[{**p, "subset_size": min(p["subset_size"], SMOKE_SUBSET)} for p in self.probes],
         )
 
 
@@ -163,8 +174,9 @@ def measure_matmul_peak(device: torch.device, n: int = 8192, reps: int = 10) -> 
 class Trainer:
     def __init__(self, cfg: TrainConfig, resume: bool = False) -> None:
         self.cfg = cfg
-        self.out = Path(cfg.out_dir)
-        self.ckpt_dir = self.out / "ckpts"
+        # Absolute, so that artifact events name the same files from any events file.
+        self.layout = ExperimentLayout(Path(cfg.out_dir).absolute())
+        self.ckpt_dir = self.layout.ckpts_dir
         self.device = resolve_device(cfg.device)
         torch.set_float32_matmul_precision("high")  # TF32 for any float32 matmul left outside autocast
         meta = read_meta(cfg.data_dir)
@@ -175,7 +187,12 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.model = GPT(self.model_cfg).to(self.device)
         limit = cfg.smoke_cifs if cfg.smoke else None
-        self.train_windows = Windows(TokenData(cfg.data_dir, "train", self.vocab), self.context + 1, cfg.seed, limit)
+        train_data = TokenData(cfg.data_dir, "train", self.vocab)
+        self.train_windows = Windows(train_data, self.context + 1, cfg.seed, limit)
+        # Tokens of the CIFs training draws from: one epoch (for the probes' metadata).
+        self.train_tokens = (
+            int(train_data.starts[limit]) if limit and limit < len(train_data) else len(train_data.tokens)
+        )
         has_val = meta.get("splits", {}).get("val", {}).get("cifs", 0) > 0
         self.val_data = TokenData(cfg.data_dir, "val", self.vocab) if has_val else None
         self.opt = make_optimizer(self.model, cfg, self.device)
@@ -189,8 +206,34 @@ class Trainer:
         self.autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
         )
+        self.prober = self._prober() if cfg.probes else None  # unknown modules fail here, before any step
         self.peak = measure_matmul_peak(self.device)
         self.tokens_per_step = cfg.batch_size * cfg.grad_accum * self.context
+        self.seconds = {"validation": 0.0, "probes": 0.0, "checkpoints": 0.0}
+
+    def _prober(self) -> Prober:
+        cfg = self.cfg
+        data = Path(cfg.data_dir).resolve()
+        info = {
+            "data_set": f"{data.parent.name}/{data.name}",  # e.g. perov5/data: the folder alone is often "data"
+            "data_dir": str(data),
+            "split": "val",
+            "vocab_id": self.vocab.id,
+            "model": cfg.model,
+            "context": self.context,
+        }
+        return Prober(
+            parse_probes(cfg.probes),
+            self.model,
+            self.context,
+            self.val_data,
+            self.device,
+            cfg.batch_size,
+            cfg.seed + 2,  # validation loss uses seed + 1
+            info,
+            self.autocast,
+            cfg.smoke,
+        )
 
     @property
     def context(self) -> int:
@@ -270,7 +313,8 @@ class Trainer:
             flush=True,
         )
         losses: list[float] = []
-        t_last, steps_since = time.perf_counter(), 0
+        started = time.perf_counter()
+        t_last, steps_since = started, 0
         while self.step < last:
             lr = self.sched.get_last_lr()[0]
             loss = self.train_step()
@@ -295,19 +339,75 @@ class Trainer:
                 t_last, steps_since = time.perf_counter(), 0
             if progress is not None:
                 progress(self.step)
+        self._report_time(time.perf_counter() - started, sink)
+        self._plot(sink)
         best = self.best_val if math.isfinite(self.best_val) else None
         return {"steps": self.step, "final_loss": losses[-1] if losses else None, "best_val_loss": best}
 
     def _checkpoint(self, sink: JsonlSink) -> None:
-        """Validate, then write ``last`` and, when validation improved (or there is none), ``best``."""
+        """Validate, capture the probes that are due, then write ``last`` and, when validation improved
+        (or there is none), ``best``."""
+        t0 = time.perf_counter()
         val = self.evaluate()
         if val is not None:
             sink.metric(self.step, val_loss=val)
             print(f"step {self.step}: val loss {val:.4f}", flush=True)
+        self.seconds["validation"] += time.perf_counter() - t0
+        if self.prober is not None:
+            self._capture(sink)
+        t0 = time.perf_counter()
         if val is None or val < self.best_val:
             self.best_val = val if val is not None else self.best_val
             self.save("best", sink)
         self.save("last", sink)
+        self.seconds["checkpoints"] += time.perf_counter() - t0
+
+    def _capture(self, sink: JsonlSink) -> None:
+        assert self.prober is not None
+        # Validations run at multiples of eval_interval and at the last step; this is validation number n.
+        n = -(-self.step // self.cfg.eval_interval)
+        due = self.prober.due(n, final=self.step == self.cfg.max_steps)
+        if not due:
+            return
+        tokens_seen = self.step * self.tokens_per_step
+        spent = 0.0
+        for probe in due:
+            path = self.layout.probe_capture(probe.spec.name, self.step)
+            cap = self.prober.capture(probe, path, self.step, tokens_seen, tokens_seen / self.train_tokens)
+            sink.artifact(cap.path, "probe")
+            spent += cap.seconds
+            print(
+                f"step {self.step}: probe {probe.spec.name}: {cap.shape[0]} windows x {cap.shape[1]} positions x "
+                f"{len(probe.spec.modules)} modules -> {self.layout.relative(cap.path)} "
+                f"({cap.bytes / 2**20:.1f} MiB, {cap.seconds:.2f} s)",
+                flush=True,
+            )
+        sink.metric(self.step, probe_seconds=spent)
+        self.seconds["probes"] += spent
+
+    def _report_time(self, total: float, sink: JsonlSink) -> None:
+        """Where this run's time went; with probes, what capturing cost against training."""
+        training = total - sum(self.seconds.values())
+        parts = ", ".join(f"{v:.1f} s {k}" for k, v in self.seconds.items() if k != "probes" or self.prober)
+        print(f"time: {training:.1f} s training, {parts}", flush=True)
+        if self.prober is not None:
+            spent = self.seconds["probes"]
+            share = spent / training if training > 0 else math.inf
+            print(f"probes: {spent:.1f} s capturing vs {training:.1f} s training ({share:.1%})", flush=True)
+            sink.metric(self.step, probe_seconds_total=spent, train_seconds=training)
+
+    def _plot(self, sink: JsonlSink) -> None:
+        """Training curves into plots/. They are derived from the events file and can be redrawn with
+        ``crystallm plot``, so a failure here is reported and does not fail the run."""
+        from crystallm_core.plots import plot_training
+
+        try:
+            paths = plot_training([sink.path], self.layout.plots_dir)
+        except Exception as e:  # matplotlib and the file system raise many kinds
+            print(f"plots: not drawn: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+            return
+        for p in paths:
+            sink.artifact(p, "plot")
 
 
 def load_config(path: str, overrides: list[str], smoke: bool) -> TrainConfig:
@@ -330,7 +430,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"crystallm train: {e}", file=sys.stderr)
         return 2
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-    with open_sink(cfg.out_dir) as sink:
+    with JsonlSink(os.environ.get(ENV_VAR) or trainer.layout.metrics_file("train")) as sink:
         if sys.stderr.isatty():
             from rich.progress import Progress
 

@@ -1,6 +1,8 @@
 import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -32,10 +34,15 @@ def config(data, out, **kw) -> TrainConfig:
     return TrainConfig(**base)
 
 
+def events_file(out):
+    """Where ``crystallm train`` writes its events when CRYSTALLM_EVENTS is not set (the layout's metrics file)."""
+    return out / "metrics" / "train.jsonl"
+
+
 def losses(out) -> list[tuple[int, float]]:
     return [
         (e["step"], e["values"]["loss"])
-        for e in read_events(out / "events.jsonl")
+        for e in read_events(events_file(out))
         if e["type"] == "metric" and "loss" in e["values"]
     ]
 
@@ -45,12 +52,12 @@ def test_resume_gives_the_same_loss_curve(demo_small, tmp_path):
     from crystallm_core.events import JsonlSink
 
     straight = tmp_path / "straight"
-    with JsonlSink(straight / "events.jsonl") as sink:
+    with JsonlSink(events_file(straight)) as sink:
         Trainer(config(demo_small, straight)).run(sink)
     split = tmp_path / "split"
-    with JsonlSink(split / "events.jsonl") as sink:
+    with JsonlSink(events_file(split)) as sink:
         Trainer(config(demo_small, split)).run(sink, stop_at=6)
-    with JsonlSink(split / "events.jsonl") as sink:
+    with JsonlSink(events_file(split)) as sink:
         Trainer(config(demo_small, split), resume=True).run(sink)
     assert losses(split) == losses(straight)
     assert len(losses(straight)) == 12
@@ -76,7 +83,7 @@ def test_tiny_overfits_eight_structures_until_greedy_reproduces_one(demo8, tmp_p
         eval_interval=200,
         log_interval=50,
     )
-    with JsonlSink(tmp_path / "events.jsonl") as sink:
+    with JsonlSink(events_file(tmp_path)) as sink:
         Trainer(cfg).run(sink)
     model, vocab, _ = checkpoint.load_model(tmp_path / "ckpts" / "last.pt")
     data = TokenData(demo8, "train", vocab)
@@ -92,22 +99,22 @@ def test_tiny_overfits_eight_structures_until_greedy_reproduces_one(demo8, tmp_p
 def test_checkpoint_holds_everything_and_is_atomic(demo_small, tmp_path):
     from crystallm_core.events import JsonlSink
 
-    with JsonlSink(tmp_path / "events.jsonl") as sink:
+    with JsonlSink(events_file(tmp_path)) as sink:
         Trainer(config(demo_small, tmp_path, max_steps=6)).run(sink)
     ckpt = checkpoint.read(tmp_path / "ckpts" / "best.pt")
     for key in ("model", "optimizer", "scheduler", "step", "rng", "config", "model_config", "vocab_id", "n_params"):
         assert key in ckpt
     assert ckpt["vocab_id"].startswith("cif-v1-")
     assert not [p for p in (tmp_path / "ckpts").iterdir() if p.name.startswith(".")]
-    kinds = {e["kind"] for e in read_events(tmp_path / "events.jsonl") if e["type"] == "artifact"}
-    assert kinds == {"checkpoint"}
-    assert any("val_loss" in e.get("values", {}) for e in read_events(tmp_path / "events.jsonl"))
+    kinds = {e["kind"] for e in read_events(events_file(tmp_path)) if e["type"] == "artifact"}
+    assert kinds == {"checkpoint", "plot"}
+    assert any("val_loss" in e.get("values", {}) for e in read_events(events_file(tmp_path)))
 
 
 def test_checkpoint_with_another_vocabulary_is_refused(demo_small, tmp_path):
     from crystallm_core.events import JsonlSink
 
-    with JsonlSink(tmp_path / "events.jsonl") as sink:
+    with JsonlSink(events_file(tmp_path)) as sink:
         Trainer(config(demo_small, tmp_path, max_steps=2)).run(sink)
     ckpt = checkpoint.read(tmp_path / "ckpts" / "last.pt")
     ckpt["vocab_id"] = "cif-v1-0123456789ab"
@@ -143,15 +150,25 @@ def test_learning_rate_schedule():
 def test_cli_smoke_run(demo_small, tmp_path):
     cfg = tmp_path / "train.json"
     cfg.write_text(json.dumps({"data_dir": str(demo_small), "out_dir": str(tmp_path / "run"), "model": "tiny"}))
+    env = {k: v for k, v in os.environ.items() if k != "CRYSTALLM_EVENTS"}
     done = subprocess.run(
         [sys.executable, "-m", "crystallm_core.cli", "train", str(cfg), "--smoke"],
         capture_output=True,
         text=True,
         timeout=120,
+        env=env,
     )
     assert done.returncode == 0, done.stderr
-    assert (tmp_path / "run" / "ckpts" / "last.pt").exists()
-    assert checkpoint.read(tmp_path / "run" / "ckpts" / "last.pt")["step"] == 8
+    run = tmp_path / "run"
+    assert (run / "ckpts" / "last.pt").exists()
+    assert checkpoint.read(run / "ckpts" / "last.pt")["step"] == 4
+    # An experiment root: events in metrics/train.jsonl (no events.jsonl), curves in plots/.
+    assert not (run / "events.jsonl").exists()
+    assert [e["step"] for e in read_events(events_file(run)) if "loss" in e.get("values", {})] == [1, 2, 3, 4]
+    for name in ("loss.png", "lr.png", "throughput.png"):
+        assert (run / "plots" / name).read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+    plots = {Path(e["path"]).name for e in read_events(events_file(run)) if e.get("kind") == "plot"}
+    assert plots == {"loss.png", "lr.png", "throughput.png"}
     bad = subprocess.run(
         [sys.executable, "-m", "crystallm_core.cli", "train", str(cfg), "modle=tiny"],
         capture_output=True,
