@@ -185,7 +185,7 @@ def _canonicalize_once(structure: Structure, decimals: int, symprec: float) -> C
         f"_cell_angle_alpha {f(al)}",
         f"_cell_angle_beta {f(be)}",
         f"_cell_angle_gamma {f(ga)}",
-        f"{TAG_VOLUME} {f(lattice.volume)}",
+        f"{TAG_VOLUME} {f(cell_volume(*(round(x, decimals) for x in (a, b, c, al, be, ga))))}",
         f"{TAG_Z} {z}",
         f"{TAG_FORMULA_STRUCTURAL} {reduced.reduced_formula}",
         f"{TAG_FORMULA_SUM} '{formula}'",
@@ -208,6 +208,17 @@ def _canonicalize_once(structure: Structure, decimals: int, symprec: float) -> C
         volume=float(lattice.volume),
         z=z,
     )
+
+
+def cell_volume(a: float, b: float, c: float, alpha: float, beta: float, gamma: float) -> float:
+    """Volume of a cell from its parameters (degrees); NaN when the angles admit no cell.
+
+    Canonical CIFs state the volume of the cell parameters as written (rounded), so the stated
+    volume is an exact function of the text, which post-processing can recompute.
+    """
+    ca, cb, cg = (math.cos(math.radians(x)) for x in (alpha, beta, gamma))
+    disc = 1 - ca * ca - cb * cb - cg * cg + 2 * ca * cb * cg
+    return a * b * c * math.sqrt(disc) if disc > 0 else math.nan
 
 
 @cache

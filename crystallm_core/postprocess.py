@@ -8,17 +8,21 @@ otherwise, and nothing here raises):
   the space group the model wrote; the symbol is read first (it is what the tokenizer decodes
   ``<symops>`` from), the number if the symbol is not a known default-setting symbol;
 * the atom-properties loop (``_atom_type_*``) is removed: it is there for the model, not for
-  readers of the structure.
+  readers of the structure;
+* ``_cell_volume`` is recomputed from the generated cell parameters (kept to the number of
+  decimals the model wrote): like the operators, it is derived data, and a language model's
+  arithmetic is only approximately right. The cell parameters themselves are never changed.
 
 Separate from :mod:`crystallm_core.validity` so that samplers need not load the checks.
 """
 
 from __future__ import annotations
 
+import math
 import re
 
 from crystallm_core import spacegroups
-from crystallm_core.cif import TAG_SG_NUMBER, TAG_SG_SYMBOL, symops_block
+from crystallm_core.cif import CELL_TAGS, TAG_SG_NUMBER, TAG_SG_SYMBOL, TAG_VOLUME, cell_volume, symops_block
 
 _OPERATOR_TAGS = ("_symmetry_equiv_pos_as_xyz", "_space_group_symop_operation_xyz")
 _ATOM_TYPE_PREFIX = "_atom_type_"
@@ -29,7 +33,7 @@ def postprocess(text: str) -> str:
     if not isinstance(text, str):
         return text
     try:
-        lines = text.splitlines(keepends=True)
+        lines = _with_volume(text.splitlines(keepends=True))
         number = stated_spacegroup(lines)
         out: list[str] = []
         i = 0
@@ -78,3 +82,28 @@ def _loop_end(lines: list[str], start: int) -> int:
             break
         i += 1
     return i
+
+
+def _with_volume(lines: list[str]) -> list[str]:
+    """Lines with the ``_cell_volume`` value recomputed from the cell parameters, where all six parse."""
+    cell: dict[str, float] = {}
+    volume_at = None
+    for k, line in enumerate(lines):
+        words = line.split()
+        if len(words) == 2 and words[0] in CELL_TAGS:
+            try:
+                cell[words[0]] = float(words[1])
+            except ValueError:
+                return lines
+        elif len(words) == 2 and words[0] == TAG_VOLUME:
+            volume_at = k
+    if volume_at is None or len(cell) != 6:
+        return lines
+    volume = cell_volume(*(cell[t] for t in CELL_TAGS))
+    if not math.isfinite(volume):
+        return lines  # no volume to give; validity reports the cell
+    stated = lines[volume_at].split()[1]
+    decimals = len(stated.split(".", 1)[1]) if "." in stated else 0
+    out = list(lines)
+    out[volume_at] = f"{TAG_VOLUME} {volume:.{decimals}f}\n"
+    return out

@@ -370,3 +370,14 @@ def test_postprocess_reads_the_symbol_first():
     assert symops_block(225) in postprocess(set_tag(text, "_symmetry_Int_Tables_number", "221"))
     unknown = set_tag(text, "_symmetry_space_group_name_H-M", "Qq")
     assert symops_block(225) in postprocess(unknown)
+
+
+def test_postprocess_recomputes_the_volume_from_the_cell():
+    text = rocksalt()
+    stated = next(ln for ln in text.splitlines() if ln.startswith("_cell_volume "))
+    off = set_tag(text, "_cell_volume", "150.1234")
+    assert "cell" in check(off).codes  # a volume the cell parameters do not give
+    fixed = postprocess(off)
+    assert stated in fixed.splitlines() and check(fixed).is_valid
+    no_cell = off.replace("_cell_length_b", "_cell_length_q")
+    assert "_cell_volume 150.1234" in postprocess(no_cell)  # nothing to compute from: left alone
