@@ -51,7 +51,7 @@ setup(
         "psycopg2-binary>=2.9",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout>=2.2", "ruff>=0.5", "grpcio-tools>=1.85.1"],
+        "dev": ["pytest>=8", "pytest-timeout>=2.2", "ruff>=0.5", "grpcio-tools>=1.85.1", "cryptography>=42"],
         "chgnet": ["chgnet>=0.3"],
         "oid": ["omegaid>=0.2; python_version>='3.12'"],
     },

@@ -1,4 +1,4 @@
-"""The ``infra`` command line: master, node, submit, status, logs, metrics, artifacts, cancel, demo.
+"""The ``infra`` command line: master, node, submit, status, logs, metrics, artifacts, cancel, token, demo.
 
 Each verb imports what it needs when it runs (``infra status`` never loads the master or node code).
 Read commands take ``--json`` for machine-readable output.
@@ -49,28 +49,49 @@ def _age(seconds: float | None) -> str:
 
 def cmd_master(args: argparse.Namespace) -> int:
     from master.db import default_db_url
-    from master.server import main
+    from master.server import Settings, main
 
-    return main(args.db or default_db_url(), args.bind, args.heartbeat)
+    settings = Settings(
+        db_url=args.db or default_db_url(),
+        bind=args.bind,
+        heartbeat_interval=args.heartbeat,
+        lost_timeout=args.lost_timeout,
+        home_wait=args.home_wait,
+        auth=args.auth,
+        insecure=args.insecure,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_ca=args.tls_ca,
+    )
+    return main(settings)
 
 
 def cmd_node(args: argparse.Namespace) -> int:
     from infra.client import master_address
     from infra.plan import parse_memory
+    from infra.transport import ClientTls, TransportError, read_token
     from infra.wkdir import WorkdirError, prepare_workdir, require_workdir
     from node.agent import Options, main
     from node.identity import default_name
 
     try:
         workdir = prepare_workdir(args.workdir) if args.workdir else require_workdir()
-        memory = None
+        memory = spool = min_free = stop_free = None
         if args.memory is not None:
             memory = parse_memory(int(args.memory) if args.memory.isdigit() else args.memory)
-    except WorkdirError as e:
+        if args.spool_limit is not None:
+            spool = parse_memory(int(args.spool_limit) if args.spool_limit.isdigit() else args.spool_limit)
+        if args.min_free_disk is not None:
+            min_free = parse_memory(int(args.min_free_disk) if args.min_free_disk.isdigit() else args.min_free_disk)
+        if args.stop_free_disk is not None:
+            stop_free = parse_memory(int(args.stop_free_disk) if args.stop_free_disk.isdigit() else args.stop_free_disk)
+        tls = ClientTls.from_settings(args.tls_ca, args.tls_cert, args.tls_key)
+        token = read_token(args.join_token_file, "INFRA_JOIN_TOKEN")
+    except (WorkdirError, TransportError) as e:
         print(f"infra node: {e}", file=sys.stderr)
         return 2
     except ValueError as e:
-        print(f"infra node: --memory: {e}", file=sys.stderr)
+        print(f"infra node: {e}", file=sys.stderr)
         return 2
     opts = Options(
         master_address(args.master),
@@ -80,14 +101,26 @@ def cmd_node(args: argparse.Namespace) -> int:
         args.cpus,
         memory,
         args.fake_gpus,
+        token=token,
+        tls=tls,
+        spool_limit_mib=spool if spool is not None else Options.spool_limit_mib,
+        min_free_disk_mib=min_free if min_free is not None else Options.min_free_disk_mib,
+        stop_free_disk_mib=stop_free,
+        plugin_timeout=args.plugin_timeout,
     )
     return main(opts)
 
 
 def _client(args: argparse.Namespace) -> Any:
-    from infra.client import Client
+    from infra.client import Client, ClientError, user_token
+    from infra.transport import ClientTls, TransportError
 
-    return Client(args.master)
+    try:
+        tls = ClientTls.from_settings(args.tls_ca, args.tls_cert, args.tls_key)
+        token = user_token(args.token_file)
+    except TransportError as e:
+        raise ClientError(str(e)) from None
+    return Client(args.master, token=token, tls=tls)
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -243,6 +276,75 @@ def cmd_cancel(args: argparse.Namespace) -> int:
     return 0
 
 
+def _token_db(args: argparse.Namespace) -> Any:
+    """The master's database, for token commands run on the master's machine (``--db``)."""
+    from master.db import default_db_url, make_engine, migrate
+
+    engine = make_engine(args.db or default_db_url())
+    migrate(engine)
+    return engine
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    role = "node" if getattr(args, "join", False) else "admin" if getattr(args, "admin", False) else "user"
+    if args.db is not None:
+        from sqlalchemy.orm import Session
+
+        from master import auth
+
+        engine = _token_db(args)
+        try:
+            if args.action == "create":
+                with Session(engine) as s, s.begin():
+                    token, row = auth.create_token(s, args.user or args.label, role)
+                result: Any = {
+                    "id": row["id"],
+                    "user": row["user"],
+                    "role": role,
+                    "created_at": row["created_at"],
+                    "revoked": False,
+                    "token": token,
+                }
+            elif args.action == "list":
+                result = [
+                    {**{k: r[k] for k in ("id", "user", "role", "created_at")}, "revoked": r["revoked_at"] is not None}
+                    for r in auth.list_tokens(engine)
+                ]
+            else:
+                with Session(engine) as s, s.begin():
+                    result = {"id": args.id, "revoked": auth.revoke_token(s, args.id)}
+        except ValueError as e:
+            print(f"infra token: {e}", file=sys.stderr)
+            return 2
+        finally:
+            engine.dispose()
+    else:
+        with _client(args) as client:
+            if args.action == "create":
+                result = client.create_token(args.user or args.label, role)
+            elif args.action == "list":
+                result = client.list_tokens()
+            else:
+                result = {"id": args.id, "revoked": client.revoke_token(args.id)}
+    if args.json:
+        _print_json(result)
+    elif args.action == "create":
+        print(result["token"])
+        print(
+            f"token {result['id']} for {result['user']!r} (role {role}); it is shown only now: keep it in a file "
+            "readable by you only",
+            file=sys.stderr,
+        )
+    elif args.action == "list":
+        for t in result:
+            state = "revoked" if t["revoked"] else "active"
+            when = time.strftime("%Y-%m-%d %H:%M", time.localtime(t["created_at"]))
+            print(f"{t['id']:>5}  {t['role']:<6} {t['user']:<24} {when}  {state}")
+    else:
+        print(f"token {args.id} " + ("revoked" if result["revoked"] else "was already revoked or does not exist"))
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from infra.demo import run_demo
 
@@ -256,11 +358,23 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="infra", description="Run experiment plans on a cluster of GPU machines.")
     sub = p.add_subparsers(dest="verb", metavar="VERB", required=True)
 
-    def client_verb(name: str, help_text: str, json_flag: bool = True) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help_text, description=help_text)
+    def tls_flags(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--tls-ca", metavar="PEM", help="CA of the master's certificate: use TLS ($INFRA_TLS_CA)")
+        sp.add_argument("--tls-cert", metavar="PEM", help="this side's certificate, for mutual TLS ($INFRA_TLS_CERT)")
+        sp.add_argument("--tls-key", metavar="PEM", help="its private key, for mutual TLS ($INFRA_TLS_KEY)")
+
+    def connection_flags(sp: argparse.ArgumentParser) -> None:
         sp.add_argument(
             "--master", metavar="HOST:PORT", help="master address (default: $INFRA_MASTER or 127.0.0.1:50051)"
         )
+        sp.add_argument(
+            "--token-file", metavar="PATH", help="file holding your token (default: $INFRA_TOKEN, <config dir>/token)"
+        )
+        tls_flags(sp)
+
+    def client_verb(name: str, help_text: str, json_flag: bool = True) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        connection_flags(sp)
         if json_flag:
             sp.add_argument("--json", action="store_true", help="print JSON")
         return sp
@@ -269,16 +383,58 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--db", metavar="URL", help="SQLAlchemy URL (default sqlite:///<config dir>/master.db)")
     sp.add_argument("--bind", default="127.0.0.1:50051", metavar="HOST:PORT", help="listen address (port 0: any free)")
     sp.add_argument("--heartbeat", type=float, default=5.0, help="heartbeat interval nodes are expected to keep (s)")
+    sp.add_argument(
+        "--lost-timeout",
+        type=float,
+        help="declare a node lost after this many seconds without a heartbeat "
+        "(default: 3 heartbeat intervals); its stages are retried",
+    )
+    sp.add_argument(
+        "--home-wait",
+        type=float,
+        default=600.0,
+        help="how long an experiment without a shared workdir waits for "
+        "its lost home node (which holds its files) before starting over on another node (default 600 s)",
+    )
+    sp.add_argument("--auth", action="store_true", help="require a token on every call (see `infra token`)")
+    sp.add_argument("--insecure", action="store_true", help="allow listening on a non-loopback address without --auth")
+    sp.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate (chain)")
+    sp.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
+    sp.add_argument("--tls-ca", metavar="PEM", help="require client certificates signed by this CA (mutual TLS)")
     sp.set_defaults(func=cmd_master)
 
     sp = sub.add_parser("node", help="run a node agent on this machine")
     sp.add_argument("--master", metavar="HOST:PORT", help="master address (default: $INFRA_MASTER or 127.0.0.1:50051)")
+    sp.add_argument(
+        "--join-token-file", metavar="PATH", help="file holding the cluster join token (default: $INFRA_JOIN_TOKEN)"
+    )
+    tls_flags(sp)
     sp.add_argument("--heartbeat", type=float, default=5.0, help="seconds between heartbeats (default 5)")
     sp.add_argument("--name", help="node name (default: the hostname); also keys its identity in the workdir")
     sp.add_argument("--workdir", help="use this workdir instead of the one set with infra-wkdir")
     sp.add_argument("--cpus", type=int, help="advertise this many CPUs instead of the machine's count")
     sp.add_argument("--memory", help='advertise this much memory (e.g. "16GiB") instead of the machine\'s')
     sp.add_argument("--fake-gpus", type=int, metavar="N", help="advertise N fake GPUs instead of NVML's (testing)")
+    sp.add_argument(
+        "--spool-limit",
+        metavar="SIZE",
+        help='events kept on disk while the master is away (default "256MiB"); '
+        "when full, the oldest log lines are dropped first (counted)",
+    )
+    sp.add_argument(
+        "--min-free-disk",
+        metavar="SIZE",
+        help='take no new stage when the workdir has less free space (default "1GiB")',
+    )
+    sp.add_argument(
+        "--stop-free-disk",
+        metavar="SIZE",
+        help="stop a running stage (failed, with the reason) when the workdir has less free space "
+        "(default: half of --min-free-disk)",
+    )
+    sp.add_argument(
+        "--plugin-timeout", type=float, default=30.0, help="seconds a stage-kind plugin may take to import (default 30)"
+    )
     sp.set_defaults(func=cmd_node)
 
     sp = client_verb("submit", "submit a plan; prints the experiment id")
@@ -310,6 +466,35 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("experiment")
     sp.add_argument("--reason", default="", help="recorded with the cancellation")
     sp.set_defaults(func=cmd_cancel)
+
+    sp = sub.add_parser("token", help="create, list or revoke access tokens (admin)")
+    token_sub = sp.add_subparsers(dest="action", metavar="ACTION", required=True)
+
+    def token_verb(name: str, help_text: str) -> argparse.ArgumentParser:
+        tp = token_sub.add_parser(name, help=help_text, description=help_text)
+        tp.add_argument(
+            "--db",
+            metavar="URL",
+            nargs="?",
+            const="",
+            help="work on the master's database directly (on the master's "
+            "machine; how the first admin token is made); without a URL the default database. Otherwise: an admin "
+            "call to the master",
+        )
+        connection_flags(tp)
+        tp.add_argument("--json", action="store_true", help="print JSON")
+        tp.set_defaults(func=cmd_token)
+        return tp
+
+    tp = token_verb("create", "create a token and print it (once)")
+    who = tp.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user", metavar="NAME", help="a user's token")
+    who.add_argument("--join", action="store_true", help="a cluster join token for node agents")
+    tp.add_argument("--admin", action="store_true", help="the user is an admin (all experiments, token management)")
+    tp.add_argument("--label", default="nodes", help="a join token's name in listings (default: nodes)")
+    token_verb("list", "list tokens (never their secrets)")
+    tp = token_verb("revoke", "revoke a token by id")
+    tp.add_argument("id", type=int)
 
     sp = sub.add_parser("demo", help="a master, one node and the demo plan, all local, in a temporary workdir")
     sp.add_argument("--keep", action="store_true", help="keep the temporary directory and print where it is")

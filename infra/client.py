@@ -1,6 +1,8 @@
 """The client side of ``ClientService``: calls the master and returns plain, JSON-ready dicts.
 
-The master address comes from ``--master``, else ``$INFRA_MASTER``, else ``127.0.0.1:50051``.
+The master address comes from ``--master``, else ``$INFRA_MASTER``, else ``127.0.0.1:50051``; the
+token from ``--token-file``, else ``$INFRA_TOKEN``, else ``<config dir>/token``; TLS from ``--tls-ca``
+(and ``--tls-cert/--tls-key`` for mutual TLS), else ``$INFRA_TLS_*`` (see ``infra/transport.py``).
 Stage references are ``EXPERIMENT/STAGE`` (e.g. ``demo-3/train``) or a numeric stage id.
 """
 
@@ -16,7 +18,8 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 
 from infra.plan import Issue, PlanError
-from protos import infra_pb2, infra_pb2_grpc
+from infra.transport import ClientTls, Connection, TransportError, read_token
+from protos import MAX_MESSAGE_BYTES, infra_pb2, infra_pb2_grpc
 
 DEFAULT_MASTER = "127.0.0.1:50051"
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -28,6 +31,12 @@ class ClientError(RuntimeError):
 
 def master_address(arg: str | None = None) -> str:
     return arg or os.environ.get("INFRA_MASTER") or DEFAULT_MASTER
+
+
+def user_token(token_file: str | None = None) -> str | None:
+    from infra.wkdir import config_dir
+
+    return read_token(token_file, "INFRA_TOKEN", config_dir() / "token")
 
 
 def parse_stage_ref(text: str) -> infra_pb2.StageRef:
@@ -52,6 +61,8 @@ def node_dict(n: infra_pb2.NodeStatus) -> dict[str, Any]:
     return {
         "id": n.node_id,
         "online": n.online,
+        "state": n.state,
+        "unavailable": n.unavailable or None,
         "heartbeat_age_s": round(n.heartbeat_age_s, 3) if n.heartbeat_age_s >= 0 else None,
         **facts,
         "usage": _dict(n.usage) if n.HasField("usage") else None,
@@ -104,19 +115,33 @@ def experiment_dict(e: infra_pb2.ExperimentStatus) -> dict[str, Any]:
         "shared_workdir": e.shared_workdir,
         "created_at": e.created_at,
         "finished_at": e.finished_at or None,
+        "owner": e.owner or None,
         "stages": [stage_dict(s) for s in e.stages],
     }
 
 
+def token_dict(t: infra_pb2.TokenInfo) -> dict[str, Any]:
+    return {"id": t.id, "user": t.user, "role": t.role, "created_at": t.created_at, "revoked": t.revoked}
+
+
 class Client:
-    def __init__(self, address: str | None = None, timeout: float = 30.0) -> None:
+    def __init__(
+        self,
+        address: str | None = None,
+        timeout: float = 30.0,
+        token: str | None = None,
+        tls: ClientTls | None = None,
+    ) -> None:
         self.address = master_address(address)
         self.timeout = timeout
-        self.channel = grpc.insecure_channel(self.address)
-        self.stub = infra_pb2_grpc.ClientServiceStub(self.channel)
+        try:
+            self.conn = Connection(self.address, token, tls)
+        except TransportError as e:
+            raise ClientError(str(e)) from None
+        self.stub = infra_pb2_grpc.ClientServiceStub(self.conn.channel)
 
     def close(self) -> None:
-        self.channel.close()
+        self.conn.close()
 
     def __enter__(self) -> Client:
         return self
@@ -131,12 +156,19 @@ class Client:
             raise self._error(e) from None
 
     def _error(self, e: grpc.RpcError) -> ClientError:
-        if e.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+        code, details = e.code(), e.details() or ""
+        if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
             return ClientError(
-                f"cannot reach the master at {self.address} ({e.code().name.lower()}): is `infra master` running? "
+                f"cannot reach the master at {self.address} ({code.name.lower()}"
+                + (f": {details}" if details else "")
+                + "): is `infra master` running, and do TLS settings match? "
                 "Give its address with --master HOST:PORT or $INFRA_MASTER."
             )
-        return ClientError(e.details() or e.code().name)
+        if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+            return ClientError(f"message too large for the master (limit {MAX_MESSAGE_BYTES >> 20} MiB): {details}")
+        if code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED):
+            return ClientError(f"{code.name.lower().replace('_', ' ')}: {details}")
+        return ClientError(details or code.name)
 
     def submit(self, plan: Any) -> str:
         resp = self._call("Submit", infra_pb2.SubmitRequest(plan_json=json.dumps(plan)))
@@ -189,6 +221,16 @@ class Client:
     def cancel(self, experiment: str, reason: str = "") -> dict[str, Any]:
         resp = self._call("Cancel", infra_pb2.CancelRequest(experiment=experiment, reason=reason))
         return {"experiment": experiment, "cancelled": resp.cancelled, "signalled": resp.signalled}
+
+    def create_token(self, user: str, role: str) -> dict[str, Any]:
+        resp = self._call("CreateToken", infra_pb2.CreateTokenRequest(user=user, role=role))
+        return {**token_dict(resp.info), "token": resp.token}
+
+    def list_tokens(self) -> list[dict[str, Any]]:
+        return [token_dict(t) for t in self._call("ListTokens", infra_pb2.ListTokensRequest()).tokens]
+
+    def revoke_token(self, token_id: int) -> bool:
+        return self._call("RevokeToken", infra_pb2.RevokeTokenRequest(id=token_id)).revoked
 
     def wait(
         self, experiment: str, timeout: float | None = None, poll: float = 1.0, on_change: Any = None

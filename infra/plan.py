@@ -3,6 +3,10 @@
 A plan is ``{name, priority, resources, smoke, shared_workdir, stages: [...]}``; each stage is
 ``{name, kind, params, after, resources, max_retries}``. :func:`validate_plan` reports all
 problems at once (``stages[2].after[0]: unknown stage 'trian'``), never the first only.
+
+Size limits are checked on the raw JSON before any model sees it (a plan comes from the network):
+the text, the nesting depth, the number of values, the length of each string and key, the number of
+stages. Large inputs (a structure file, a data set) belong in files named by path, not in a plan.
 """
 
 from __future__ import annotations
@@ -19,6 +23,13 @@ from pydantic import BeforeValidator, Field, ValidationError
 from infra.stages import Resources, Spec, get_stage_kind, stage_kinds
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+MAX_PLAN_BYTES = 16 << 20  # below the gRPC message limit, so that the field at fault can be named
+MAX_DEPTH = 32
+MAX_VALUES = 100_000
+MAX_STRING = 64 << 10
+MAX_KEY = 256
+MAX_STAGES = 1000
+MAX_LIMIT_ISSUES = 20
 _UNITS = {"kib": 1 / 1024, "mib": 1, "gib": 1024, "tib": 1024 * 1024}
 _MEM_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]iB)\s*$", re.IGNORECASE)
 
@@ -205,11 +216,51 @@ def _check_kind(raw: dict[str, Any], i: int, accepted: set[str], local: set[str]
         return None
 
 
+def limit_issues(data: Any) -> list[Issue]:
+    """Problems of size and shape, found without recursion (a hostile plan may nest thousands deep)."""
+    issues: list[Issue] = []
+    count = 0
+    stack: list[tuple[Any, str, int]] = [(data, "", 1)]
+    while stack and len(issues) < MAX_LIMIT_ISSUES:
+        value, path, depth = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            issues.append(Issue(path, f"the plan has more than {MAX_VALUES} values; the limit is {MAX_VALUES}"))
+            break
+        if isinstance(value, str) and len(value) > MAX_STRING:
+            issues.append(
+                Issue(
+                    path,
+                    f"string of {len(value)} characters exceeds the {MAX_STRING} limit for a plan value; "
+                    "put large inputs in a file and give its path",
+                )
+            )
+        elif isinstance(value, (dict, list)):
+            if depth > MAX_DEPTH:
+                issues.append(Issue(path, f"nested deeper than {MAX_DEPTH} levels"))
+                continue
+            if isinstance(value, list):
+                if path == "stages" and len(value) > MAX_STAGES:
+                    issues.append(Issue(path, f"{len(value)} stages; the limit is {MAX_STAGES}"))
+                    continue
+                stack.extend((v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value))
+            else:
+                for k, v in value.items():
+                    if len(k) > MAX_KEY:
+                        issues.append(Issue(path, f"a key of {len(k)} characters exceeds the {MAX_KEY} limit"))
+                        continue
+                    stack.append((v, f"{path}.{k}" if path else k, depth + 1))
+    return issues
+
+
 def validate_plan(data: Any, known_kinds: Iterable[str] | None = None) -> Plan:
     """Validate a parsed plan. ``known_kinds`` beyond the kinds registered here are accepted with
     their params unchecked (plugin kinds that only nodes know; the node validates them)."""
     if not isinstance(data, dict):
         raise PlanError([Issue("", "a plan must be a JSON object")])
+    limits = limit_issues(data)
+    if limits:
+        raise PlanError(sorted(limits, key=lambda i: i.path))
     issues: list[Issue] = []
     try:
         header = PlanHeader.model_validate(data)
@@ -270,10 +321,16 @@ def validate_plan(data: Any, known_kinds: Iterable[str] | None = None) -> Plan:
 
 
 def parse_plan_text(text: str, source: str = "plan") -> Any:
+    if len(text) > MAX_PLAN_BYTES:
+        raise PlanError(
+            [Issue(source, f"plan is {len(text) / 2**20:.1f} MiB; the limit is {MAX_PLAN_BYTES >> 20} MiB")]
+        )
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise PlanError([Issue(f"{source} line {e.lineno} column {e.colno}", f"invalid JSON: {e.msg}")]) from None
+    except RecursionError:
+        raise PlanError([Issue(source, f"nested far deeper than the {MAX_DEPTH} levels a plan may have")]) from None
 
 
 def load_plan_data(path: str | Path) -> Any:

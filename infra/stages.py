@@ -12,7 +12,7 @@ stages name with experiment-relative paths (``prepare/data``, ``train/model``, .
 - prepare: ``<stage>/data/`` (the demo set first goes to ``<stage>/raw.csv.gz``);
   runs [``crystallm demo-data``], ``crystallm prepare``
 - train: ``<stage>/model/`` (checkpoints in ``model/ckpts/{last,best}.pt``);
-  runs ``crystallm train <stage>/train.json``
+  runs ``crystallm train <stage>/train.json``, with ``--resume`` on a retry that finds ``last.pt``
 - sample: ``<stage>/samples/`` (.cif files); runs ``crystallm sample``
 - mcts: ``<stage>/mcts/``; runs ``crystallm mcts``
 - benchmark: ``<stage>/csp/`` (samples.csv.gz, csp.json); runs ``crystallm benchmark csp``
@@ -26,6 +26,7 @@ import importlib.util
 import json
 import os
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
@@ -34,6 +35,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 MODULES_ENV = "INFRA_STAGE_MODULES"
+IMPORT_TIMEOUT_S = 30.0
 
 
 class Spec(BaseModel):
@@ -139,24 +141,62 @@ def stage_kinds() -> list[str]:
     return sorted(_KINDS)
 
 
-def load_stage_modules(spec: str | None = None) -> list[str]:
+def _import_one(item: str) -> None:
+    if item.endswith(".py"):
+        path = Path(item).resolve()
+        module_name = f"infra_stage_plugin_{path.stem}"
+        if module_name not in sys.modules:
+            mspec = importlib.util.spec_from_file_location(module_name, path)
+            if mspec is None or mspec.loader is None:
+                raise ImportError(f"cannot load {item}")
+            module = importlib.util.module_from_spec(mspec)
+            sys.modules[module_name] = module
+            try:
+                mspec.loader.exec_module(module)
+            except BaseException:
+                sys.modules.pop(module_name, None)
+                raise
+    else:
+        importlib.import_module(item)
+
+
+def _import_in_time(item: str, timeout: float) -> None:
+    """Import one plugin in a helper thread and give up on it after ``timeout``: a module that hangs at
+    import (a network call, a lock) must not hang the node. The stuck thread is left behind, harmless."""
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            _import_one(item)
+        except BaseException as e:  # reported below, with the module's name
+            failure.append(e)
+
+    thread = threading.Thread(target=target, name=f"import {item}", daemon=True)
+    thread.start()
+    thread.join(timeout)
+    if thread.is_alive():
+        raise ImportError(f"{MODULES_ENV}: {item} did not finish importing within {timeout:g}s (does it hang?)")
+    if failure:
+        raise ImportError(f"{MODULES_ENV}: {item} failed to import: {type(failure[0]).__name__}: {failure[0]}")
+
+
+def load_stage_modules(
+    spec: str | None = None, timeout: float = IMPORT_TIMEOUT_S, problems: list[str] | None = None
+) -> list[str]:
     """Import plugin modules that register stage kinds: ``$INFRA_STAGE_MODULES`` (or ``spec``) is a
-    comma-separated list of importable module names or ``.py`` file paths. Returns what was loaded."""
+    comma-separated list of importable module names or ``.py`` file paths, each given ``timeout`` seconds.
+    Returns what was loaded. A module that fails or hangs raises ImportError, unless ``problems`` is given:
+    then the message is appended there and the other modules still load (how a node starts anyway)."""
     spec = os.environ.get(MODULES_ENV, "") if spec is None else spec
     loaded = []
     for item in filter(None, (s.strip() for s in spec.split(","))):
-        if item.endswith(".py"):
-            path = Path(item).resolve()
-            module_name = f"infra_stage_plugin_{path.stem}"
-            if module_name not in sys.modules:
-                mspec = importlib.util.spec_from_file_location(module_name, path)
-                if mspec is None or mspec.loader is None:
-                    raise ImportError(f"{MODULES_ENV}: cannot load {item}")
-                module = importlib.util.module_from_spec(mspec)
-                sys.modules[module_name] = module
-                mspec.loader.exec_module(module)
-        else:
-            importlib.import_module(item)
+        try:
+            _import_in_time(item, timeout)
+        except ImportError as e:
+            if problems is None:
+                raise
+            problems.append(str(e))
+            continue
         loaded.append(item)
     return loaded
 
@@ -234,18 +274,22 @@ def _setting(value: object) -> str:
 
 
 def _build_train(p: TrainParams, ctx: StageContext) -> Command:
-    settings: dict[str, Any] = {"data_dir": ctx.artifact(p.data_dir), "out_dir": str(ctx.stage_dir / "model")}
+    """A retry (a failed attempt, or a node that was lost) continues from the last checkpoint when the
+    earlier attempt left one in this stage directory: ``--resume``, in place."""
+    out_dir = ctx.stage_dir / "model"
+    settings: dict[str, Any] = {"data_dir": ctx.artifact(p.data_dir), "out_dir": str(out_dir)}
     settings.update(
         {k: v for k, v in (("model", p.model), ("max_steps", p.max_steps), ("batch_size", p.batch_size)) if v}
     )
     settings.update(p.overrides)
-    flags = (["--resume"] if p.resume else []) + _smoke(ctx)
+    resume = p.resume or (ctx.attempt > 1 and (out_dir / "ckpts" / "last.pt").is_file())
+    flags = (["--resume"] if resume else []) + _smoke(ctx)
     if p.config is not None:  # the user's config file, with the stage's settings as key=value overrides
         overrides = (f"{k}={_setting(v)}" for k, v in settings.items())
-        return Command([crystallm("train", p.config, *overrides, *flags)], fresh_dir=not p.resume)
+        return Command([crystallm("train", p.config, *overrides, *flags)], fresh_dir=not resume)
     config = ctx.stage_dir / "train.json"
     files = {"train.json": json.dumps(settings, indent=2)}
-    return Command([crystallm("train", str(config), *flags)], files=files, fresh_dir=not p.resume)
+    return Command([crystallm("train", str(config), *flags)], files=files, fresh_dir=not resume)
 
 
 # --- sample ----------------------------------------------------------------------------------

@@ -5,8 +5,10 @@ becomes a :class:`~master.store.Changes` unit committed by the writer thread, in
 that acknowledges a change is sent only once the change is committed.
 
 Stage states: pending -> ready -> assigned -> running -> succeeded | failed | cancelled, plus
-running/assigned -> ready when a failed attempt has retries left, and pending/ready -> cancelled
-(cancel, or a dependency failed). Every change is a row in ``transitions`` with time and reason.
+running/assigned -> ready when a failed attempt has retries left (a node declared lost fails its
+attempts), pending/ready -> cancelled (cancel, or a dependency failed), and succeeded -> ready/pending
+when an experiment without a shared workdir loses its home node for good and starts over elsewhere.
+Every change is a row in ``transitions`` with time and reason.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from protos import PROTOCOL_VERSION, infra_pb2
 T = TypeVar("T")
 log = logging.getLogger("infra.master")
 STATE_NAMES = {v: k.lower() for k, v in infra_pb2.StageState.items() if v}
+MAX_PLACEMENTS = 500  # per scheduling pass
 
 
 class ProtocolMismatch(Exception):
@@ -70,12 +73,22 @@ def stage_extras(kind: str, params: dict[str, Any]) -> frozenset[str]:
 
 
 class Controller:
-    def __init__(self, engine: Engine, heartbeat_interval: float = 5.0, persist_interval: float = 10.0) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        heartbeat_interval: float = 5.0,
+        persist_interval: float = 10.0,
+        lost_timeout: float | None = None,
+        home_wait: float = 600.0,
+    ) -> None:
         self.engine = engine
         self.writer = Writer(engine)
         self.readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="db-read")
         self.heartbeat_interval = heartbeat_interval
         self.persist_interval = persist_interval
+        self.lost_timeout = lost_timeout if lost_timeout is not None else 3 * heartbeat_interval
+        self.home_wait = home_wait
+        self.started = time.time()  # nodes restored from the database get the lost timeout from here
         self.nodes: dict[str, NodeRt] = {}
         self.experiments: dict[str, ExperimentRt] = {}  # unfinished, by key
         self.attempts: dict[int, AttemptRt] = {}  # every attempt of an unfinished experiment
@@ -94,7 +107,12 @@ class Controller:
         for n in snap.nodes:
             self.nodes[n["id"]] = self._node_from_facts(n["id"], n["facts"])
         self._restore(snap)
-        self._tasks = [asyncio.create_task(self._schedule_loop()), asyncio.create_task(self._persist_loop())]
+        self.started = time.time()
+        self._tasks = [
+            asyncio.create_task(self._schedule_loop()),
+            asyncio.create_task(self._persist_loop()),
+            asyncio.create_task(self._monitor_loop()),
+        ]
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -118,6 +136,7 @@ class Controller:
                 e["state"],
                 e["cancel_requested"],
                 e["home_node_id"],
+                e["owner"],
             )
             by_id[exp.id] = exp
             self.experiments[exp.key] = exp
@@ -147,7 +166,14 @@ class Controller:
         for a in snap.attempts:
             st = stages[a["stage_id"]]
             att = AttemptRt(
-                a["id"], st, a["number"], a["node_id"], a["lease_token"], tuple(a["gpu_indices"]), a["state"]
+                a["id"],
+                st,
+                a["number"],
+                a["node_id"],
+                a["lease_token"],
+                tuple(a["gpu_indices"]),
+                a["state"],
+                a["started_at"] or 0.0,
             )
             st.current = att
             st.attempt_ids.append(att.id)
@@ -251,6 +277,8 @@ class Controller:
             node.attempts, node.queue = old.attempts, old.queue
             for att in old.attempts.values():
                 node.allocate(att)
+            if old.lost:
+                log.info("lost node %s (%s) is back", node.name, node.id)
         node.session = secrets.randbits(62) or 1
         node.last_heartbeat = now
         self.nodes[node.id] = node
@@ -277,17 +305,9 @@ class Controller:
             for g in facts.get("gpus", [])
         ]
         await self.commit(lambda s: store.upsert_node(s, row, gpus))
-        ch = Changes()
-        reported = {a.attempt_id: a.lease_token for a in req.running}
-        for att in list(node.attempts.values()):
-            if att.state == RUNNING and reported.get(att.id) != att.lease:
-                self._finish(att, FAILED, -1, "the node agent restarted and no longer runs this attempt", ch, now)
-        for att_id, lease in reported.items():
-            known = self.attempts.get(att_id)
-            if known is None or known.lease != lease or known.node_id != node.id or known.state in TERMINAL:
-                node.pending_cancels.append((att_id, lease))
-        if ch:
-            await self.commit(ch)
+        for r in req.running:  # what it holds that the master no longer wants: cancelled when its stream opens
+            if self._current(node.id, r.attempt_id, r.lease_token) is None:
+                node.pending_cancels.append((r.attempt_id, r.lease_token))
         log.info(
             "node %s (%s) registered: %s cpus, %s MiB, gpus %s",
             node.name,
@@ -302,17 +322,55 @@ class Controller:
             node_id=node.id,
             session=node.session,
             heartbeat_interval_s=self.heartbeat_interval,
+            lost_timeout_s=self.lost_timeout,
         )
 
     def heartbeat(self, req: infra_pb2.HeartbeatRequest) -> infra_pb2.HeartbeatResponse:
-        """Memory only: the last usage is persisted periodically by :meth:`_persist_loop`."""
+        """Memory only: the last usage is persisted periodically by :meth:`_persist_loop`. Attempts the node
+        still runs whose lease is gone (the node was lost meanwhile) come back as ``revoked``."""
         node = self.nodes.get(req.node_id)
-        if node is None or node.session != req.session:
+        if node is None or node.session != req.session or node.lost:
             return infra_pb2.HeartbeatResponse(reregister=True)
-        node.last_heartbeat = time.time()
+        now = time.time()
+        node.last_heartbeat = now
         node.usage = req.usage
         node.heartbeat_dirty = True
-        return infra_pb2.HeartbeatResponse()
+        if node.beat_at is not None:
+            self._fail_missing(node, {r.attempt_id for r in req.running}, now)
+        node.beat_at = now
+        if node.unavailable != req.unavailable:
+            node.unavailable = req.unavailable
+            if req.unavailable:
+                log.warning("node %s takes no new stages: %s", node.name, req.unavailable)
+            else:
+                self.wake()
+        revoked = [r.attempt_id for r in req.running if self._current(node.id, r.attempt_id, r.lease_token) is None]
+        return infra_pb2.HeartbeatResponse(revoked=revoked)
+
+    def _fail_missing(self, node: NodeRt, listed: set[int], now: float) -> None:
+        """Fail the attempts running here that the node no longer holds (its agent restarted without them).
+        Only those started before the previous heartbeat count: the agent holds an attempt before reporting
+        it RUNNING and builds a heartbeat only after the previous one was answered, so such an attempt
+        missing from this heartbeat is really gone, never a report still on its way."""
+        gone = [
+            att
+            for att in node.attempts.values()
+            if att.state == RUNNING and att.id not in listed and att.started_at < (node.beat_at or 0)
+        ]
+        if not gone:
+            return
+        ch = Changes()
+        for att in gone:
+            self._finish(
+                att, FAILED, -1, "the node no longer runs this attempt (its agent restarted without it)", ch, now
+            )
+        asyncio.ensure_future(self._commit_logged(ch, f"failing {len(gone)} attempt(s) gone from {node.name}"))
+
+    async def _commit_logged(self, ch: Changes, what: str) -> None:
+        try:
+            await self.commit(ch)
+        except Exception:
+            log.exception("could not record %s", what)
 
     async def _persist_loop(self) -> None:
         while True:
@@ -323,25 +381,99 @@ class Controller:
                 log.warning("could not persist heartbeats: %s", e)
 
     async def _flush_heartbeats(self) -> None:
-        rows = []
+        """Collects the changed nodes on the loop (cheap) and converts their usage in the writer thread:
+        turning 1,000 messages into dicts on the loop would stall every call for tens of milliseconds."""
+        changed = []
         for n in self.nodes.values():
             if n.heartbeat_dirty and n.last_heartbeat is not None:
                 n.heartbeat_dirty = False
-                usage = MessageToDict(n.usage, preserving_proto_field_name=True) if n.usage is not None else None
-                rows.append({"id": n.id, "last_seen_at": n.last_heartbeat, "usage": usage})
-        if rows:
-            await self.commit(lambda s: store.save_heartbeats(s, rows))
+                changed.append((n.id, n.last_heartbeat, n.usage))
+        if not changed:
+            return
+
+        def save(s: Session) -> None:
+            rows = [
+                {
+                    "id": node_id,
+                    "last_seen_at": seen,
+                    "usage": MessageToDict(usage, preserving_proto_field_name=True) if usage is not None else None,
+                }
+                for node_id, seen, usage in changed
+            ]
+            store.save_heartbeats(s, rows)
+
+        await self.commit(save)
 
     def online(self, node: NodeRt) -> bool:
         hb = node.last_heartbeat
-        return node.queue is not None and hb is not None and time.time() - hb < 3 * self.heartbeat_interval + 5
+        return node.queue is not None and not node.lost and hb is not None and time.time() - hb < self.lost_timeout
+
+    def node_state(self, node: NodeRt) -> str:
+        return "lost" if node.lost else "online" if self.online(node) else "offline"
+
+    # --- lost nodes ----------------------------------------------------------------------------
+
+    async def _monitor_loop(self) -> None:
+        while True:
+            await asyncio.sleep(min(1.0, self.lost_timeout / 4))
+            try:
+                await self.check_nodes()
+            except Exception:
+                log.exception("lost-node check failed")
+
+    async def check_nodes(self) -> None:
+        """Declare nodes whose heartbeats stopped lost (their attempts fail, retry policy applies) and give
+        experiments whose home node stayed lost past ``home_wait`` a new home."""
+        now = time.time()
+        ch = Changes()
+        for node in self.nodes.values():
+            if node.lost:
+                continue
+            # a node not heard from since this master started gets twice the timeout: after a master
+            # restart every node must notice, reconnect (with backoff) and register again
+            silent = now - (node.last_heartbeat or self.started)
+            if silent > (self.lost_timeout if node.last_heartbeat else 2 * self.lost_timeout):
+                self._lose(node, silent, ch, now)
+        for exp in list(self.experiments.values()):
+            home = self.nodes.get(exp.home_node) if exp.home_node else None
+            if exp.shared_workdir or home is None or not home.lost or now - (home.lost_at or now) < self.home_wait:
+                continue
+            self._rehome(exp, home, ch, now)
+        if ch:
+            await self.commit(ch)
+
+    def _lose(self, node: NodeRt, silent: float, ch: Changes, now: float) -> None:
+        if node.session or node.attempts:  # not the nodes of earlier days that never came back
+            log.warning("node %s (%s) lost: no heartbeat for %.1fs", node.name, node.id, silent)
+        node.lost_at = now
+        node.session = 0  # its next call must re-register, which reconciles what it still runs
+        if node.queue is not None:
+            node.queue.put_nowait(None)  # ends its command stream
+        why = f"node {node.name} lost: no heartbeat for {silent:.1f}s"
+        for att in list(node.attempts.values()):
+            self._finish(att, FAILED, -1, why, ch, now)
+
+    def _rehome(self, exp: ExperimentRt, home: NodeRt, ch: Changes, now: float) -> None:
+        """The files of an experiment without a shared workdir are on its home node: when that node stays
+        lost past ``home_wait``, everything it produced is run again on a new home."""
+        gone = now - (home.lost_at or now)
+        log.warning("experiment %s: home node %s lost for %.0fs; starting over elsewhere", exp.key, home.name, gone)
+        exp.home_node = None
+        ch.experiments.append({"id": exp.id, "home_node_id": None})
+        why = f"home node {home.name} lost for {gone:.0f}s: its outputs are gone with it; running again elsewhere"
+        for st in exp.stages:  # every product is gone: stages with dependencies wait for them again
+            target = PENDING if st.deps else READY
+            if st.state in (SUCCEEDED, READY) and st.state != target:
+                self._move(st, target, why, ch, now)
+        self._update_experiment(exp, ch, now)
+        self.wake()
 
     async def assignments(self, node_id: str, session: int) -> AsyncIterator[infra_pb2.NodeCommand]:
         """The node's command stream: re-sends what it may have missed, then new commands as they come."""
         node = self.nodes.get(node_id)
         if node is None or node.session != session:
             raise NotFound("unknown node session: register first")
-        q: asyncio.Queue[infra_pb2.NodeCommand] = asyncio.Queue()
+        q: asyncio.Queue[infra_pb2.NodeCommand | None] = asyncio.Queue()
         node.queue = q
         for att in node.attempts.values():
             if att.state == ASSIGNED:
@@ -353,8 +485,8 @@ class Controller:
         node.pending_cancels.clear()
         self.wake()
         try:
-            while True:
-                yield await q.get()
+            while (command := await q.get()) is not None:
+                yield command
         finally:
             if node.queue is q:
                 node.queue = None
@@ -386,12 +518,15 @@ class Controller:
 
     # --- submit and cancel ---------------------------------------------------------------------
 
-    async def submit(self, plan_json: str) -> str:
-        plan = validate_plan(parse_plan_text(plan_json), known_kinds=self.known_kinds())
+    async def submit(self, plan_json: str, owner: str | None = None) -> str:
+        """Validation runs in a thread: a large plan (up to the size limit) must not stall the loop."""
+        kinds = self.known_kinds()
+        plan = await self.read(lambda: validate_plan(parse_plan_text(plan_json), known_kinds=kinds))
         now = time.time()
         exp = ExperimentRt(
             self._next_id("experiment"), "", plan.name, plan.priority, plan.smoke, plan.shared_workdir, PENDING
         )
+        exp.owner = owner
         exp.key = f"{plan.name}-{exp.id}"
         by_name: dict[str, StageRt] = {}
         for pos, s in enumerate(plan.stages):
@@ -458,6 +593,7 @@ class Controller:
             "state": PENDING,
             "cancel_requested": False,
             "home_node_id": None,
+            "owner": exp.owner,
             "created_at": now,
             "finished_at": None,
         }
@@ -528,7 +664,7 @@ class Controller:
         exp, r = st.exp, st.resources
         if not exp.shared_workdir and exp.home_node is not None:  # its inputs are on that node
             node = self.nodes.get(exp.home_node)
-            ok = node is not None and node.queue is not None and node.fits(r)
+            ok = node is not None and node.schedulable() and node.fits(r)
             return node if ok and self._can_run(node, {st.kind}, set(st.extras)) else None
         if exp.shared_workdir:
             kinds, extras, need = {st.kind}, set(st.extras), r
@@ -547,18 +683,40 @@ class Controller:
         self._rotation += 1
         return best
 
+    @staticmethod
+    def _shape(st: StageRt) -> tuple[Any, ...] | None:
+        """What decides whether a stage not tied to a home node fits somewhere: within one pass, once a
+        shape found no node, every later stage of that shape is skipped without scanning the nodes again."""
+        exp = st.exp
+        if exp.shared_workdir:
+            return (st.resources, st.kind, st.extras)
+        if exp.home_node is None:
+            return (st.resources, frozenset(exp.kinds()), frozenset(exp.extras()), exp.need())
+        return None
+
     def _schedule(self) -> None:
+        """One pass over the ready stages (at most ``MAX_PLACEMENTS`` placements, so that a huge backlog
+        never holds the event loop for long; a full pass wakes the next one)."""
         if not self.ready:
             return
-        nodes = [n for n in self.nodes.values() if n.queue is not None and n.used_cpus < n.cpus]
+        nodes = [n for n in self.nodes.values() if n.schedulable() and n.used_cpus < n.cpus]
         if not nodes:
             return
         now = time.time()
         ch = Changes()
         sent: list[tuple[NodeRt, AttemptRt]] = []
+        unplaceable: set[tuple[Any, ...]] = set()
         for st in sorted(self.ready, key=StageRt.sort_key):
+            if len(sent) >= MAX_PLACEMENTS:
+                self.wake()
+                break
+            shape = self._shape(st)
+            if shape is not None and shape in unplaceable:
+                continue
             node = self._place(st, nodes)
             if node is None:
+                if shape is not None:
+                    unplaceable.add(shape)
                 continue
             st.attempts += 1
             att = AttemptRt(
@@ -619,11 +777,23 @@ class Controller:
             return None
         return att
 
+    def _heard_from(self, node_id: str) -> None:
+        """Any report is a sign of life: a master slow to get to a node's heartbeat must not lose it."""
+        node = self.nodes.get(node_id)
+        if node is not None and node.session and not node.lost:
+            node.last_heartbeat = time.time()
+
     async def report_status(self, rep: infra_pb2.StageStatusReport) -> tuple[bool, str]:
+        self._heard_from(rep.node_id)
         att = self._current(rep.node_id, rep.attempt_id, rep.lease_token)
-        if att is None:
-            return False, "stale lease: this attempt is not current at the master"
         state = STATE_NAMES.get(rep.state, "")
+        if att is None:
+            # a repeated final report whose first acknowledgement was lost, for an experiment that has
+            # since finished (and left memory): the database says whether it is already recorded
+            row = await self.read(store.attempt_brief, self.engine, rep.attempt_id)
+            if row == (rep.lease_token, rep.node_id, state):
+                return True, "already recorded"
+            return False, "stale lease: this attempt is not current at the master"
         if state == att.state:
             return True, "already recorded"
         if att.state in TERMINAL:
@@ -633,7 +803,7 @@ class Controller:
         now = time.time()
         ch = Changes()
         if state == RUNNING:
-            att.state = RUNNING
+            att.state, att.started_at = RUNNING, now
             ch.attempts.append({"id": att.id, "state": RUNNING, "started_at": now})
             node = self.nodes.get(att.node_id)
             self._move(
@@ -675,27 +845,17 @@ class Controller:
         self.wake()
 
     async def report_events(self, batch: infra_pb2.EventBatch) -> tuple[int, list[int]]:
-        rows, rejected = [], set()
+        """Fencing on the loop (a dict lookup per event); turning events into rows in the writer thread."""
+        self._heard_from(batch.node_id)
+        accepted, rejected = [], set()
         for ev in batch.events:
             if self._current(batch.node_id, ev.attempt_id, ev.lease_token) is None:
                 rejected.add(ev.attempt_id)
-                continue
-            if ev.WhichOneof("body") == "artifact" and not _inside(ev.artifact.path):
-                log.warning(
-                    "node %s sent artifact path %r outside its workdir; dropped", batch.node_id, ev.artifact.path
-                )
-                ev = _as_log(ev, f"artifact rejected by the master: {ev.artifact.path!r} is outside the workdir")
-            rows.append(
-                {
-                    "attempt_id": ev.attempt_id,
-                    "seq": ev.seq,
-                    "type": ev.WhichOneof("body") or "log",
-                    "time": ev.time,
-                    "data": event_data(ev),
-                }
-            )
-        stored = await self.commit(lambda s: store.insert_events(s, rows)) if rows else 0
-        if rows:
+            else:
+                accepted.append(ev)
+        node_id = batch.node_id
+        stored = await self.commit(lambda s: store.insert_events(s, event_rows(node_id, accepted))) if accepted else 0
+        if accepted:
             tick, self._events_tick = self._events_tick, asyncio.Event()
             tick.set()
         return stored, sorted(rejected)
@@ -704,6 +864,17 @@ class Controller:
         """Return when new events were stored (or after ``timeout``): how ``logs --follow`` waits."""
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._events_tick.wait(), timeout)
+
+
+def event_rows(node_id: str, events: list[infra_pb2.Event]) -> list[dict[str, Any]]:
+    rows = []
+    for ev in events:
+        if ev.WhichOneof("body") == "artifact" and not _inside(ev.artifact.path):
+            log.warning("node %s sent artifact path %r outside its workdir; dropped", node_id, ev.artifact.path)
+            ev = _as_log(ev, f"artifact rejected by the master: {ev.artifact.path!r} is outside the workdir")
+        row = {"attempt_id": ev.attempt_id, "seq": ev.seq, "time": ev.time, "data": event_data(ev)}
+        rows.append({**row, "type": ev.WhichOneof("body") or "log"})
+    return rows
 
 
 def _inside(path: str) -> bool:
@@ -729,4 +900,15 @@ def event_data(ev: infra_pb2.Event) -> dict[str, Any]:
     if body == "progress":
         p = ev.progress
         return {"what": p.what, "done": p.done, "total": p.total if p.has_total else None}
+    if body == "dropped":
+        d = ev.dropped
+        return {
+            "count": d.count,
+            "logs": d.logs,
+            "metrics": d.metrics,
+            "progress": d.progress,
+            "first_seq": d.first_seq,
+            "last_seq": d.last_seq,
+            "reason": d.reason,
+        }
     return {"stream": ev.log.stream, "text": ev.log.text}

@@ -63,6 +63,7 @@ class Experiment(Base):
     state: Mapped[str] = mapped_column(String(16), index=True)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     home_node_id: Mapped[str | None] = mapped_column(ForeignKey("nodes.id"), nullable=True)
+    owner: Mapped[str | None] = mapped_column(String(64), nullable=True, index=True)  # None without auth
     created_at: Mapped[float] = mapped_column(Float)
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
@@ -139,3 +140,16 @@ class Transition(Base):
     to_state: Mapped[str] = mapped_column(String(16))
     time: Mapped[float] = mapped_column(Float)
     reason: Mapped[str] = mapped_column(Text)
+
+
+class Token(Base):
+    """An access token: only the SHA-256 of its secret is kept; the token itself is shown once."""
+
+    __tablename__ = "tokens"
+
+    id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=True)
+    user: Mapped[str] = mapped_column(String(64))  # the user, or a join token's label
+    role: Mapped[str] = mapped_column(String(16))  # user | admin | node
+    secret_sha256: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[float] = mapped_column(Float)
+    revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)

@@ -4,50 +4,122 @@ The server is grpc.aio (asyncio) rather than the thread-pool API because every n
 assignment stream open for its lifetime: with a thread pool each stream pins a worker thread (1,000
 nodes would mean 1,000 threads), while on asyncio an idle stream costs a coroutine. Database work
 runs in threads beside the loop (one writer with group commit, a few readers).
+
+Security: with ``--auth`` every call needs a token (``master/auth.py``); ``--tls-cert/--tls-key`` serve
+TLS, and ``--tls-ca`` additionally requires client certificates signed by that CA (mutual TLS). Without
+``--auth`` the master only binds a loopback address unless ``--insecure`` says otherwise.
 """
 
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 import sys
+from dataclasses import dataclass
+from pathlib import Path
 
 import grpc
 
+from infra.transport import is_loopback
+from master.auth import Authenticator, AuthInterceptor
 from master.controller import Controller
 from master.db import make_engine, migrate
 from master.service import ClientServicer, NodeServicer
-from protos import infra_pb2_grpc
+from protos import MAX_MESSAGE_BYTES, infra_pb2_grpc
 
 log = logging.getLogger("infra.master")
-MAX_MESSAGE = 32 * 1024 * 1024
 
 
-async def serve(db_url: str, bind: str, heartbeat_interval: float = 5.0, persist_interval: float = 10.0) -> None:
-    engine = make_engine(db_url)
+@dataclass(frozen=True)
+class Settings:
+    db_url: str
+    bind: str = "127.0.0.1:50051"
+    heartbeat_interval: float = 5.0
+    lost_timeout: float | None = None  # default: 3 heartbeat intervals
+    home_wait: float = 600.0
+    persist_interval: float = 10.0
+    auth: bool = False
+    insecure: bool = False
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+
+
+class SettingsError(ValueError):
+    pass
+
+
+def check(settings: Settings) -> None:
+    """Refuse combinations that would expose the master: no auth on a non-loopback address (unless
+    ``--insecure``), half a TLS setting."""
+    host = settings.bind.rsplit(":", 1)[0]
+    if not settings.auth and not is_loopback(host) and not settings.insecure:
+        raise SettingsError(
+            f"refusing to listen on {settings.bind} without authentication: anyone who reaches it could run "
+            "commands on every node. Use --auth (and TLS), or --insecure on a trusted network."
+        )
+    if bool(settings.tls_cert) != bool(settings.tls_key):
+        raise SettingsError("TLS needs both --tls-cert and --tls-key")
+    if settings.tls_ca and not settings.tls_cert:
+        raise SettingsError("--tls-ca (mutual TLS) needs --tls-cert and --tls-key")
+
+
+def _server_credentials(settings: Settings) -> grpc.ServerCredentials | None:
+    if not settings.tls_cert:
+        return None
+    try:
+        pair = (Path(settings.tls_key or "").read_bytes(), Path(settings.tls_cert).read_bytes())
+        ca = Path(settings.tls_ca).read_bytes() if settings.tls_ca else None
+    except OSError as e:
+        raise SettingsError(f"cannot read a TLS file: {e.filename}: {e.strerror}") from None
+    return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
+
+
+async def serve(settings: Settings) -> None:
+    check(settings)
+    creds = _server_credentials(settings)
+    engine = make_engine(settings.db_url)
     await asyncio.get_running_loop().run_in_executor(None, migrate, engine)
-    controller = Controller(engine, heartbeat_interval, persist_interval)
+    controller = Controller(
+        engine, settings.heartbeat_interval, settings.persist_interval, settings.lost_timeout, settings.home_wait
+    )
     await controller.start()
+    authenticator = Authenticator(engine, controller.read) if settings.auth else None
     server = grpc.aio.server(
+        interceptors=[AuthInterceptor(authenticator)] if authenticator else None,
         options=[
-            ("grpc.max_receive_message_length", MAX_MESSAGE),
-            ("grpc.max_send_message_length", MAX_MESSAGE),
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ("grpc.keepalive_time_ms", 20_000),  # notice dead node connections behind NAT
             ("grpc.keepalive_timeout_ms", 10_000),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
-        ]
+        ],
     )
     infra_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(controller), server)
-    infra_pb2_grpc.add_ClientServiceServicer_to_server(ClientServicer(controller), server)
-    port = server.add_insecure_port(bind)
+    infra_pb2_grpc.add_ClientServiceServicer_to_server(ClientServicer(controller, authenticator), server)
+    port = server.add_secure_port(settings.bind, creds) if creds else server.add_insecure_port(settings.bind)
     if port == 0:
-        raise SystemExit(f"infra master: cannot listen on {bind}")
+        raise SystemExit(f"infra master: cannot listen on {settings.bind}")
     await server.start()
-    host = bind.rsplit(":", 1)[0]
+    # Everything loaded so far lives as long as the process: keep it out of the collector's scans, and
+    # collect less often, so that a full collection over a large cluster never stalls calls.
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(50_000, 50, 100)
+    host = settings.bind.rsplit(":", 1)[0]
     shown = engine.url.render_as_string(hide_password=True)
-    print(f"infra master listening on {host}:{port} (database {shown})", flush=True)
+    security = ("auth" if settings.auth else "no auth") + (
+        ", mutual TLS" if settings.tls_ca else ", TLS" if creds else ", plaintext"
+    )
+    lost = f"nodes lost after {controller.lost_timeout:g}s"
+    print(f"infra master listening on {host}:{port} (database {shown}; {security}; {lost})", flush=True)
+    if not settings.auth and not is_loopback(host):
+        log.warning("listening on %s WITHOUT authentication (--insecure)", settings.bind)
+    elif settings.auth and not creds and not is_loopback(host):
+        log.warning("tokens travel in plaintext on %s: add --tls-cert/--tls-key", settings.bind)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -60,8 +132,12 @@ async def serve(db_url: str, bind: str, heartbeat_interval: float = 5.0, persist
     engine.dispose()
 
 
-def main(db_url: str, bind: str, heartbeat_interval: float = 5.0) -> int:
+def main(settings: Settings) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("alembic").setLevel(logging.WARNING)
-    asyncio.run(serve(db_url, bind, heartbeat_interval))
+    try:
+        asyncio.run(serve(settings))
+    except SettingsError as e:
+        print(f"infra master: {e}", file=sys.stderr)
+        return 2
     return 0

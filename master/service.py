@@ -1,4 +1,9 @@
-"""gRPC servicers: translate messages to controller calls and controller results to messages."""
+"""gRPC servicers: translate messages to controller calls and controller results to messages.
+
+Who may do what is decided here (the interceptor in ``master/auth.py`` has already authenticated the
+caller): a user reads and cancels only their own experiments, an admin any, and only an admin manages
+tokens. Another user's experiment is PERMISSION_DENIED, named.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +14,8 @@ from typing import Any
 import grpc
 
 from infra.plan import PlanError
-from master import store
+from master import auth, store
+from master.auth import Identity
 from master.controller import Controller, NotFound, ProtocolMismatch
 from protos import infra_pb2, infra_pb2_grpc
 
@@ -57,12 +63,31 @@ class NodeServicer(infra_pb2_grpc.NodeServiceServicer):
 
 
 class ClientServicer(infra_pb2_grpc.ClientServiceServicer):
-    def __init__(self, controller: Controller) -> None:
+    def __init__(self, controller: Controller, authenticator: auth.Authenticator | None = None) -> None:
         self.c = controller
+        self.auth = authenticator
+
+    def _me(self) -> Identity:
+        return auth.current(self.auth is not None)
+
+    async def _may_access(self, context: grpc.aio.ServicerContext, key: str, owner: str | None) -> None:
+        me = self._me()
+        if not me.admin and owner != me.user:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"experiment {key!r} belongs to {owner or 'nobody'!r}; user {me.user!r} may only access their own",
+            )
+
+    async def _experiment_owner(self, context: grpc.aio.ServicerContext, key: str) -> None:
+        exists, owner = await self.c.read(store.experiment_owner, self.c.engine, key)
+        if not exists:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"no experiment {key!r}")
+        await self._may_access(context, key, owner)
 
     async def Submit(self, request: infra_pb2.SubmitRequest, context: grpc.aio.ServicerContext) -> Any:
+        me = self._me()
         try:
-            key = await self.c.submit(request.plan_json)
+            key = await self.c.submit(request.plan_json, owner=me.user if self.auth is not None else None)
         except PlanError as e:
             return infra_pb2.SubmitResponse(
                 errors=[infra_pb2.PlanError(path=i.path, message=i.message) for i in e.issues]
@@ -70,8 +95,15 @@ class ClientServicer(infra_pb2_grpc.ClientServiceServicer):
         return infra_pb2.SubmitResponse(experiment=key)
 
     async def GetStatus(self, request: infra_pb2.StatusRequest, context: grpc.aio.ServicerContext) -> Any:
+        if request.experiment:
+            await self._experiment_owner(context, request.experiment)
+        me = self._me()
         exps = await self.c.read(
-            store.status, self.c.engine, request.experiment or None, request.limit or DEFAULT_STATUS_LIMIT
+            store.status,
+            self.c.engine,
+            request.experiment or None,
+            request.limit or DEFAULT_STATUS_LIMIT,
+            None if me.admin else me.user,
         )
         if request.experiment and not exps:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no experiment {request.experiment!r}")
@@ -81,12 +113,13 @@ class ClientServicer(infra_pb2_grpc.ClientServiceServicer):
         now = time.time()
         out = []
         for n in sorted(self.c.nodes.values(), key=lambda n: n.name):
-            facts = infra_pb2.NodeFacts()
-            _fill(facts, n.facts)
+            if n.facts_message is None:  # parsed once per registration, not per status call
+                n.facts_message = infra_pb2.NodeFacts()
+                _fill(n.facts_message, n.facts)
             out.append(
                 infra_pb2.NodeStatus(
                     node_id=n.id,
-                    facts=facts,
+                    facts=n.facts_message,
                     online=self.c.online(n),
                     heartbeat_age_s=now - n.last_heartbeat if n.last_heartbeat is not None else -1,
                     usage=n.usage,
@@ -94,6 +127,8 @@ class ClientServicer(infra_pb2_grpc.ClientServiceServicer):
                         gpus=len(n.used_gpus), cpus=n.used_cpus, memory_mib=n.used_memory_mib
                     ),
                     allocated_gpus=sorted(n.used_gpus),
+                    state=self.c.node_state(n),
+                    unavailable=n.unavailable,
                 )
             )
         return out
@@ -103,6 +138,7 @@ class ClientServicer(infra_pb2_grpc.ClientServiceServicer):
         if row is None:
             what = f"stage id {ref.stage_id}" if ref.stage_id else f"stage {ref.experiment}/{ref.stage}"
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no {what}")
+        await self._may_access(context, row["key"], row["owner"])
         return row  # type: ignore[return-value]
 
     async def GetLogs(
@@ -118,16 +154,11 @@ class ClientServicer(infra_pb2_grpc.ClientServiceServicer):
                 if latest != attempt:
                     attempt, after = latest, 0
             state = await self.c.read(store.stage_state, self.c.engine, stage["id"])
-            rows = await self.c.read(store.events, self.c.engine, stage["id"], "log", attempt, after)
+            rows = await self.c.read(store.events, self.c.engine, stage["id"], ("log", "dropped"), attempt, after)
             for r in rows:
                 after = r["seq"]
-                yield infra_pb2.LogRecord(
-                    attempt=r["attempt"],
-                    seq=r["seq"],
-                    time=r["time"],
-                    stream=r["data"].get("stream", ""),
-                    text=r["data"].get("text", ""),
-                )
+                stream, text = _log_line(r)
+                yield infra_pb2.LogRecord(attempt=r["attempt"], seq=r["seq"], time=r["time"], stream=stream, text=text)
             if not request.follow or (state in ("succeeded", "failed", "cancelled") and not rows):
                 return
             if not rows:
@@ -135,7 +166,7 @@ class ClientServicer(infra_pb2_grpc.ClientServiceServicer):
 
     async def GetMetrics(self, request: infra_pb2.MetricsRequest, context: grpc.aio.ServicerContext) -> Any:
         stage = await self._stage(request.stage, context)
-        rows = await self.c.read(store.events, self.c.engine, stage["id"], "metric", request.attempt or None)
+        rows = await self.c.read(store.events, self.c.engine, stage["id"], ("metric",), request.attempt or None)
         out = []
         for r in rows:
             values = r["data"].get("values", {})
@@ -148,8 +179,7 @@ class ClientServicer(infra_pb2_grpc.ClientServiceServicer):
         return infra_pb2.MetricsResponse(metrics=out)
 
     async def ListArtifacts(self, request: infra_pb2.ArtifactsRequest, context: grpc.aio.ServicerContext) -> Any:
-        if not await self.c.read(store.experiment_exists, self.c.engine, request.experiment):
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"no experiment {request.experiment!r}")
+        await self._experiment_owner(context, request.experiment)
         rows = await self.c.read(store.artifacts, self.c.engine, request.experiment)
         return infra_pb2.ArtifactsResponse(
             artifacts=[
@@ -166,11 +196,47 @@ class ClientServicer(infra_pb2_grpc.ClientServiceServicer):
         )
 
     async def Cancel(self, request: infra_pb2.CancelRequest, context: grpc.aio.ServicerContext) -> Any:
+        await self._experiment_owner(context, request.experiment)
         try:
             cancelled, signalled = await self.c.cancel(request.experiment, request.reason)
         except NotFound as e:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
         return infra_pb2.CancelResponse(cancelled=cancelled, signalled=signalled)
+
+    async def CreateToken(self, request: infra_pb2.CreateTokenRequest, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            auth.check_new_token(request.user, request.role or "user")
+        except ValueError as e:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
+        token, row = await self.c.commit(lambda s: auth.create_token(s, request.user, request.role or "user"))
+        return infra_pb2.CreateTokenResponse(token=token, info=_token_info(row))
+
+    async def ListTokens(self, request: infra_pb2.ListTokensRequest, context: grpc.aio.ServicerContext) -> Any:
+        rows = await self.c.read(auth.list_tokens, self.c.engine)
+        return infra_pb2.ListTokensResponse(tokens=[_token_info(r) for r in rows])
+
+    async def RevokeToken(self, request: infra_pb2.RevokeTokenRequest, context: grpc.aio.ServicerContext) -> Any:
+        revoked = await self.c.commit(lambda s: auth.revoke_token(s, request.id))
+        if self.auth is not None:
+            self.auth.forget(request.id)
+        return infra_pb2.RevokeTokenResponse(revoked=revoked)
+
+
+def _token_info(row: dict[str, Any]) -> infra_pb2.TokenInfo:
+    return infra_pb2.TokenInfo(
+        id=row["id"], user=row["user"], role=row["role"], created_at=row["created_at"], revoked=bool(row["revoked_at"])
+    )
+
+
+def _log_line(row: dict[str, Any]) -> tuple[str, str]:
+    """A log event as (stream, text); a spool-overflow marker becomes an agent line saying what was lost."""
+    d = row["data"]
+    if row["type"] != "dropped":
+        return d.get("stream", ""), d.get("text", "")
+    what = ", ".join(f"{d[k]} {k}" for k in ("logs", "metrics", "progress") if d.get(k))
+    return "agent", f"{d.get('count', 0)} events dropped ({what}; seq {d.get('first_seq')}-{d.get('last_seq')}): " + (
+        d.get("reason") or "the node's event spool was full"
+    )
 
 
 def _fill(msg: Any, data: dict[str, Any]) -> None:
@@ -189,6 +255,7 @@ def _experiment(e: dict[str, Any]) -> infra_pb2.ExperimentStatus:
         finished_at=e["finished_at"] or 0,
         shared_workdir=e["shared_workdir"],
         smoke=e["smoke"],
+        owner=e["owner"] or "",
         stages=[_stage(s) for s in e["stages"]],
     )
 

@@ -30,14 +30,25 @@ class NodeRt:
     extras: frozenset[str]
     session: int = 0  # 0: not registered with this master process
     queue: asyncio.Queue[Any] | None = None  # the open assignment stream, if any
-    last_heartbeat: float | None = None
+    last_heartbeat: float | None = None  # last heard from: a heartbeat, or any report
+    beat_at: float | None = None  # when its previous heartbeat of this session was processed
     usage: Any = None  # the last infra_pb2.Usage
     heartbeat_dirty: bool = False
+    lost_at: float | None = None  # set when heartbeats stopped for the lost timeout; cleared on re-registration
+    unavailable: str = ""  # the node's own reason to take no new stages (e.g. low disk)
+    facts_message: Any = None  # infra_pb2.NodeFacts, built once for status replies
     used_cpus: float = 0.0
     used_memory_mib: int = 0
     used_gpus: set[int] = field(default_factory=set)
     attempts: dict[int, AttemptRt] = field(default_factory=dict)  # active (assigned/running) here
     pending_cancels: list[tuple[int, str]] = field(default_factory=list)  # unknown attempts it still runs
+
+    @property
+    def lost(self) -> bool:
+        return self.lost_at is not None
+
+    def schedulable(self) -> bool:
+        return self.queue is not None and self.lost_at is None and not self.unavailable
 
     def free_gpus(self) -> list[int]:
         return [g for g in self.gpus if g not in self.used_gpus]
@@ -78,6 +89,7 @@ class AttemptRt:
     lease: str
     gpus: tuple[int, ...]
     state: str
+    started_at: float = 0.0  # when the node reported RUNNING
 
 
 @dataclass(eq=False)
@@ -114,6 +126,7 @@ class ExperimentRt:
     state: str
     cancel_requested: bool = False
     home_node: str | None = None  # where its files are, unless the workdir is shared
+    owner: str | None = None  # the submitting user (None without authentication)
     stages: list[StageRt] = field(default_factory=list)
 
     def need(self) -> Resources:

@@ -149,15 +149,29 @@ def load_snapshot(engine: Engine) -> Snapshot:
     return Snapshot(max_ids, nodes, exps, stages, deps, attempts)  # type: ignore[arg-type]
 
 
-def experiment_exists(engine: Engine, key: str) -> bool:
+def attempt_brief(engine: Engine, attempt_id: int) -> tuple[str, str, str] | None:
+    """(lease token, node, state) of an attempt."""
     with Session(engine) as s:
-        return s.scalar(select(Experiment.id).where(Experiment.key == key)) is not None
+        row = s.execute(
+            select(Attempt.lease_token, Attempt.node_id, Attempt.state).where(Attempt.id == attempt_id)
+        ).first()
+        return (row[0], row[1], row[2]) if row else None
 
 
-def status(engine: Engine, key: str | None, limit: int) -> list[dict[str, Any]]:
-    """Experiments (newest first; one by key, with its transitions) with stages and attempts."""
+def experiment_owner(engine: Engine, key: str) -> tuple[bool, str | None]:
+    """(whether the experiment exists, its owner)."""
+    with Session(engine) as s:
+        row = s.execute(select(Experiment.owner).where(Experiment.key == key)).first()
+        return (row is not None, row[0] if row is not None else None)
+
+
+def status(engine: Engine, key: str | None, limit: int, owner: str | None = None) -> list[dict[str, Any]]:
+    """Experiments (newest first; one by key, with its transitions) with stages and attempts; with
+    ``owner``, only that user's."""
     with Session(engine) as s:
         q = select(*_cols(Experiment))
+        if owner is not None:
+            q = q.where(Experiment.owner == owner)
         q = q.where(Experiment.key == key) if key else q.order_by(Experiment.id.desc()).limit(limit)
         exps = _rows(s, q)
         ids = [e["id"] for e in exps]
@@ -188,7 +202,7 @@ def status(engine: Engine, key: str | None, limit: int) -> list[dict[str, Any]]:
 
 def find_stage(engine: Engine, experiment: str, stage: str, stage_id: int) -> dict[str, Any] | None:
     with Session(engine) as s:
-        q = select(Stage.id, Stage.name, Stage.state, Experiment.key).join(Experiment)
+        q = select(Stage.id, Stage.name, Stage.state, Experiment.key, Experiment.owner).join(Experiment)
         q = q.where(Stage.id == stage_id) if stage_id else q.where(Experiment.key == experiment, Stage.name == stage)
         row = s.execute(q).first()
         return dict(row._mapping) if row else None
@@ -205,14 +219,20 @@ def latest_attempt(engine: Engine, stage_id: int) -> int:
 
 
 def events(
-    engine: Engine, stage_id: int, type_: str, attempt: int | None, after_seq: int = 0, limit: int = 10_000
+    engine: Engine,
+    stage_id: int,
+    types: tuple[str, ...],
+    attempt: int | None,
+    after_seq: int = 0,
+    limit: int = 10_000,
 ) -> Rows:
-    """Events of one type for a stage (one attempt, or all when ``attempt`` is None), by attempt then seq."""
+    """Events of the given types for a stage (one attempt, or all when ``attempt`` is None), by attempt
+    then seq."""
     with Session(engine) as s:
         q = (
-            select(Attempt.number.label("attempt"), Event.seq, Event.time, Event.data)
+            select(Attempt.number.label("attempt"), Event.seq, Event.type, Event.time, Event.data)
             .join(Attempt, Attempt.id == Event.attempt_id)
-            .where(Attempt.stage_id == stage_id, Event.type == type_, Event.seq > after_seq)
+            .where(Attempt.stage_id == stage_id, Event.type.in_(types), Event.seq > after_seq)
             .order_by(Attempt.number, Event.seq)
             .limit(limit)
         )

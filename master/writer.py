@@ -4,15 +4,19 @@ Everything the master changes goes through here, in order: many small units of w
 a status report, a batch of events) queued within a few milliseconds are committed as one
 transaction, which is what lets one SQLite file keep up with hundreds of stage changes per second.
 If a batch fails, its units are replayed one transaction each so that only the faulty one fails.
+
+A unit is applied even when the call that queued it has gone away (its future cancelled, e.g. by the
+client's deadline): the master's memory already holds the change, so the database must too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import queue
 import threading
 from collections.abc import Callable
-from concurrent.futures import Future
+from concurrent.futures import Future, InvalidStateError
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine
@@ -60,7 +64,10 @@ class Writer:
                     stop = True
                     break
                 batch.append(item)
-            self._commit(batch)
+            try:
+                self._commit(batch)
+            except Exception:  # never let the only writer die: every later commit would wait forever
+                log.exception("database writer")
 
     def _commit(self, batch: list[tuple[Callable[[Session], Any], Future[Any]]]) -> None:
         try:
@@ -69,13 +76,15 @@ class Writer:
         except Exception as exc:
             if len(batch) == 1:
                 log.error("database write failed: %s", exc)
-                batch[0][1].set_exception(exc)
+                with contextlib.suppress(InvalidStateError):  # cancelled: the caller went away
+                    batch[0][1].set_exception(exc)
                 return
             for item in batch:  # isolate the faulty unit
                 self._commit([item])
             return
         for (_, fut), result in zip(batch, results, strict=True):
-            fut.set_result(result)
+            with contextlib.suppress(InvalidStateError):  # the caller went away; the change is committed anyway
+                fut.set_result(result)
 
     @staticmethod
     def _apply(session: Session, units: list[Callable[[Session], Any]]) -> list[Any]:

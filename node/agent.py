@@ -2,51 +2,66 @@
 
 Every connection is opened by the agent (a node behind NAT needs no inbound port): unary calls for
 registration, heartbeats, events and status, and one long-lived server stream for commands. Threads:
-heartbeat, command stream, event sender, and one per running stage attempt.
+heartbeat, command stream, sender, and one per running stage attempt.
+
+What must survive the agent lives in ``<workdir>/nodes/<name>.d/``: ``attempts/<id>.json`` (the
+assignment and the commands built for it, written when it arrives) and the event spool
+(``node/spool.py``). A restarted agent keeps its identity, reads these, adopts the steps whose processes
+still run (``node/runner.py`` records pid and start time), and registers listing every attempt it holds;
+the master cancels those it no longer wants. While the master is away the stages keep running, events
+wait in the spool, and every call is retried with jittered exponential backoff.
+
+Leases: each report carries the attempt's lease. When the master says a lease is gone (a refused
+report, ``EventAck.rejected_attempts``, ``HeartbeatResponse.revoked`` or a cancel after re-registering),
+the agent kills its copy and forgets it, so a stage never has two live copies that the master listens to.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
+import random
+import re
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf.json_format import ParseDict
+from google.protobuf.json_format import MessageToDict, ParseDict
 from pydantic import ValidationError
 
 from infra.plan import validation_issues
-from infra.stages import StageContext, get_stage_kind, load_stage_modules
+from infra.stages import Command, StageContext, get_stage_kind, load_stage_modules
+from infra.transport import KEEPALIVE, RECONNECT, ClientTls, Connection
 from node import facts as node_facts
 from node.identity import node_id as load_node_id
+from node.identity import state_dir
 from node.runner import StageRun
+from node.spool import Item, Spool
 from protos import PROTOCOL_VERSION, infra_pb2, infra_pb2_grpc
 
 log = logging.getLogger("infra.node")
 BATCH = 1000
-CHANNEL_OPTIONS = [
-    ("grpc.keepalive_time_ms", 20_000),
-    ("grpc.keepalive_timeout_ms", 10_000),
-    ("grpc.keepalive_permit_without_calls", 1),
-    ("grpc.max_receive_message_length", 32 * 1024 * 1024),
-]
+SAFE_DIR = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")  # experiment keys and stage names from the master
+REFUSED = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT)
+DENIED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
 
 class FatalError(Exception):
     pass
 
 
-def _event(attempt_id: int, lease: str, seq: int, type_: str, body: dict[str, Any]) -> infra_pb2.Event:
-    ev = infra_pb2.Event(attempt_id=attempt_id, lease_token=lease, seq=seq, time=time.time())
-    if type_ == "metric":
+def _event(it: Item) -> infra_pb2.Event:
+    ev = infra_pb2.Event(attempt_id=it.attempt, lease_token=it.lease, seq=it.seq, time=it.time)
+    body = it.body
+    if it.type == "metric":
         ev.metric.step = int(body.get("step", 0))
         for k, v in body.get("values", {}).items():
             try:
@@ -57,57 +72,17 @@ def _event(attempt_id: int, lease: str, seq: int, type_: str, body: dict[str, An
                 ev.metric.values[k] = f
             else:
                 ev.metric.null_values.append(k)
-    elif type_ == "artifact":
+    elif it.type == "artifact":
         ev.artifact.path, ev.artifact.kind = body["path"], body["kind"]
-    elif type_ == "progress":
+    elif it.type == "progress":
         ev.progress.what, ev.progress.done = body["what"], body["done"]
         if body.get("total") is not None:
             ev.progress.total, ev.progress.has_total = int(body["total"]), True
+    elif it.type == "dropped":
+        ParseDict(body, ev.dropped)
     else:
         ev.log.stream, ev.log.text = body.get("stream", ""), body.get("text", "")
     return ev
-
-
-class Outbox:
-    """Events waiting for the master's acknowledgement, in order, each numbered per attempt."""
-
-    def __init__(self) -> None:
-        self._cond = threading.Condition()
-        self._pending: list[infra_pb2.Event] = []
-        self._seq: dict[int, int] = {}
-
-    def add(self, attempt_id: int, lease: str, type_: str, body: dict[str, Any]) -> None:
-        with self._cond:
-            seq = self._seq[attempt_id] = self._seq.get(attempt_id, 0) + 1
-            self._pending.append(_event(attempt_id, lease, seq, type_, body))
-            self._cond.notify_all()
-
-    def last_seq(self, attempt_id: int) -> int:
-        with self._cond:
-            return self._seq.get(attempt_id, 0)
-
-    def peek(self, wait: float) -> list[infra_pb2.Event]:
-        with self._cond:
-            if not self._pending:
-                self._cond.wait(wait)
-            return self._pending[:BATCH]
-
-    def acked(self, n: int, rejected: set[int]) -> None:
-        with self._cond:
-            del self._pending[:n]
-            if rejected:
-                self._pending = [e for e in self._pending if e.attempt_id not in rejected]
-            self._cond.notify_all()
-
-    def wait_flushed(self, attempt_id: int, timeout: float) -> bool:
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while any(e.attempt_id == attempt_id for e in self._pending):
-                left = deadline - time.monotonic()
-                if left <= 0:
-                    return False
-                self._cond.wait(left)
-        return True
 
 
 @dataclass
@@ -119,47 +94,159 @@ class Options:
     cpus: int | None = None
     memory_mib: int | None = None
     fake_gpus: int | None = None
+    token: str | None = None
+    tls: ClientTls | None = None
+    spool_limit_mib: int = 256
+    min_free_disk_mib: int = 1024
+    stop_free_disk_mib: int | None = None  # default: half of min_free_disk_mib
+    plugin_timeout: float = 30.0
+
+
+@dataclass(eq=False)
+class Held:
+    """An attempt this node holds: running, or ended with its final report still on the way."""
+
+    assignment: infra_pb2.Assignment
+    run: StageRun | None = None
+    stale: bool = False  # the master no longer wants it: stop it, forget it
+    active: bool = False  # a thread is preparing or running it
+
+
+@dataclass
+class DiskGuard:
+    """Free space of the workdir, read at most once a second (every running stage asks)."""
+
+    workdir: Path
+    min_free_mib: int
+    stop_free_mib: int
+    _at: float = 0.0
+    _free: int = field(default=1 << 40)
+
+    def free(self) -> int:
+        now = time.monotonic()
+        if now - self._at >= 1.0:
+            self._at, self._free = now, node_facts.disk_free_mib(self.workdir)
+        return self._free
+
+    def unavailable(self) -> str:
+        free = self.free()
+        if free < self.min_free_mib:
+            return (
+                f"workdir {self.workdir} has {free} MiB free, below the {self.min_free_mib} MiB minimum "
+                "(--min-free-disk): no new stages"
+            )
+        return ""
+
+    def stop_reason(self) -> str | None:
+        free = self.free()
+        if free < self.stop_free_mib:
+            return (
+                f"stopped: the workdir's disk is nearly full ({free} MiB free, below {self.stop_free_mib} MiB, "
+                "--stop-free-disk)"
+            )
+        return None
 
 
 class Agent:
-    def __init__(self, opts: Options) -> None:
+    def __init__(self, opts: Options, warnings: list[str] | None = None) -> None:
         self.opts = opts
         self.workdir = opts.workdir
         self.node_id = load_node_id(self.workdir, opts.name)
+        self.state = state_dir(self.workdir, opts.name)
+        self.attempts_dir = self.state / "attempts"
+        self.attempts_dir.mkdir(parents=True, exist_ok=True)
+        self.spool = Spool(self.state / "spool", opts.spool_limit_mib << 20)
+        stop_free = opts.stop_free_disk_mib if opts.stop_free_disk_mib is not None else opts.min_free_disk_mib // 2
+        self.disk = DiskGuard(self.workdir, opts.min_free_disk_mib, stop_free)
         self.gpus = node_facts.probe_gpus(opts.fake_gpus)
         self.facts = node_facts.collect_facts(self.workdir, opts.name, self.gpus, opts.cpus, opts.memory_mib)
-        self.channel = grpc.insecure_channel(opts.master, options=CHANNEL_OPTIONS)
-        self.stub = infra_pb2_grpc.NodeServiceStub(self.channel)
+        self.facts["warnings"] = list(warnings or [])
+        self.conn = Connection(opts.master, opts.token, opts.tls, KEEPALIVE + RECONNECT)
+        self.stub = infra_pb2_grpc.NodeServiceStub(self.conn.channel)
         self.stop = threading.Event()
-        self.outbox = Outbox()
         self.session: int | None = None
+        self.interval = opts.heartbeat
         self._reg_lock = threading.Lock()
-        self._runs_lock = threading.Lock()
-        self.runs: dict[int, tuple[infra_pb2.Assignment, StageRun | None]] = {}
+        self._lock = threading.Lock()
+        self.held: dict[int, Held] = {}
         self.cancelled: set[int] = set()  # cancels that arrived before (or without) their assignment
         self._stream: Any = None
         self.fatal: str | None = None
 
+    # --- restart -------------------------------------------------------------------------------
+
+    def recover(self) -> int:
+        """Pick up the attempts an earlier agent process left: running, ended but unreported, or never
+        started. Returns how many."""
+        for path in sorted(self.attempts_dir.glob("*.json")):
+            try:
+                saved = json.loads(path.read_text(encoding="utf-8"))
+                a = ParseDict(saved["assignment"], infra_pb2.Assignment())
+            except (ValueError, KeyError) as e:
+                log.error("%s is damaged (%s); ignoring that attempt", path, e)
+                path.unlink()
+                continue
+            rec = self.spool.open(a.attempt_id, a.lease_token)
+            self.held[a.attempt_id] = Held(a, active=rec.final is None)
+            if rec.final is None:
+                command = Command(**saved["command"]) if "command" in saved else None
+                self._start(a, command, rec.position)
+            log.info(
+                "recovered attempt %s (%s/%s): %s",
+                a.attempt_id,
+                a.experiment,
+                a.stage,
+                "ended, report pending" if rec.final else "resuming" if rec.position else "not started yet",
+            )
+        for attempt_id in self.spool.on_disk():
+            if attempt_id not in self.held:
+                self.spool.remove_file(attempt_id)
+        return len(self.held)
+
+    def _save(self, a: infra_pb2.Assignment, command: Command | None = None) -> None:
+        data: dict[str, Any] = {"assignment": MessageToDict(a, preserving_proto_field_name=True)}
+        if command is not None:
+            data["command"] = {"steps": command.steps, "files": command.files, "fresh_dir": command.fresh_dir}
+        path = self.attempts_dir / f"{a.attempt_id}.json"
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(data), encoding="utf-8")
+        tmp.replace(path)
+
+    def _forget(self, attempt_id: int) -> None:
+        """Done with an attempt (the master has its final report, or no longer wants it)."""
+        with contextlib.suppress(FileNotFoundError):
+            (self.attempts_dir / f"{attempt_id}.json").unlink()
+        self.spool.discard(attempt_id)
+        with self._lock:
+            self.held.pop(attempt_id, None)
+
     # --- registration --------------------------------------------------------------------------
+
+    def _held_attempts(self) -> list[infra_pb2.RunningAttempt]:
+        with self._lock:
+            return [
+                infra_pb2.RunningAttempt(attempt_id=h.assignment.attempt_id, lease_token=h.assignment.lease_token)
+                for h in self.held.values()
+                if not h.stale
+            ]
 
     def ensure_registered(self) -> int:
         with self._reg_lock:
             if self.session is not None:
                 return self.session
-            with self._runs_lock:
-                running = [
-                    infra_pb2.RunningAttempt(attempt_id=a.attempt_id, lease_token=a.lease_token)
-                    for a, _ in self.runs.values()
-                ]
-            req = infra_pb2.RegisterRequest(protocol_version=PROTOCOL_VERSION, node_id=self.node_id, running=running)
+            req = infra_pb2.RegisterRequest(
+                protocol_version=PROTOCOL_VERSION, node_id=self.node_id, running=self._held_attempts()
+            )
             ParseDict(self.facts, req.facts)
             try:
                 resp = self.stub.Register(req, timeout=10)
             except grpc.RpcError as e:
-                if e.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT):
+                if e.code() in REFUSED or e.code() in DENIED:
                     raise FatalError(f"the master refused this node: {e.details()}") from None
                 raise
             self.session = resp.session
+            if resp.heartbeat_interval_s > 0:
+                self.interval = min(self.opts.heartbeat, resp.heartbeat_interval_s)
             log.info("registered with %s as %s (%s)", self.opts.master, self.opts.name, self.node_id)
             return resp.session
 
@@ -168,9 +255,19 @@ class Agent:
             if self.session == session:
                 self.session = None
 
+    def _backoff(self, delay: float) -> float:
+        """Wait a jittered ``delay`` (so that many nodes do not reconnect in step); the next delay. While
+        stopping (the last deliveries) the wait is a plain sleep: the stop event no longer waits."""
+        pause = delay * random.uniform(0.5, 1.5)
+        if self.stop.is_set():
+            time.sleep(pause)
+        else:
+            self.stop.wait(pause)
+        return min(delay * 2, 5.0)
+
     def _retrying(self, what: str, fn: Callable[[], Any]) -> Any:
         """Call ``fn`` until it works or the agent stops; a fatal refusal stops the agent."""
-        delay = 0.5
+        delay = 0.25
         while not self.stop.is_set():
             try:
                 return fn()
@@ -178,32 +275,36 @@ class Agent:
                 self.fatal = str(e)
                 self.stop.set()
             except grpc.RpcError as e:
-                log.warning("%s: %s; retrying in %.1fs", what, e.details() or e.code(), delay)
-                self.stop.wait(delay)
-                delay = min(delay * 2, 10.0)
+                log.warning("%s: %s; retrying", what, e.details() or e.code())
+                delay = self._backoff(delay)
         return None
 
     # --- loops ---------------------------------------------------------------------------------
 
     def heartbeat_loop(self) -> None:
         node_facts.usage(self.workdir, self.gpus)  # prime psutil's CPU counter
-        while not self.stop.wait(self.opts.heartbeat):
+        while not self.stop.wait(self.interval):
             session = self._retrying("register", self.ensure_registered)
             if session is None:
                 return
-            req = infra_pb2.HeartbeatRequest(node_id=self.node_id, session=session)
-            ParseDict(node_facts.usage(self.workdir, self.gpus), req.usage)
-            with self._runs_lock:
-                for a, _ in self.runs.values():
-                    req.running.add(attempt_id=a.attempt_id, lease_token=a.lease_token)
+            req = infra_pb2.HeartbeatRequest(node_id=self.node_id, session=session, running=self._held_attempts())
             try:
-                if self.stub.Heartbeat(req, timeout=max(2.0, self.opts.heartbeat)).reregister:
-                    self._forget_session(session)
+                ParseDict(node_facts.usage(self.workdir, self.gpus), req.usage)
+                req.unavailable = self.disk.unavailable()
+            except Exception as e:  # a usage probe that fails must not stop the heartbeats (the node would be lost)
+                log.warning("could not read usage: %s", e)
+            try:
+                resp = self.stub.Heartbeat(req, timeout=max(2.0, self.interval))
             except grpc.RpcError as e:
                 log.warning("heartbeat failed: %s", e.details() or e.code())
+                continue
+            if resp.reregister:
+                self._forget_session(session)
+            for attempt_id in resp.revoked:
+                self._revoke(attempt_id, "its lease is gone (the master gave it to another node)")
 
     def stream_loop(self) -> None:
-        delay = 0.5
+        delay = 0.25
         while not self.stop.is_set():
             session = self._retrying("register", self.ensure_registered)
             if session is None:
@@ -213,32 +314,73 @@ class Agent:
                     infra_pb2.AssignmentStreamRequest(node_id=self.node_id, session=session)
                 )
                 for command in self._stream:
-                    delay = 0.5
-                    self._handle(command)
+                    delay = 0.25
+                    try:
+                        self._handle(command)
+                    except Exception:  # e.g. the workdir's disk is full: keep the stream
+                        log.exception("handling %s", command.WhichOneof("command"))
+                log.info("the master closed the command stream; reconnecting")
             except grpc.RpcError as e:
                 if self.stop.is_set():
                     return
                 if e.code() == grpc.StatusCode.FAILED_PRECONDITION:
                     self._forget_session(session)
-                log.warning("command stream: %s; reconnecting in %.1fs", e.details() or e.code(), delay)
-            self.stop.wait(delay)
-            delay = min(delay * 2, 10.0)
+                log.warning("command stream: %s; reconnecting", e.details() or e.code())
+            delay = self._backoff(delay)
 
     def send_loop(self) -> None:
-        while not (self.stop.is_set() and not self.runs):
-            batch = self.outbox.peek(0.2)
-            if not batch:
-                continue
+        """Deliver spooled events in order, then each ended attempt's final report; runs until the agent
+        stops and (for a short while after) until the spool is empty."""
+        delay, synced, drain_until = 0.25, time.monotonic(), None
+        while True:
+            if self.stop.is_set():
+                drain_until = drain_until or time.monotonic() + 10
+                if self.spool.idle() or time.monotonic() > drain_until:
+                    return
             try:
-                ack = self.stub.ReportEvents(infra_pb2.EventBatch(node_id=self.node_id, events=batch), timeout=30)
+                self._send_events()
+                self._send_finals()
+                delay = 0.25
             except grpc.RpcError as e:
-                log.warning("sending %d events failed: %s", len(batch), e.details() or e.code())
-                time.sleep(1.0)
-                continue
-            rejected = set(ack.rejected_attempts)
-            self.outbox.acked(len(batch), rejected)
-            for attempt_id in rejected:  # the master moved on: stop that attempt
-                self._cancel_local(attempt_id)
+                log.warning("reporting to the master failed: %s; retrying", e.details() or e.code())
+                delay = self._backoff(delay)
+            except Exception:  # the sender must outlive a bug or a full disk: everything waits on it
+                log.exception("sender")
+                delay = self._backoff(delay)
+            if time.monotonic() - synced > 1.0:
+                self.spool.sync()
+                synced = time.monotonic()
+
+    def _send_events(self) -> None:
+        items = self.spool.take(BATCH, 0.2)
+        if not items:
+            return
+        batch = infra_pb2.EventBatch(node_id=self.node_id, events=[_event(it) for it in items])
+        try:
+            ack = self.stub.ReportEvents(batch, timeout=30)
+        except grpc.RpcError:
+            self.spool.release(items)
+            raise
+        rejected = set(ack.rejected_attempts)
+        self.spool.acked(items, rejected)
+        for attempt_id in rejected:
+            self._revoke(attempt_id, "the master refused its events (stale lease)")
+
+    def _send_finals(self) -> None:
+        for attempt_id, lease, final in self.spool.finals():
+            rep = infra_pb2.StageStatusReport(
+                node_id=self.node_id,
+                attempt_id=attempt_id,
+                lease_token=lease,
+                state=infra_pb2.StageState.Value(final["state"].upper()),
+                exit_code=final["exit_code"],
+                message=final["message"],
+                last_seq=self.spool.last_seq(attempt_id),
+            )
+            ack = self.stub.ReportStatus(rep, timeout=10)
+            if not ack.accepted:
+                log.warning("master refused attempt %s's final report: %s", attempt_id, ack.reason)
+            self._forget(attempt_id)
 
     # --- commands ------------------------------------------------------------------------------
 
@@ -246,97 +388,147 @@ class Agent:
         which = command.WhichOneof("command")
         if which == "assign":
             a = command.assign
-            with self._runs_lock:
-                if a.attempt_id in self.runs:
+            with self._lock:
+                if a.attempt_id in self.held:
                     return  # re-delivered after a reconnect
-                self.runs[a.attempt_id] = (a, None)
-            threading.Thread(target=self._run_attempt, args=(a,), name=f"attempt-{a.attempt_id}", daemon=True).start()
+                self.held[a.attempt_id] = Held(a, active=True)
+            self._save(a)
+            self.spool.open(a.attempt_id, a.lease_token)
+            self._start(a, None, None)
         elif which == "cancel":
-            self._cancel_local(command.cancel.attempt_id)
+            self._revoke(command.cancel.attempt_id, command.cancel.reason or "cancelled", stale=False)
 
-    def _cancel_local(self, attempt_id: int) -> None:
-        with self._runs_lock:
-            entry = self.runs.get(attempt_id)
+    def _revoke(self, attempt_id: int, why: str, stale: bool = True) -> None:
+        """Stop an attempt (a cancel, or a lease the master took back). A stale one is forgotten once its
+        process has ended: its reports would be refused."""
+        with self._lock:
             self.cancelled.add(attempt_id)
-        if entry is not None and entry[1] is not None:
-            threading.Thread(target=entry[1].cancel, daemon=True).start()
+            held = self.held.get(attempt_id)
+            if held is None:
+                return
+            held.stale = held.stale or stale
+            run, active = held.run, held.active
+        log.info("stopping attempt %s: %s", attempt_id, why)
+        if run is not None and active:
+            threading.Thread(target=run.cancel, daemon=True).start()
+        elif stale and not active:  # it ended; only its report was left, which would be refused
+            self._forget(attempt_id)
 
-    def _report(self, a: infra_pb2.Assignment, state: int, exit_code: int = 0, message: str = "") -> bool:
+    def _start(self, a: infra_pb2.Assignment, command: Command | None, position: dict[str, int] | None) -> None:
+        threading.Thread(
+            target=self._run_attempt, args=(a, command, position), name=f"attempt-{a.attempt_id}", daemon=True
+        ).start()
+
+    def _report_running(self, a: infra_pb2.Assignment) -> bool | None:
+        """Tell the master the attempt starts (its answer is the lease check); None: gave up (stopping)."""
         rep = infra_pb2.StageStatusReport(
-            node_id=self.node_id,
-            attempt_id=a.attempt_id,
-            lease_token=a.lease_token,
-            state=state,
-            exit_code=exit_code,
-            message=message,
-            last_seq=self.outbox.last_seq(a.attempt_id),
+            node_id=self.node_id, attempt_id=a.attempt_id, lease_token=a.lease_token, state=infra_pb2.RUNNING
         )
-        deadline = time.monotonic() + (15 if self.stop.is_set() else 3600)
-        delay = 0.5
-        while time.monotonic() < deadline:
+        delay = 0.25
+        while not self.stop.is_set():
             try:
                 ack = self.stub.ReportStatus(rep, timeout=10)
             except grpc.RpcError as e:
                 log.warning("status report for attempt %s failed: %s", a.attempt_id, e.details() or e.code())
-                time.sleep(delay)
-                delay = min(delay * 2, 10.0)
+                delay = self._backoff(delay)
                 continue
             if not ack.accepted:
-                log.warning("master refused attempt %s report: %s", a.attempt_id, ack.reason)
+                log.warning("master refused attempt %s: %s", a.attempt_id, ack.reason)
             return ack.accepted
-        return False
+        return None
 
-    def _run_attempt(self, a: infra_pb2.Assignment) -> None:
-        emit = lambda type_, body: self.outbox.add(a.attempt_id, a.lease_token, type_, body)
+    def _final(self, a: infra_pb2.Assignment, state: str, exit_code: int, message: str) -> None:
+        with self._lock:
+            held = self.held.get(a.attempt_id)
+            stale = held is None or held.stale
+        if stale:
+            self._forget(a.attempt_id)
+        else:
+            self.spool.finish(a.attempt_id, state, exit_code, message)
+
+    def _run_attempt(self, a: infra_pb2.Assignment, command: Command | None, position: dict[str, int] | None) -> None:
+        box: list[StageRun] = []
+
+        def emit(type_: str, body: dict[str, Any]) -> None:
+            self.spool.add(a.attempt_id, type_, body, box[0].position if box else None)
+
         try:
-            run = self._prepare(a, emit)
-            if run is None:
-                return
-            with self._runs_lock:
-                self.runs[a.attempt_id] = (a, run)
-                if a.attempt_id in self.cancelled:
-                    run.cancel()
-            if not self._report(a, infra_pb2.RUNNING):
-                return
+            if command is None:
+                command, problem = self._build(a)
+                if command is None:
+                    emit("log", {"stream": "agent", "text": problem})
+                    self._final(a, "failed", -1, problem)
+                    return
+                self._save(a, command)
+            stage_dir = self.workdir / "experiments" / a.experiment / a.stage
+            run = StageRun(
+                command,
+                stage_dir,
+                self.workdir,
+                list(a.gpu_indices),
+                emit,
+                a.attempt,
+                resume_from=position,
+                watchdog=self.disk.stop_reason,
+            )
+            box.append(run)
+            accepted = self._report_running(a)
+            if accepted is None:
+                return  # the agent stops: a later agent process picks the attempt up
+            with self._lock:
+                held = self.held.get(a.attempt_id)
+                if held is not None:
+                    held.run = run
+                cancelled = a.attempt_id in self.cancelled or held is None or held.stale
+            if not accepted:  # a stale copy: a recovered step that still runs is adopted only to be stopped
+                with self._lock:
+                    if held is not None:
+                        held.stale = True
+                cancelled = True
+            if cancelled:
+                run.cancel()
             result = run.run()
             state, message = result.state, result.message
             if state == "cancelled" and self.stop.is_set() and a.attempt_id not in self.cancelled:
                 state, message = "failed", "the node agent was stopped"
-            self.outbox.wait_flushed(a.attempt_id, 60)
-            self._report(a, infra_pb2.StageState.Value(state.upper()), result.exit_code, message)
+            self._final(a, state, result.exit_code, message)
+        except Exception as e:  # a bug here must not leave the attempt hanging at the master
+            log.exception("attempt %s", a.attempt_id)
+            self._final(a, "failed", -1, f"node agent error: {type(e).__name__}: {e}")
         finally:
-            with self._runs_lock:
-                self.runs.pop(a.attempt_id, None)
+            with self._lock:
+                if (held := self.held.get(a.attempt_id)) is not None:
+                    held.active = False
 
-    def _prepare(self, a: infra_pb2.Assignment, emit: Callable[[str, dict[str, Any]], None]) -> StageRun | None:
-        """Build the attempt's commands; a kind or params this node cannot use fails the attempt, named."""
+    def _build(self, a: infra_pb2.Assignment) -> tuple[Command | None, str]:
+        """The attempt's commands; a kind, params or disk this node cannot use fails the attempt, named."""
+        if not SAFE_DIR.match(a.experiment) or not SAFE_DIR.match(a.stage):
+            return None, f"refusing unsafe directory names {a.experiment!r}/{a.stage!r}"
+        unavailable = self.disk.unavailable()
+        if unavailable:
+            return None, f"node {self.opts.name}: {unavailable}"
         exp_dir = self.workdir / "experiments" / a.experiment
-        stage_dir = exp_dir / a.stage
         try:
             kind = get_stage_kind(a.kind)
             params = kind.params.model_validate(json.loads(a.params_json or "{}"))
-            command = kind.build(params, StageContext(exp_dir, stage_dir, a.smoke, a.attempt))
+            return kind.build(params, StageContext(exp_dir, exp_dir / a.stage, a.smoke, a.attempt)), ""
         except ValidationError as e:
-            problem = "invalid params: " + "; ".join(str(i) for i in validation_issues(e, "params"))
+            return None, "invalid params: " + "; ".join(str(i) for i in validation_issues(e, "params"))
         except (KeyError, ValueError) as e:
-            problem = str(e).strip("'\"")
-        else:
-            return StageRun(command, stage_dir, self.workdir, list(a.gpu_indices), emit, a.attempt)
-        emit("log", {"stream": "agent", "text": problem})
-        self.outbox.wait_flushed(a.attempt_id, 30)
-        self._report(a, infra_pb2.FAILED, -1, problem)
-        return None
+            return None, str(e).strip("'\"")
 
     # --- main ----------------------------------------------------------------------------------
 
     def run(self) -> int:
+        recovered = self.recover()
         if self._retrying("register", self.ensure_registered) is None:
             print(f"infra node: {self.fatal or 'stopped before registering'}", file=sys.stderr)
             return 2 if self.fatal else 0
         print(
             f"infra node {self.opts.name} ({self.node_id}) registered with {self.opts.master}; "
             f"workdir {self.workdir}; kinds {', '.join(self.facts['stage_kinds'])}; "
-            f"gpus {len(self.gpus.gpus)} [{self.gpus.status}]",
+            f"gpus {len(self.gpus.gpus)} [{self.gpus.status}]"
+            + (f"; {recovered} attempt(s) recovered" if recovered else ""),
             flush=True,
         )
         threads = [
@@ -346,30 +538,40 @@ class Agent:
         for t in threads:
             t.start()
         self.stop.wait()
-        self.shutdown()
+        self.shutdown(threads[2])
         if self.fatal:
             print(f"infra node: {self.fatal}", file=sys.stderr)
         return 2 if self.fatal else 0
 
-    def shutdown(self) -> None:
-        """Stop the stages (each reports itself failed: the agent went away), flush, close."""
+    def shutdown(self, sender: threading.Thread | None = None) -> None:
+        """Stop the stages (each reports itself failed: the agent went away), deliver what can be, close."""
         self.stop.set()
         if self._stream is not None:
             self._stream.cancel()
-        with self._runs_lock:
-            runs = [r for _, r in self.runs.values() if r is not None]
+        with self._lock:
+            runs = [h.run for h in self.held.values() if h.run is not None]
         for r in runs:
             threading.Thread(target=r.cancel, daemon=True).start()
         deadline = time.monotonic() + 20
-        while self.runs and time.monotonic() < deadline:
+        while time.monotonic() < deadline and self._any_active():
             time.sleep(0.1)
-        self.channel.close()
+        if sender is not None:
+            sender.join(15)
+        self.spool.sync()
+        self.conn.close()
+
+    def _any_active(self) -> bool:
+        with self._lock:
+            return any(h.active for h in self.held.values())
 
 
 def main(opts: Options) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
-    load_stage_modules()
-    agent = Agent(opts)
+    problems: list[str] = []
+    load_stage_modules(timeout=opts.plugin_timeout, problems=problems)
+    for problem in problems:
+        log.error("%s; the node starts without it", problem)
+    agent = Agent(opts, problems)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: agent.stop.set())
     return agent.run()

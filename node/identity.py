@@ -1,4 +1,5 @@
-"""A node's persistent identity: ``<workdir>/nodes/<name>.json``, created on first start.
+"""A node's persistent identity: ``<workdir>/nodes/<name>.json``, created on first start; its state
+directory ``<workdir>/nodes/<name>.d/`` beside it.
 
 Keyed by the node's name so that several agents may share one workdir (e.g. on a shared file system)
 and still keep distinct identities; restarting an agent under the same name keeps its id.
@@ -18,6 +19,11 @@ _SAFE = re.compile(r"[^A-Za-z0-9_.-]")
 
 def default_name() -> str:
     return socket.gethostname() or "node"
+
+
+def state_dir(workdir: Path, name: str) -> Path:
+    """Where the agent of this name keeps what must survive its restart (assignments, event spool)."""
+    return workdir / "nodes" / f"{_SAFE.sub('_', name)}.d"
 
 
 def node_id(workdir: Path, name: str) -> str:

@@ -2,9 +2,18 @@
 
 Each step runs in the stage directory, in its own process group (``start_new_session``), with
 ``CUDA_VISIBLE_DEVICES`` set to exactly the assigned GPU indices (empty: no GPU) and
-``CRYSTALLM_EVENTS`` pointing at ``<stage dir>/events.jsonl``. stdout and stderr become log events
-line by line; events.jsonl is tailed into metric/artifact/progress events. Cancel sends SIGTERM to the
-whole group, then SIGKILL after a short grace; when a step ends, whatever it left in its group is killed.
+``CRYSTALLM_EVENTS`` pointing at ``<stage dir>/events.jsonl``. Cancel sends SIGTERM to the whole group,
+then SIGKILL after a short grace; when a step ends, whatever it left in its group is killed.
+
+A step's stdout and stderr go to files, not pipes, and the step is started by ``node/launch.py``, which
+writes its exit status to a file: so a step outlives its agent. Everything about an attempt lives in
+``<stage dir>/.infra/attempt-<n>/``: ``step-<i>.out``/``.err``, ``exit-<i>`` and ``run.json`` (the
+running step's pid and process start time, so that a reused pid is never taken for the step). The
+runner turns the files into events (log lines, and metric/artifact/progress lines tailed from
+events.jsonl) from a single thread; before each event it updates :attr:`StageRun.position` (the step and
+the offsets just after that event). A restarted agent passes the last position it recorded to
+``resume_from`` and the run continues exactly there: it adopts the step if its process still runs,
+reads its exit status if it ended, then goes on with the next steps. No output is read twice or skipped.
 """
 
 from __future__ import annotations
@@ -14,19 +23,28 @@ import json
 import os
 import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
+
+import psutil
 
 from infra.stages import Command
 
 EVENTS_FILE = "events.jsonl"
+RECORDS = ".infra"
 MAX_LINE = 8192  # longer log lines are cut (a progress bar without newlines must not exhaust the master)
+MAX_CHUNK = 4 * MAX_LINE  # a "line" without a newline this long is taken as it is
+EVENT_LINE_LIMIT = 1 << 20  # an events.jsonl line longer than this is unreadable, not a reason to wait
 TERM_GRACE_S = 3.0
+POLL_S = 0.2
+LAUNCH = str(Path(__file__).resolve().with_name("launch.py"))
 Emit = Callable[[str, dict[str, Any]], None]  # (type, body): log | metric | artifact | progress
+Watchdog = Callable[[], str | None]  # a reason to stop the attempt now (e.g. the disk is full), or None
 
 
 @dataclass(frozen=True)
@@ -52,48 +70,56 @@ def _kill_group(pgid: int, sig: int) -> None:
         os.killpg(pgid, sig)
 
 
-class EventsTail:
-    """Follows events.jsonl from where it was when the attempt started (a retry appends to it)."""
+def process_start(pid: int) -> float | None:
+    """The process's start time, or None when no such process runs (a zombie has ended)."""
+    try:
+        p = psutil.Process(pid)
+        return None if p.status() == psutil.STATUS_ZOMBIE else p.create_time()
+    except (psutil.NoSuchProcess, psutil.AccessDenied):
+        return None
 
-    def __init__(self, path: Path, stage_dir: Path, workdir: Path, emit: Emit) -> None:
-        self.path, self.stage_dir, self.workdir, self.emit = path, stage_dir, workdir, emit
-        self.offset = path.stat().st_size if path.exists() else 0
+
+def same_process(pid: int, started: float) -> bool:
+    """Whether ``pid`` is still the process that started at ``started`` (not a later one reusing the pid)."""
+    now = process_start(pid)
+    return now is not None and abs(now - started) < 0.05
+
+
+def _group_members(pgid: int, since: float) -> bool:
+    """Whether any process of group ``pgid`` started at or after ``since`` (the group's leader may be gone)."""
+    for p in psutil.process_iter(["create_time"]):
+        with contextlib.suppress(ProcessLookupError, psutil.Error):
+            if os.getpgid(p.pid) == pgid and p.info["create_time"] >= since - 0.05:
+                return True
+    return False
+
+
+class Tail:
+    """Reads a growing file from an offset; yields complete lines with the offset just after each."""
+
+    def __init__(self, path: Path, offset: int, max_chunk: int = MAX_CHUNK) -> None:
+        self.path, self.offset, self.max_chunk = path, offset, max_chunk
         self._buf = b""
 
-    def poll(self) -> None:
+    def lines(self, final: bool = False) -> list[tuple[bytes, int]]:
         try:
             with self.path.open("rb") as fh:
-                fh.seek(self.offset)
-                data = fh.read()
+                fh.seek(self.offset + len(self._buf))
+                self._buf += fh.read()
         except FileNotFoundError:
-            return
-        self.offset += len(data)
-        self._buf += data
-        *lines, self._buf = self._buf.split(b"\n")  # a torn last line waits for its newline
-        for line in lines:
-            if line.strip():
-                self._one(line)
-
-    def _one(self, line: bytes) -> None:
-        try:
-            ev = json.loads(line)
-            kind = ev["type"]
-        except (ValueError, KeyError, TypeError):
-            self.emit("log", {"stream": "agent", "text": f"events.jsonl: unreadable line {line[:200]!r}"})
-            return
-        if kind == "metric":
-            self.emit("metric", {"step": int(ev.get("step", 0)), "values": dict(ev.get("values") or {})})
-        elif kind == "artifact":
-            try:
-                rel = workdir_relative(str(ev["path"]), self.path.parent, self.workdir)
-            except (ValueError, KeyError) as e:
-                self.emit("log", {"stream": "agent", "text": f"artifact rejected: {e}"})
-                return
-            self.emit("artifact", {"path": rel, "kind": str(ev.get("kind", ""))})
-        elif kind == "progress":
-            self.emit(
-                "progress", {"what": str(ev.get("what", "")), "done": int(ev.get("done", 0)), "total": ev.get("total")}
-            )
+            return []
+        out = []
+        while True:
+            cut = self._buf.find(b"\n")
+            if cut < 0 and (len(self._buf) >= self.max_chunk or (final and self._buf)):
+                cut = min(len(self._buf), self.max_chunk) - 1
+                line, self._buf = self._buf[: cut + 1], self._buf[cut + 1 :]
+            elif cut >= 0:
+                line, self._buf = self._buf[:cut], self._buf[cut + 1 :]
+            else:
+                return out
+            self.offset += cut + 1
+            out.append((line, self.offset))
 
 
 class StageRun:
@@ -108,14 +134,23 @@ class StageRun:
         emit: Emit,
         attempt: int = 1,
         env: dict[str, str] | None = None,
+        resume_from: dict[str, int] | None = None,
+        watchdog: Watchdog | None = None,
     ) -> None:
         self.command, self.stage_dir, self.workdir, self.emit = command, stage_dir, workdir, emit
         self.gpus = list(gpus)
         self.attempt = attempt
         self.extra_env = env or {}
+        self.watchdog = watchdog
+        self.records = stage_dir / RECORDS / f"attempt-{attempt}"
+        # step: the step being read (1-based; 0 before the first); out/err: offsets in its output files;
+        # events: the offset in events.jsonl
+        self.position: dict[str, int] = dict(resume_from) if resume_from else {}
         self._cancelled = threading.Event()
+        self._stop_reason: str | None = None
         self._lock = threading.Lock()
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._pgid: int | None = None  # the running step's process group (its launcher's pid)
+        self._started = 0.0
 
     @property
     def cancelled(self) -> bool:
@@ -124,14 +159,18 @@ class StageRun:
     def cancel(self) -> None:
         """SIGTERM the running step's process group, SIGKILL it after the grace period."""
         self._cancelled.set()
+        self._signal_step()
+
+    def _signal_step(self) -> None:
         with self._lock:
-            proc = self._proc
-        if proc is None or proc.poll() is not None:
+            pgid, started = self._pgid, self._started
+        if pgid is None or not same_process(pgid, started):
             return
-        _kill_group(proc.pid, signal.SIGTERM)
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            proc.wait(TERM_GRACE_S)
-        _kill_group(proc.pid, signal.SIGKILL)
+        _kill_group(pgid, signal.SIGTERM)
+        deadline = time.monotonic() + TERM_GRACE_S
+        while time.monotonic() < deadline and same_process(pgid, started):
+            time.sleep(0.05)
+        _kill_group(pgid, signal.SIGKILL)
 
     def _env(self) -> dict[str, str]:
         env = dict(os.environ)
@@ -142,6 +181,9 @@ class StageRun:
         env["PYTHONUNBUFFERED"] = "1"  # log lines arrive as they are printed
         return env
 
+    def _agent(self, text: str) -> None:
+        self.emit("log", {"stream": "agent", "text": text})
+
     def _set_aside(self) -> None:
         """A retry that must start clean keeps the earlier attempt's directory as ``<stage>.attempt-<n>``."""
         n = self.attempt - 1
@@ -150,23 +192,25 @@ class StageRun:
             n += 1
             target = self.stage_dir.with_name(f"{self.stage_dir.name}.attempt-{n}")
         self.stage_dir.rename(target)
-        self.emit("log", {"stream": "agent", "text": f"earlier attempt's directory kept as {target.name}"})
+        self._agent(f"earlier attempt's directory kept as {target.name}")
 
     def run(self) -> Result:
-        if self.command.fresh_dir and self.attempt > 1 and self.stage_dir.exists():
-            self._set_aside()
-        self.stage_dir.mkdir(parents=True, exist_ok=True)
-        for name, text in self.command.files.items():
-            target = self.stage_dir / name
-            target.parent.mkdir(parents=True, exist_ok=True)
-            target.write_text(text, encoding="utf-8")
-        tail = EventsTail(self.stage_dir / EVENTS_FILE, self.stage_dir, self.workdir, self.emit)
-        env = self._env()
-        n = len(self.command.steps)
-        for i, argv in enumerate(self.command.steps, 1):
+        if not self.position:
             if self.cancelled:
                 return Result("cancelled", -signal.SIGTERM, "cancelled before it started")
-            code = self._step(argv, env, tail)
+            self._prepare_dir()
+            self.position = {"step": 0, "out": 0, "err": 0, "events": self._events_size()}
+        self.records.mkdir(parents=True, exist_ok=True)
+        events = Tail(self.stage_dir / EVENTS_FILE, self.position["events"], max_chunk=EVENT_LINE_LIMIT)
+        n = len(self.command.steps)
+        first = max(1, self.position["step"])
+        for i in range(first, n + 1):
+            argv = self.command.steps[i - 1]
+            code = self._step(i, argv, events)  # a step that may still run is adopted (and stopped) even now
+            if code is None:
+                return Result("cancelled", -signal.SIGTERM, "cancelled before it started")
+            if self._stop_reason is not None:
+                return Result("failed", code, self._stop_reason)
             if self.cancelled:
                 return Result("cancelled", code, "cancelled")
             if code != 0:
@@ -174,45 +218,125 @@ class StageRun:
                 return Result("failed", code, f"step {i}/{n} ({what}) exited with {code}")
         return Result("succeeded", 0)
 
-    def _step(self, argv: list[str], env: dict[str, str], tail: EventsTail) -> int:
-        self.emit("log", {"stream": "agent", "text": "$ " + " ".join(argv)})
-        try:
-            with self._lock:
-                if self.cancelled:
-                    return -signal.SIGTERM
-                proc = subprocess.Popen(
-                    argv,
-                    cwd=self.stage_dir,
-                    env=env,
-                    stdin=subprocess.DEVNULL,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    start_new_session=True,
-                )
-                self._proc = proc
-        except OSError as e:
-            self.emit("log", {"stream": "agent", "text": f"cannot start {argv[0]}: {e}"})
-            return 127
-        readers = [
-            threading.Thread(target=self._pump, args=(pipe, name), daemon=True)
-            for pipe, name in ((proc.stdout, "stdout"), (proc.stderr, "stderr"))
-        ]
-        for t in readers:
-            t.start()
-        while proc.poll() is None:
-            tail.poll()
-            time.sleep(0.2)
-        _kill_group(proc.pid, signal.SIGKILL)  # leftovers of the step die with it, and release the pipes
-        for t in readers:
-            t.join(5)
-        tail.poll()
-        return proc.returncode
+    def _prepare_dir(self) -> None:
+        if self.command.fresh_dir and self.attempt > 1 and self.stage_dir.exists():
+            self._set_aside()
+        self.stage_dir.mkdir(parents=True, exist_ok=True)
+        for name, text in self.command.files.items():
+            target = self.stage_dir / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_text(text, encoding="utf-8")
 
-    def _pump(self, pipe: IO[bytes] | None, stream: str) -> None:
-        assert pipe is not None
-        with pipe:
-            for raw in iter(lambda: pipe.readline(4 * MAX_LINE), b""):
-                text = raw.decode("utf-8", errors="replace").rstrip("\r\n")
+    def _events_size(self) -> int:
+        path = self.stage_dir / EVENTS_FILE
+        return path.stat().st_size if path.exists() else 0
+
+    def _record(self) -> dict[str, Any] | None:
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            return json.loads((self.records / "run.json").read_text(encoding="utf-8"))
+        return None
+
+    def _step(self, i: int, argv: list[str], events: Tail) -> int | None:
+        """Run step ``i`` (or pick it up where a previous agent left it) until it ends; its exit code, or
+        None when the attempt was cancelled before the step started."""
+        out, err = self.records / f"step-{i}.out", self.records / f"step-{i}.err"
+        exit_file = self.records / f"exit-{i}"
+        record = self._record() if self.position["step"] == i else None
+        proc: subprocess.Popen[bytes] | None = None
+        if record is None or record.get("step") != i:  # not launched yet
+            if self.cancelled:
+                return None
+            if self.position["step"] != i:
+                self.position.update(step=i, out=0, err=0)
+                self._agent("$ " + " ".join(argv))
+            try:
+                proc = self._launch(argv, out, err, exit_file)
+            except OSError as e:
+                self._agent(f"cannot start {argv[0]}: {e}")
+                return 127
+            record = {"step": i, "pid": proc.pid, "start_time": process_start(proc.pid) or time.time(), "argv": argv}
+            tmp = self.records / "run.json.tmp"
+            tmp.write_text(json.dumps(record), encoding="utf-8")
+            tmp.replace(self.records / "run.json")
+        elif same_process(record["pid"], record["start_time"]):
+            self._agent(f"adopted step {i} (pid {record['pid']}), still running after an agent restart")
+        with self._lock:
+            self._pgid, self._started = record["pid"], record["start_time"]
+        if self.cancelled:
+            self._signal_step()
+        outs = (Tail(out, self.position["out"]), "stdout", "out"), (Tail(err, self.position["err"]), "stderr", "err")
+        while self._alive(proc, record):
+            self._drain(outs, events)
+            reason = self.watchdog() if self.watchdog is not None else None
+            if reason is not None and self._stop_reason is None:
+                self._stop_reason = reason
+                self._agent(reason)
+                threading.Thread(target=self._signal_step, daemon=True).start()
+            time.sleep(POLL_S)
+        pgid, started = record["pid"], record["start_time"]
+        if proc is not None or _group_members(pgid, started):
+            _kill_group(pgid, signal.SIGKILL)  # leftovers of the step die with it
+        with self._lock:
+            self._pgid = None
+        self._drain(outs, events, final=True)
+        return self._exit_code(exit_file, proc, i)
+
+    def _launch(self, argv: list[str], out: Path, err: Path, exit_file: Path) -> subprocess.Popen[bytes]:
+        with open(out, "ab") as fo, open(err, "ab") as fe:
+            return subprocess.Popen(
+                [sys.executable, "-S", LAUNCH, str(exit_file), "--", *argv],
+                cwd=self.stage_dir,
+                env=self._env(),
+                stdin=subprocess.DEVNULL,
+                stdout=fo,
+                stderr=fe,
+                start_new_session=True,
+            )
+
+    @staticmethod
+    def _alive(proc: subprocess.Popen[bytes] | None, record: dict[str, Any]) -> bool:
+        if proc is not None:
+            return proc.poll() is None
+        return same_process(record["pid"], record["start_time"])
+
+    def _exit_code(self, exit_file: Path, proc: subprocess.Popen[bytes] | None, i: int) -> int:
+        with contextlib.suppress(FileNotFoundError, ValueError):
+            return int(exit_file.read_text(encoding="utf-8").strip())
+        if proc is not None and proc.returncode not in (None, 0):
+            return proc.returncode  # the launcher itself was killed
+        self._agent(f"step {i} left no exit status (killed together with its launcher, or the machine restarted)")
+        return -signal.SIGKILL
+
+    def _drain(self, outs: Sequence[tuple[Tail, str, str]], events: Tail, final: bool = False) -> None:
+        for tail, stream, key in outs:
+            for raw, offset in tail.lines(final):
+                text = raw.decode("utf-8", errors="replace").rstrip("\r")
                 if len(text) > MAX_LINE:
                     text = text[:MAX_LINE] + f" ... [{len(text) - MAX_LINE} characters cut]"
+                self.position[key] = offset
                 self.emit("log", {"stream": stream, "text": text})
+        for raw, offset in events.lines():
+            self.position["events"] = offset
+            if raw.strip():
+                self._event(raw)
+
+    def _event(self, line: bytes) -> None:
+        try:
+            ev = json.loads(line)
+            kind = ev["type"]
+        except (ValueError, KeyError, TypeError):
+            self._agent(f"events.jsonl: unreadable line {line[:200]!r}")
+            return
+        if kind == "metric":
+            self.emit("metric", {"step": int(ev.get("step", 0)), "values": dict(ev.get("values") or {})})
+        elif kind == "artifact":
+            try:
+                rel = workdir_relative(str(ev["path"]), self.stage_dir, self.workdir)
+            except (ValueError, KeyError) as e:
+                self._agent(f"artifact rejected: {e}")
+                return
+            self.emit("artifact", {"path": rel, "kind": str(ev.get("kind", ""))})
+        elif kind == "progress":
+            self.emit(
+                "progress", {"what": str(ev.get("what", "")), "done": int(ev.get("done", 0)), "total": ev.get("total")}
+            )

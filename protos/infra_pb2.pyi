@@ -84,7 +84,7 @@ class Usage(_message.Message):
     def __init__(self, cpu_percent: _Optional[float] = ..., memory_used_mib: _Optional[int] = ..., memory_total_mib: _Optional[int] = ..., gpus: _Optional[_Iterable[_Union[GpuUsage, _Mapping]]] = ..., disk_free_mib: _Optional[int] = ...) -> None: ...
 
 class NodeFacts(_message.Message):
-    __slots__ = ("hostname", "name", "gpus", "cpu_count", "memory_mib", "disk_free_mib", "software", "extras", "stage_kinds", "nvml", "workdir")
+    __slots__ = ("hostname", "name", "gpus", "cpu_count", "memory_mib", "disk_free_mib", "software", "extras", "stage_kinds", "nvml", "workdir", "warnings")
     class SoftwareEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +103,7 @@ class NodeFacts(_message.Message):
     STAGE_KINDS_FIELD_NUMBER: _ClassVar[int]
     NVML_FIELD_NUMBER: _ClassVar[int]
     WORKDIR_FIELD_NUMBER: _ClassVar[int]
+    WARNINGS_FIELD_NUMBER: _ClassVar[int]
     hostname: str
     name: str
     gpus: _containers.RepeatedCompositeFieldContainer[Gpu]
@@ -114,7 +115,8 @@ class NodeFacts(_message.Message):
     stage_kinds: _containers.RepeatedScalarFieldContainer[str]
     nvml: str
     workdir: str
-    def __init__(self, hostname: _Optional[str] = ..., name: _Optional[str] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., cpu_count: _Optional[int] = ..., memory_mib: _Optional[int] = ..., disk_free_mib: _Optional[int] = ..., software: _Optional[_Mapping[str, str]] = ..., extras: _Optional[_Iterable[str]] = ..., stage_kinds: _Optional[_Iterable[str]] = ..., nvml: _Optional[str] = ..., workdir: _Optional[str] = ...) -> None: ...
+    warnings: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, hostname: _Optional[str] = ..., name: _Optional[str] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., cpu_count: _Optional[int] = ..., memory_mib: _Optional[int] = ..., disk_free_mib: _Optional[int] = ..., software: _Optional[_Mapping[str, str]] = ..., extras: _Optional[_Iterable[str]] = ..., stage_kinds: _Optional[_Iterable[str]] = ..., nvml: _Optional[str] = ..., workdir: _Optional[str] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class RunningAttempt(_message.Message):
     __slots__ = ("attempt_id", "lease_token")
@@ -137,34 +139,40 @@ class RegisterRequest(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., node_id: _Optional[str] = ..., facts: _Optional[_Union[NodeFacts, _Mapping]] = ..., running: _Optional[_Iterable[_Union[RunningAttempt, _Mapping]]] = ...) -> None: ...
 
 class RegisterResponse(_message.Message):
-    __slots__ = ("protocol_version", "node_id", "session", "heartbeat_interval_s")
+    __slots__ = ("protocol_version", "node_id", "session", "heartbeat_interval_s", "lost_timeout_s")
     PROTOCOL_VERSION_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     HEARTBEAT_INTERVAL_S_FIELD_NUMBER: _ClassVar[int]
+    LOST_TIMEOUT_S_FIELD_NUMBER: _ClassVar[int]
     protocol_version: int
     node_id: str
     session: int
     heartbeat_interval_s: float
-    def __init__(self, protocol_version: _Optional[int] = ..., node_id: _Optional[str] = ..., session: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ...) -> None: ...
+    lost_timeout_s: float
+    def __init__(self, protocol_version: _Optional[int] = ..., node_id: _Optional[str] = ..., session: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ..., lost_timeout_s: _Optional[float] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("node_id", "session", "usage", "running")
+    __slots__ = ("node_id", "session", "usage", "running", "unavailable")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
+    UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     session: int
     usage: Usage
     running: _containers.RepeatedCompositeFieldContainer[RunningAttempt]
-    def __init__(self, node_id: _Optional[str] = ..., session: _Optional[int] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., running: _Optional[_Iterable[_Union[RunningAttempt, _Mapping]]] = ...) -> None: ...
+    unavailable: str
+    def __init__(self, node_id: _Optional[str] = ..., session: _Optional[int] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., running: _Optional[_Iterable[_Union[RunningAttempt, _Mapping]]] = ..., unavailable: _Optional[str] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("reregister",)
+    __slots__ = ("reregister", "revoked")
     REREGISTER_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_FIELD_NUMBER: _ClassVar[int]
     reregister: bool
-    def __init__(self, reregister: _Optional[bool] = ...) -> None: ...
+    revoked: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, reregister: _Optional[bool] = ..., revoked: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class AssignmentStreamRequest(_message.Message):
     __slots__ = ("node_id", "session")
@@ -263,8 +271,26 @@ class Progress(_message.Message):
     has_total: bool
     def __init__(self, what: _Optional[str] = ..., done: _Optional[int] = ..., total: _Optional[int] = ..., has_total: _Optional[bool] = ...) -> None: ...
 
+class Dropped(_message.Message):
+    __slots__ = ("count", "logs", "metrics", "progress", "first_seq", "last_seq", "reason")
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    LOGS_FIELD_NUMBER: _ClassVar[int]
+    METRICS_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_SEQ_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    count: int
+    logs: int
+    metrics: int
+    progress: int
+    first_seq: int
+    last_seq: int
+    reason: str
+    def __init__(self, count: _Optional[int] = ..., logs: _Optional[int] = ..., metrics: _Optional[int] = ..., progress: _Optional[int] = ..., first_seq: _Optional[int] = ..., last_seq: _Optional[int] = ..., reason: _Optional[str] = ...) -> None: ...
+
 class Event(_message.Message):
-    __slots__ = ("attempt_id", "lease_token", "seq", "time", "log", "metric", "artifact", "progress")
+    __slots__ = ("attempt_id", "lease_token", "seq", "time", "log", "metric", "artifact", "progress", "dropped")
     ATTEMPT_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     SEQ_FIELD_NUMBER: _ClassVar[int]
@@ -273,6 +299,7 @@ class Event(_message.Message):
     METRIC_FIELD_NUMBER: _ClassVar[int]
     ARTIFACT_FIELD_NUMBER: _ClassVar[int]
     PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
     attempt_id: int
     lease_token: str
     seq: int
@@ -281,7 +308,8 @@ class Event(_message.Message):
     metric: Metric
     artifact: Artifact
     progress: Progress
-    def __init__(self, attempt_id: _Optional[int] = ..., lease_token: _Optional[str] = ..., seq: _Optional[int] = ..., time: _Optional[float] = ..., log: _Optional[_Union[LogLine, _Mapping]] = ..., metric: _Optional[_Union[Metric, _Mapping]] = ..., artifact: _Optional[_Union[Artifact, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ...) -> None: ...
+    dropped: Dropped
+    def __init__(self, attempt_id: _Optional[int] = ..., lease_token: _Optional[str] = ..., seq: _Optional[int] = ..., time: _Optional[float] = ..., log: _Optional[_Union[LogLine, _Mapping]] = ..., metric: _Optional[_Union[Metric, _Mapping]] = ..., artifact: _Optional[_Union[Artifact, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., dropped: _Optional[_Union[Dropped, _Mapping]] = ...) -> None: ...
 
 class EventBatch(_message.Message):
     __slots__ = ("node_id", "events")
@@ -356,7 +384,7 @@ class StatusRequest(_message.Message):
     def __init__(self, experiment: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("node_id", "facts", "online", "heartbeat_age_s", "usage", "allocated", "allocated_gpus")
+    __slots__ = ("node_id", "facts", "online", "heartbeat_age_s", "usage", "allocated", "allocated_gpus", "state", "unavailable")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     FACTS_FIELD_NUMBER: _ClassVar[int]
     ONLINE_FIELD_NUMBER: _ClassVar[int]
@@ -364,6 +392,8 @@ class NodeStatus(_message.Message):
     USAGE_FIELD_NUMBER: _ClassVar[int]
     ALLOCATED_FIELD_NUMBER: _ClassVar[int]
     ALLOCATED_GPUS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     facts: NodeFacts
     online: bool
@@ -371,7 +401,9 @@ class NodeStatus(_message.Message):
     usage: Usage
     allocated: Resources
     allocated_gpus: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, node_id: _Optional[str] = ..., facts: _Optional[_Union[NodeFacts, _Mapping]] = ..., online: _Optional[bool] = ..., heartbeat_age_s: _Optional[float] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., allocated: _Optional[_Union[Resources, _Mapping]] = ..., allocated_gpus: _Optional[_Iterable[int]] = ...) -> None: ...
+    state: str
+    unavailable: str
+    def __init__(self, node_id: _Optional[str] = ..., facts: _Optional[_Union[NodeFacts, _Mapping]] = ..., online: _Optional[bool] = ..., heartbeat_age_s: _Optional[float] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., allocated: _Optional[_Union[Resources, _Mapping]] = ..., allocated_gpus: _Optional[_Iterable[int]] = ..., state: _Optional[str] = ..., unavailable: _Optional[str] = ...) -> None: ...
 
 class Transition(_message.Message):
     __slots__ = ("from_state", "to_state", "time", "reason")
@@ -436,7 +468,7 @@ class StageStatus(_message.Message):
     def __init__(self, stage_id: _Optional[int] = ..., name: _Optional[str] = ..., kind: _Optional[str] = ..., state: _Optional[_Union[StageState, str]] = ..., after: _Optional[_Iterable[str]] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., reason: _Optional[str] = ..., attempts: _Optional[_Iterable[_Union[AttemptStatus, _Mapping]]] = ..., transitions: _Optional[_Iterable[_Union[Transition, _Mapping]]] = ..., max_retries: _Optional[int] = ...) -> None: ...
 
 class ExperimentStatus(_message.Message):
-    __slots__ = ("experiment", "name", "state", "priority", "created_at", "finished_at", "stages", "shared_workdir", "smoke")
+    __slots__ = ("experiment", "name", "state", "priority", "created_at", "finished_at", "stages", "shared_workdir", "smoke", "owner")
     EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
@@ -446,6 +478,7 @@ class ExperimentStatus(_message.Message):
     STAGES_FIELD_NUMBER: _ClassVar[int]
     SHARED_WORKDIR_FIELD_NUMBER: _ClassVar[int]
     SMOKE_FIELD_NUMBER: _ClassVar[int]
+    OWNER_FIELD_NUMBER: _ClassVar[int]
     experiment: str
     name: str
     state: str
@@ -455,7 +488,8 @@ class ExperimentStatus(_message.Message):
     stages: _containers.RepeatedCompositeFieldContainer[StageStatus]
     shared_workdir: bool
     smoke: bool
-    def __init__(self, experiment: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[str] = ..., priority: _Optional[int] = ..., created_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., stages: _Optional[_Iterable[_Union[StageStatus, _Mapping]]] = ..., shared_workdir: _Optional[bool] = ..., smoke: _Optional[bool] = ...) -> None: ...
+    owner: str
+    def __init__(self, experiment: _Optional[str] = ..., name: _Optional[str] = ..., state: _Optional[str] = ..., priority: _Optional[int] = ..., created_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., stages: _Optional[_Iterable[_Union[StageStatus, _Mapping]]] = ..., shared_workdir: _Optional[bool] = ..., smoke: _Optional[bool] = ..., owner: _Optional[str] = ...) -> None: ...
 
 class StatusResponse(_message.Message):
     __slots__ = ("nodes", "experiments")
@@ -570,3 +604,55 @@ class CancelResponse(_message.Message):
     cancelled: int
     signalled: int
     def __init__(self, cancelled: _Optional[int] = ..., signalled: _Optional[int] = ...) -> None: ...
+
+class TokenInfo(_message.Message):
+    __slots__ = ("id", "user", "role", "created_at", "revoked")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    USER_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    REVOKED_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    user: str
+    role: str
+    created_at: float
+    revoked: bool
+    def __init__(self, id: _Optional[int] = ..., user: _Optional[str] = ..., role: _Optional[str] = ..., created_at: _Optional[float] = ..., revoked: _Optional[bool] = ...) -> None: ...
+
+class CreateTokenRequest(_message.Message):
+    __slots__ = ("user", "role")
+    USER_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    user: str
+    role: str
+    def __init__(self, user: _Optional[str] = ..., role: _Optional[str] = ...) -> None: ...
+
+class CreateTokenResponse(_message.Message):
+    __slots__ = ("token", "info")
+    TOKEN_FIELD_NUMBER: _ClassVar[int]
+    INFO_FIELD_NUMBER: _ClassVar[int]
+    token: str
+    info: TokenInfo
+    def __init__(self, token: _Optional[str] = ..., info: _Optional[_Union[TokenInfo, _Mapping]] = ...) -> None: ...
+
+class ListTokensRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class ListTokensResponse(_message.Message):
+    __slots__ = ("tokens",)
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedCompositeFieldContainer[TokenInfo]
+    def __init__(self, tokens: _Optional[_Iterable[_Union[TokenInfo, _Mapping]]] = ...) -> None: ...
+
+class RevokeTokenRequest(_message.Message):
+    __slots__ = ("id",)
+    ID_FIELD_NUMBER: _ClassVar[int]
+    id: int
+    def __init__(self, id: _Optional[int] = ...) -> None: ...
+
+class RevokeTokenResponse(_message.Message):
+    __slots__ = ("revoked",)
+    REVOKED_FIELD_NUMBER: _ClassVar[int]
+    revoked: bool
+    def __init__(self, revoked: _Optional[bool] = ...) -> None: ...

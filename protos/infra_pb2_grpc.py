@@ -309,6 +309,21 @@ class ClientServiceStub:
                 request_serializer=protos_dot_infra__pb2.CancelRequest.SerializeToString,
                 response_deserializer=protos_dot_infra__pb2.CancelResponse.FromString,
                 _registered_method=True)
+        self.CreateToken = channel.unary_unary(
+                '/infra.v1.ClientService/CreateToken',
+                request_serializer=protos_dot_infra__pb2.CreateTokenRequest.SerializeToString,
+                response_deserializer=protos_dot_infra__pb2.CreateTokenResponse.FromString,
+                _registered_method=True)
+        self.ListTokens = channel.unary_unary(
+                '/infra.v1.ClientService/ListTokens',
+                request_serializer=protos_dot_infra__pb2.ListTokensRequest.SerializeToString,
+                response_deserializer=protos_dot_infra__pb2.ListTokensResponse.FromString,
+                _registered_method=True)
+        self.RevokeToken = channel.unary_unary(
+                '/infra.v1.ClientService/RevokeToken',
+                request_serializer=protos_dot_infra__pb2.RevokeTokenRequest.SerializeToString,
+                response_deserializer=protos_dot_infra__pb2.RevokeTokenResponse.FromString,
+                _registered_method=True)
 
 
 class ClientServiceServicer:
@@ -350,6 +365,24 @@ class ClientServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListTokens(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeToken(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClientServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -382,6 +415,21 @@ def add_ClientServiceServicer_to_server(servicer, server):
                     servicer.Cancel,
                     request_deserializer=protos_dot_infra__pb2.CancelRequest.FromString,
                     response_serializer=protos_dot_infra__pb2.CancelResponse.SerializeToString,
+            ),
+            'CreateToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateToken,
+                    request_deserializer=protos_dot_infra__pb2.CreateTokenRequest.FromString,
+                    response_serializer=protos_dot_infra__pb2.CreateTokenResponse.SerializeToString,
+            ),
+            'ListTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListTokens,
+                    request_deserializer=protos_dot_infra__pb2.ListTokensRequest.FromString,
+                    response_serializer=protos_dot_infra__pb2.ListTokensResponse.SerializeToString,
+            ),
+            'RevokeToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeToken,
+                    request_deserializer=protos_dot_infra__pb2.RevokeTokenRequest.FromString,
+                    response_serializer=protos_dot_infra__pb2.RevokeTokenResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -546,6 +594,87 @@ class ClientService:
             '/infra.v1.ClientService/Cancel',
             protos_dot_infra__pb2.CancelRequest.SerializeToString,
             protos_dot_infra__pb2.CancelResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/infra.v1.ClientService/CreateToken',
+            protos_dot_infra__pb2.CreateTokenRequest.SerializeToString,
+            protos_dot_infra__pb2.CreateTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/infra.v1.ClientService/ListTokens',
+            protos_dot_infra__pb2.ListTokensRequest.SerializeToString,
+            protos_dot_infra__pb2.ListTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/infra.v1.ClientService/RevokeToken',
+            protos_dot_infra__pb2.RevokeTokenRequest.SerializeToString,
+            protos_dot_infra__pb2.RevokeTokenResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import threading
@@ -43,20 +44,31 @@ def stop_process(proc: subprocess.Popen[Any], timeout: float = 15.0) -> None:
 
 
 class Cluster:
-    """A master and node agents as subprocesses (``python -m infra.cli ...``), plus CLI calls."""
+    """A master and node agents as subprocesses (``python -m infra.cli ...``), plus CLI calls.
+
+    ``master_args`` are kept for restarts: :meth:`restart_master` starts a new master on the same port
+    and database, as an operator would after a crash."""
 
     def __init__(self, tmp: Path, db_url: str) -> None:
         self.tmp, self.db_url = tmp, db_url
         self.env = {**os.environ, "INFRA_CONFIG_DIR": str(tmp / "config"), "INFRA_STAGE_MODULES": str(STAGEKIT)}
         self.env.pop("INFRA_MASTER", None)
+        self.env.pop("INFRA_TOKEN", None)
         self.procs: list[subprocess.Popen[Any]] = []
         self.address = ""
+        self.master: subprocess.Popen[Any] | None = None
+        self.master_args: tuple[str, ...] = ()
+        self.nodes: dict[str, subprocess.Popen[Any]] = {}
+        self.client_args: list[str] = []  # e.g. TLS flags every CLI call gets
 
-    def start_master(self) -> str:
-        log = (self.tmp / "master.log").open("w")
-        cmd = [sys.executable, "-m", "infra.cli", "master", "--db", self.db_url, "--bind", "127.0.0.1:0"]
-        proc = subprocess.Popen([*cmd, "--heartbeat", "1"], stdout=subprocess.PIPE, stderr=log, text=True, env=self.env)
+    def start_master(self, *args: str, port: int = 0, heartbeat: float = 1.0) -> str:
+        self.master_args = args
+        log = (self.tmp / "master.log").open("a")
+        cmd = [sys.executable, "-m", "infra.cli", "master", "--db", self.db_url, "--bind", f"127.0.0.1:{port}"]
+        cmd += ["--heartbeat", str(heartbeat), *args]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=self.env)
         self.procs.append(proc)
+        self.master = proc
         found: list[str] = []
 
         def read() -> None:
@@ -71,26 +83,67 @@ class Cluster:
         )
         return self.address
 
+    @property
+    def port(self) -> int:
+        return int(self.address.rsplit(":", 1)[1])
+
+    def kill_master(self) -> None:
+        """kill -9: no goodbye, no flush."""
+        assert self.master is not None
+        self.master.send_signal(signal.SIGKILL)
+        self.master.wait(10)
+
+    def restart_master(self) -> str:
+        return self.start_master(*self.master_args, port=self.port)
+
     def _dead(self, what: str) -> None:
         raise AssertionError(f"the {what} exited early:\n" + (self.tmp / f"{what}.log").read_text())
 
-    def start_node(self, name: str, *args: str) -> subprocess.Popen[Any]:
-        log = (self.tmp / f"{name}.log").open("w")
-        cmd = [sys.executable, "-m", "infra.cli", "node", "--master", self.address, "--name", name]
-        cmd += ["--workdir", str(self.tmp / f"work-{name}"), "--heartbeat", "0.5", *args]
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=self.env)
+    def start_node(
+        self,
+        name: str,
+        *args: str,
+        master: str | None = None,
+        heartbeat: float = 0.5,
+        env: dict[str, str] | None = None,
+    ) -> subprocess.Popen[Any]:
+        log = (self.tmp / f"{name}.log").open("a")
+        cmd = [sys.executable, "-m", "infra.cli", "node", "--master", master or self.address, "--name", name]
+        cmd += ["--workdir", str(self.workdir(name)), "--heartbeat", str(heartbeat), *args]
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**self.env, **(env or {})})
         self.procs.append(proc)
+        self.nodes[name] = proc
         return proc
 
-    def cli(self, *args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-        cmd = [sys.executable, "-m", "infra.cli", *args, "--master", self.address]
-        result = subprocess.run(cmd, capture_output=True, text=True, env=self.env, timeout=timeout, cwd=self.tmp)
+    def workdir(self, name: str) -> Path:
+        return self.tmp / f"work-{name}"
+
+    def kill_node(self, name: str) -> None:
+        """kill -9 of the agent only: its stages run on (they are in their own sessions)."""
+        proc = self.nodes[name]
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+
+    def cli(
+        self, *args: str, check: bool = True, timeout: float = 60, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        cmd = [sys.executable, "-m", "infra.cli", *args, "--master", self.address, *self.client_args]
+        result = subprocess.run(
+            cmd, capture_output=True, text=True, env={**self.env, **(env or {})}, timeout=timeout, cwd=self.tmp
+        )
         if check and result.returncode != 0:
             raise AssertionError(f"{' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
         return result
 
     def status(self, experiment: str | None = None) -> dict[str, Any]:
         return json.loads(self.cli("status", *([experiment] if experiment else []), "--json").stdout)
+
+    def wait_online(self, *names: str, timeout: float = 60) -> dict[str, Any]:
+        def online() -> dict[str, Any] | None:
+            nodes = {n["name"]: n for n in self.status()["nodes"] if n["online"]}
+            return nodes if set(names) <= set(nodes) else None
+
+        return wait_for(online, timeout, f"node(s) {', '.join(names)} to be online")
 
     def submit(self, plan: dict[str, Any]) -> str:
         path = self.tmp / f"plan-{uuid.uuid4().hex[:8]}.json"
@@ -109,6 +162,20 @@ class Cluster:
     def stop(self) -> None:
         for proc in reversed(self.procs):  # nodes first: they stop their stages
             stop_process(proc)
+        kill_leftover_stages(self.tmp)
+
+
+def kill_leftover_stages(tmp: Path) -> None:
+    """Stage processes whose agent was killed -9 and never restarted outlive it by design; end them."""
+    from node.runner import same_process
+
+    for record in tmp.glob("work-*/experiments/*/*/.infra/attempt-*/run.json"):
+        try:
+            run = json.loads(record.read_text())
+            if same_process(run["pid"], run["start_time"]):  # never a later process that reuses the pid
+                os.killpg(run["pid"], signal.SIGKILL)
+        except (ValueError, KeyError, ProcessLookupError, PermissionError):
+            continue
 
 
 @pytest.fixture

@@ -1,8 +1,12 @@
-"""A test-only stage kind, ``probe``, loaded by nodes through ``INFRA_STAGE_MODULES=<this file>``.
+"""Test-only stage kinds, loaded by nodes through ``INFRA_STAGE_MODULES=<this file>``.
 
-A probe stage prints its ``CUDA_VISIBLE_DEVICES``, emits metrics and artifacts through the real
-events.jsonl sink, spawns a small process tree (to check that cancel ends all of it), records every
-pid in ``pids.txt``, sleeps, and exits with ``exit_code``.
+``probe`` prints its ``CUDA_VISIBLE_DEVICES``, emits metrics and artifacts through the real events.jsonl
+sink, spawns a small process tree (to check that cancel ends all of it), records every pid in
+``pids.txt``, sleeps, and exits with ``exit_code``.
+
+``stream`` writes a known sequence, paced, after ``delay`` seconds: ``lines`` stdout lines ``line <i>``
+(``width`` characters), a metric every ``metric_every`` lines, one artifact at the end; the fault tests
+compare what the master stored with exactly this. ``fill`` writes ``mib`` MiB into the stage directory, then sleeps.
 """
 
 from __future__ import annotations
@@ -49,3 +53,63 @@ def build(p: ProbeParams, ctx: StageContext) -> Command:
 
 
 register_stage("probe", StageKind(ProbeParams, build, Resources(0, 1, 512), description="test probe"))
+
+
+STREAM = r"""
+import json, os, sys, time
+from pathlib import Path
+from crystallm_core.events import open_sink
+
+p = json.loads(sys.argv[1])
+stage = Path.cwd()
+(stage / "pids.txt").write_text(f"{os.getpid()}\n")
+time.sleep(p["delay"])
+with open_sink(stage) as sink:
+    for i in range(p["lines"]):
+        print(f"line {i} ".ljust(p["width"], "."), flush=True)
+        if i % p["metric_every"] == 0:
+            sink.metric(i, value=float(i))
+        if p["interval"]:
+            time.sleep(p["interval"])
+    (stage / "out.txt").write_text("done\n")
+    sink.artifact(stage / "out.txt", "report")
+sys.exit(p["exit_code"])
+"""
+
+
+class StreamParams(Spec):
+    lines: int = Field(100, ge=0)
+    width: int = Field(12, ge=1)
+    metric_every: int = Field(10, ge=1)
+    interval: float = Field(0.0, ge=0)
+    delay: float = Field(0.0, ge=0)
+    exit_code: int = 0
+
+
+def build_stream(p: StreamParams, ctx: StageContext) -> Command:
+    return Command([[sys.executable, "-c", STREAM, json.dumps(p.model_dump())]])
+
+
+FILL = r"""
+import os, sys, time
+mib = int(sys.argv[1])
+with open("fill.bin", "wb") as fh:
+    for _ in range(mib):
+        fh.write(os.urandom(1 << 20))
+        fh.flush()
+        time.sleep(0.02)
+print("filled", flush=True)
+time.sleep(60)
+"""
+
+
+class FillParams(Spec):
+    mib: int = Field(1, ge=1)
+
+
+def build_fill(p: FillParams, ctx: StageContext) -> Command:
+    return Command([[sys.executable, "-c", FILL, str(p.mib)]])
+
+
+register_stage("stream", StageKind(StreamParams, build_stream, Resources(0, 1, 256), description="test stream"))
+register_stage("fill", StageKind(FillParams, build_fill, Resources(0, 1, 256), description="test disk filler"))

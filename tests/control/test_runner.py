@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import threading
@@ -11,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from infra.stages import Command
+from infra.stages import Command, StageContext, TrainParams, get_stage_kind
 from node.runner import StageRun, workdir_relative
 
 PY = sys.executable
@@ -143,7 +144,62 @@ def test_a_retry_starts_clean_unless_the_kind_resumes(tmp_path: Path) -> None:
     (stage / "old").write_text("1")
     touch = [PY, "-c", "open('new', 'w').write('2')"]
     assert _run(Command([touch]), tmp_path, attempt=2)[0].state == "succeeded"
-    assert sorted(p.name for p in stage.iterdir()) == ["new"]
+    assert sorted(p.name for p in stage.iterdir()) == [".infra", "new"]  # .infra: the runner's own records
     assert (stage.parent / "s.attempt-1" / "old").exists()
     assert _run(Command([touch], fresh_dir=False), tmp_path, attempt=3)[0].state == "succeeded"
     assert not (stage.parent / "s.attempt-2").exists() and (stage / "new").exists()
+
+
+def test_a_retried_train_stage_resumes_from_its_checkpoint(tmp_path: Path) -> None:
+    kind = get_stage_kind("train")
+    params = TrainParams(data_dir="prepare/data", model="tiny", max_steps=10)
+    stage = tmp_path / "e" / "train"
+    first = kind.build(params, StageContext(tmp_path / "e", stage, attempt=1))
+    assert "--resume" not in first.steps[0] and first.fresh_dir
+    retry = kind.build(params, StageContext(tmp_path / "e", stage, attempt=2))
+    assert "--resume" not in retry.steps[0] and retry.fresh_dir  # no checkpoint: start over, clean
+    (stage / "model" / "ckpts").mkdir(parents=True)
+    (stage / "model" / "ckpts" / "last.pt").write_bytes(b"x")
+    retry = kind.build(params, StageContext(tmp_path / "e", stage, attempt=2))
+    assert retry.steps[0][-1] == "--resume" and not retry.fresh_dir  # in place, from ckpts/last.pt
+    assert json.loads(retry.files["train.json"])["out_dir"] == str(stage / "model")
+
+
+def test_a_restarted_agent_adopts_the_step_and_reads_on_exactly_where_it_stopped(tmp_path: Path) -> None:
+    script = """
+import sys, time
+from crystallm_core.events import open_sink
+with open_sink(".") as sink:
+    for i in range(40):
+        print(f"out {i}", flush=True)
+        print(f"err {i}", file=sys.stderr, flush=True)
+        sink.metric(i, v=float(i))
+        time.sleep(0.02)
+"""
+    cmd = Command([[PY, "-c", script], [PY, "-c", "print('second step')"]])
+    stage = tmp_path / "w" / "experiments" / "e" / "s"
+    seen: list[tuple[str, dict[str, Any], dict[str, int]]] = []
+
+    class AgentDied(Exception):
+        pass
+
+    def dying(t: str, b: dict[str, Any]) -> None:
+        seen.append((t, b, dict(first.position)))
+        if len(seen) == 25:
+            raise AgentDied  # the agent process dies here; the step does not
+
+    first = StageRun(cmd, stage, tmp_path / "w", [], dying)
+    with pytest.raises(AgentDied):
+        first.run()
+    record = json.loads((stage / ".infra" / "attempt-1" / "run.json").read_text())
+    assert _alive(record["pid"])
+
+    rest: list[tuple[str, dict[str, Any]]] = []
+    again = StageRun(cmd, stage, tmp_path / "w", [], lambda t, b: rest.append((t, b)), resume_from=seen[-1][2])
+    assert again.run().state == "succeeded"
+    events = [(t, b) for t, b, _ in seen] + [x for x in rest if not x[1].get("text", "").startswith("adopted")]
+    texts = [b["text"] for t, b in events if t == "log" and b["stream"] != "agent"]
+    assert sorted(texts) == sorted([f"out {i}" for i in range(40)] + [f"err {i}" for i in range(40)] + ["second step"])
+    assert [b["step"] for t, b in events if t == "metric"] == list(range(40))
+    assert [b["text"] for t, b in events if t == "log" and b["stream"] == "agent"][0].startswith("$ ")
+    assert len([1 for t, b in events if t == "log" and b.get("text", "").startswith("$ ")]) == 2

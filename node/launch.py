@@ -1,0 +1,42 @@
+"""Run one step of a stage and write how it ended: ``python -S launch.py EXIT_FILE -- ARGV...``.
+
+The node agent starts every step through this small parent so that the step's exit status survives the
+agent: if the agent is killed, the step keeps running (its output goes to files, not pipes) and a
+restarted agent reads the status from EXIT_FILE. The launcher shares the step's process group, so a
+cancel's SIGTERM reaches both; it ignores that signal itself (a handler, not SIG_IGN, which the step
+would inherit) to outlive the step and record ``-15``. Only the standard library is used.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+
+def main(argv: list[str]) -> int:
+    if len(argv) < 3 or argv[1] != "--":
+        print("usage: launch.py EXIT_FILE -- ARGV...", file=sys.stderr)
+        return 2
+    exit_file, command = argv[0], argv[2:]
+    signal.signal(signal.SIGTERM, lambda *_: None)
+    signal.signal(signal.SIGINT, lambda *_: None)
+    try:
+        proc = subprocess.Popen(command, restore_signals=True)
+    except OSError as e:
+        print(f"cannot start {command[0]}: {e}", file=sys.stderr, flush=True)
+        code = 127
+    else:
+        code = proc.wait()
+    tmp = f"{exit_file}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        fh.write(f"{code}\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, exit_file)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

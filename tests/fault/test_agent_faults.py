@@ -1,0 +1,98 @@
+"""kill -9 of a node agent in the middle of a stage: it comes back and adopts the stage, or it stays away
+and the stage moves to another node (its orphaned copy is killed when the agent returns)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+from control.conftest import Cluster
+
+from fault.conftest import assert_stream_exactly_once, stage, stored_count, stored_events
+
+pytestmark = pytest.mark.timeout(120)
+STREAM = {"lines": 240, "width": 40, "metric_every": 10, "interval": 0.02}
+
+
+def _running(cluster: Cluster, key: str) -> dict[str, Any] | None:
+    exp = cluster.status(key)["experiments"][0]
+    return exp if exp["stages"][0]["state"] == "running" else None
+
+
+def _pid(cluster: Cluster, node: str, key: str, name: str) -> int:
+    path = cluster.workdir(node) / "experiments" / key / name / "pids.txt"
+    return int(cluster.wait_for(lambda: path.exists() and path.read_text().strip(), 30, "the stage's pid"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+
+
+def test_a_killed_agent_comes_back_and_adopts_its_stage(cluster: Cluster) -> None:
+    cluster.start_master("--lost-timeout", "20")
+    cluster.start_node("adopt", heartbeat=0.3)
+    cluster.wait_online("adopt")
+    plan = {"name": "adopt", "stages": [{"name": "s", "kind": "stream", "params": STREAM}]}
+    key = cluster.submit(plan)
+    cluster.wait_for(lambda: stored_count(cluster.db_url, key, "s") > 40, 60, "some events to be stored")
+    pid = _pid(cluster, "adopt", key, "s")
+    cluster.kill_node("adopt")
+    assert _alive(pid)  # the stage outlives its agent
+    cluster.start_node("adopt", heartbeat=0.3)
+    exp = cluster.wait_finished(key, timeout=60)
+    s = stage(exp, "s")
+    assert exp["state"] == "succeeded" and [a["state"] for a in s["attempts"]] == ["succeeded"], json.dumps(exp)
+    events = stored_events(cluster.db_url, key, "s")[1]
+    assert any(e["type"] == "log" and e["text"].startswith("adopted step 1") for e in events)
+    assert_stream_exactly_once(events, STREAM)
+
+
+def test_an_agent_that_stays_away_loses_its_stage_to_another_node(cluster: Cluster) -> None:
+    cluster.start_master("--lost-timeout", "2")
+    cluster.start_node("gone", heartbeat=0.3)
+    cluster.wait_online("gone")
+    slow = {**STREAM, "lines": 300, "interval": 0.03}
+    plan = {
+        "name": "moves",
+        "shared_workdir": True,
+        "stages": [
+            {"name": "s", "kind": "stream", "params": slow, "max_retries": 1},
+            {"name": "once", "kind": "stream", "params": slow, "max_retries": 0},
+        ],
+    }
+    key = cluster.submit(plan)
+    cluster.wait_for(
+        lambda: all(x["state"] == "running" for x in cluster.status(key)["experiments"][0]["stages"]),
+        60,
+        "both stages to run",
+    )
+    pid = _pid(cluster, "gone", key, "s")
+    cluster.kill_node("gone")
+    cluster.start_node("other", heartbeat=0.3)
+
+    def retried() -> bool:
+        attempts = stage(cluster.status(key)["experiments"][0], "s")["attempts"]
+        return len(attempts) == 2 and attempts[1]["state"] == "running"
+
+    cluster.wait_for(retried, 60, "the stage to run again on the other node")
+    assert _alive(pid)  # the orphaned copy runs until its agent is back ...
+    cluster.start_node("gone", heartbeat=0.3)
+    cluster.wait_for(lambda: not _alive(pid), 30, "the agent to kill its stale copy")  # ... then it is killed
+
+    exp = cluster.wait_finished(key, timeout=90)
+    s, once = stage(exp, "s"), stage(exp, "once")
+    assert exp["state"] == "failed"
+    assert [a["state"] for a in s["attempts"]] == ["failed", "succeeded"] and s["state"] == "succeeded"
+    assert [a["node"] for a in s["attempts"]] == ["gone", "other"]
+    assert "node gone lost: no heartbeat" in s["attempts"][0]["message"]
+    assert once["state"] == "failed" and "node gone lost" in once["reason"]
+    assert_stream_exactly_once(stored_events(cluster.db_url, key, "s")[2], slow)
+    first = [e["text"] for e in stored_events(cluster.db_url, key, "s")[1] if e["type"] == "log"]
+    assert len(first) == len(set(first))  # the lost attempt's events: a prefix, nothing twice
