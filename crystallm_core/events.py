@@ -66,9 +66,11 @@ class JsonlSink:
         self.emit("metric", step=int(step), values={k: _finite(v) for k, v in values.items()})
 
     def artifact(self, path: str | Path, kind: str) -> None:
-        p = Path(path)
-        if p.is_absolute() and p.resolve().is_relative_to(self.base.resolve()):
-            p = p.resolve().relative_to(self.base.resolve())  # outside paths stay absolute for the shipper to judge
+        """Record ``path`` (absolute, or relative to the current directory, like any file name) relative to
+        this file's directory when it lies below it; absolute otherwise, for the shipper to judge."""
+        p = Path(path).absolute()
+        if p.resolve().is_relative_to(self.base.resolve()):
+            p = p.resolve().relative_to(self.base.resolve())
         self.emit("artifact", path=p.as_posix(), kind=kind)
 
     def progress(self, what: str, done: int, total: int | None) -> None:

@@ -2,8 +2,9 @@
 
 Pipeline (docs/DATA.md): read inputs -> parse and canonicalize in a process pool (failures go
 to ``rejects.csv``) -> store -> optional dedup -> splits -> token files of the selected
-structures -> ``meta.json``. The output directory either ends up holding a complete data set or,
-if the run fails, none of this run's files (``events.jsonl`` excepted: it is the run's log).
+structures -> ``selection.json`` (which structures, chosen how, from which sources) -> ``meta.json``.
+The output directory either ends up holding a complete data set or, if the run fails, none of this
+run's files (``events.jsonl`` excepted: it is the run's log).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
+import json
 import math
 import os
 import sys
@@ -33,6 +35,7 @@ from crystallm_core import __version__
 from crystallm_core.cif import DEFAULT_DECIMALS, DEFAULT_SYMPREC, Canonical, canonicalize
 from crystallm_core.events import JsonlSink, open_sink
 from crystallm_core.inputs import Record, read_inputs
+from crystallm_core.layout import SELECTION_JSON
 from crystallm_core.registry import RegistryError
 from crystallm_core.store import Filter, Row, Store, parse_filter, parse_filters
 from crystallm_core.tokens import META, SPLITS, SplitCounts, bin_path, starts_path, write_meta, write_split
@@ -128,7 +131,7 @@ def default_workers() -> int:
 
 def dataset_files(out: Path) -> list[Path]:
     """Every file a prepared data set may consist of."""
-    names = [STORE_NAME, REJECTS_NAME, META]
+    names = [STORE_NAME, REJECTS_NAME, SELECTION_JSON, META]
     return [out / n for n in names] + [p for s in SPLITS for p in (bin_path(out, s), starts_path(out, s))]
 
 
@@ -304,14 +307,22 @@ def _split_store(store: Store, ratios: Sequence[float], seed: int) -> tuple[str,
 
 def _write_tokens(
     out: Path, store: Store, filters: list[Filter], vocab: Vocabulary, sink: JsonlSink
-) -> tuple[dict[str, SplitCounts], Counter]:
+) -> tuple[dict[str, SplitCounts], Counter, dict[str, list[str]]]:
+    """Token files of each split; also the ids written, in token-file order (CIF ``i`` is ``ids[split][i]``)."""
     unknown: Counter = Counter()
     counts = {}
+    ids: dict[str, list[str]] = {}
+
+    def texts(split: str) -> Iterator[str]:
+        for row in store.iter_rows([*filters, parse_filter(f"split={split}")]):
+            ids[split].append(row.id)
+            yield row.cif
+
     for s in SPLITS:
-        texts = (row.cif for row in store.iter_rows([*filters, parse_filter(f"split={s}")]))
-        counts[s] = write_split(out, s, texts, vocab, unknown)
+        ids[s] = []
+        counts[s] = write_split(out, s, texts(s), vocab, unknown)
         sink.progress("tokens", SPLITS.index(s) + 1, len(SPLITS))
-    return counts, unknown
+    return counts, unknown, ids
 
 
 def _sha256_file(path: Path) -> str:
@@ -375,6 +386,16 @@ def _meta(
     }
 
 
+def _write_selection(out: Path, meta: dict[str, Any], ids: dict[str, list[str]]) -> None:
+    """``selection.json``: which structures the data set is made of and how they were chosen, written
+    atomically (the experiment record keeps it as ``data/selection.json``)."""
+    keys = ("sources", "filters", "limit", "dedup", "split_origin", "split_ratios", "seed", "counts")
+    selection = {"format": "crystallm-selection/1", **{k: meta[k] for k in keys}, "selected": ids}
+    tmp = out / (SELECTION_JSON + ".tmp")
+    tmp.write_text(json.dumps(selection, indent=1) + "\n", encoding="utf-8")
+    os.replace(tmp, out / SELECTION_JSON)
+
+
 def _emit_results(sink: JsonlSink, report: PrepareReport, out: Path) -> None:
     values: dict[str, float] = {
         "structures_read": report.read,
@@ -396,6 +417,7 @@ def _emit_results(sink: JsonlSink, report: PrepareReport, out: Path) -> None:
         if c.cifs:
             sink.artifact(bin_path(out, s), "data")
             sink.artifact(starts_path(out, s), "data")
+    sink.artifact(out / SELECTION_JSON, "data")
     sink.artifact(out / META, "data")
 
 
@@ -440,7 +462,7 @@ def prepare(
     try:
         return _run(sources, records, out, filters, voc, nworkers, decimals, symprec, dedup, ratios, seed, limit)
     except BaseException:
-        for p in [*dataset_files(out), out / (META + ".tmp")]:
+        for p in [*dataset_files(out), out / (META + ".tmp"), out / (SELECTION_JSON + ".tmp")]:
             p.unlink(missing_ok=True)
         if created_dir and not any(out.iterdir()):
             out.rmdir()
@@ -473,7 +495,7 @@ def _run(
         progress.finish()
         duplicates = len(store.remove_duplicates()) if dedup else 0
         origin, ignored = _split_store(store, ratios, seed)
-        counts, unknown = _write_tokens(out, store, filters, vocab, sink)
+        counts, unknown, ids = _write_tokens(out, store, filters, vocab, sink)
         report = PrepareReport(
             out=out,
             read=collector.counts.read,
@@ -497,7 +519,9 @@ def _run(
             "seed": seed if origin == "ratios" else None,
             "limit": limit,
         }
-        write_meta(out, _meta(report, vocab, digests, settings))
+        meta = _meta(report, vocab, digests, settings)
+        _write_selection(out, meta, ids)
+        write_meta(out, meta)
         _emit_results(sink, report, out)
     return report
 

@@ -247,6 +247,8 @@ def cmd_metrics(args: argparse.Namespace) -> int:
 
 
 def cmd_artifacts(args: argparse.Namespace) -> int:
+    if args.local:
+        return _local_artifacts(Path(args.experiment), args.json)
     with _client(args) as client:
         rows = client.artifacts(args.experiment)
     if args.json:
@@ -259,6 +261,28 @@ def cmd_artifacts(args: argparse.Namespace) -> int:
         t.add_column(col)
     for r in rows:
         t.add_row(r["stage"], str(r["attempt"]), r["node"], r["kind"], r["path"])
+    _console().print(t)
+    return 0
+
+
+def _local_artifacts(root: Path, as_json: bool) -> int:
+    """The files of an experiment record on this machine (crystallm_core.layout: stdlib only, no master)."""
+    from crystallm_core.layout import ExperimentLayout
+
+    if not root.is_dir():
+        print(f"infra artifacts: {root} is not a directory (give <workdir>/experiments/<experiment>)", file=sys.stderr)
+        return 2
+    rows = [{"path": a.path, "kind": a.kind, "bytes": a.bytes} for a in ExperimentLayout(root).list_artifacts()]
+    if as_json:
+        _print_json(rows)
+        return 0
+    from rich.table import Table
+
+    t = Table(title=f"files of the experiment record {root} (paths relative to it)", title_justify="left")
+    for col in ("kind", "bytes", "path"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["kind"], str(r["bytes"]), r["path"])
     _console().print(t)
     return 0
 
@@ -459,7 +483,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.set_defaults(func=cmd_metrics)
 
     sp = client_verb("artifacts", "artifacts an experiment's stages reported")
-    sp.add_argument("experiment")
+    sp.add_argument("experiment", help="experiment id; with --local, an experiment directory")
+    sp.add_argument(
+        "--local",
+        action="store_true",
+        help="list the files of the experiment record in the directory EXPERIMENT on this machine (no master)",
+    )
     sp.set_defaults(func=cmd_artifacts)
 
     sp = client_verb("cancel", "cancel an experiment (running stages are stopped)")

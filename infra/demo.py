@@ -31,14 +31,14 @@ DEMO_PLAN: dict[str, Any] = {
             "name": "train",
             "kind": "train",
             "after": ["prepare"],
-            "params": {"data_dir": "prepare/data", "model": "tiny", "max_steps": 40, "batch_size": 8},
+            "params": {"data_dir": "data", "model": "tiny", "max_steps": 40, "batch_size": 8},
         },
         {
             "name": "sample",
             "kind": "sample",
             "after": ["train"],
             "params": {
-                "model": "train/model/ckpts/last.pt",
+                "model": "ckpts/last.pt",
                 "prompt": "Na4Cl4",
                 "num_samples": 8,
                 "max_tokens": 512,
@@ -49,7 +49,7 @@ DEMO_PLAN: dict[str, Any] = {
             "name": "evaluate",
             "kind": "evaluate",
             "after": ["sample"],
-            "params": {"inputs": ["sample/samples"], "workers": 1},
+            "params": {"inputs": ["samples/sample"], "workers": 1},
         },
     ],
 }
@@ -70,7 +70,7 @@ def demo_plan(kinds: set[str]) -> tuple[dict[str, Any], str]:
                 "name": "evaluate",
                 "kind": "evaluate",
                 "after": ["prepare"],
-                "params": {"inputs": ["prepare/raw.csv.gz"], "workers": 1},
+                "params": {"inputs": ["artifacts/prepare/demo.csv.gz"], "workers": 1},
             },
         ],
     }

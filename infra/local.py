@@ -1,9 +1,11 @@
 """``infra-train PLAN.json``: run a plan on this machine without a master.
 
-Same validation and the same stage runner as the node agent; stages run one at a time in dependency
-order in ``<workdir>/experiments/<experiment>/``. The workdir is ``--workdir``, else the one set with
-``infra-wkdir``, else ``./infra-work``. A failed stage (after its retries) stops the run; the stages
-that depend on it are skipped.
+Same validation, the same plugins and the same stage runner as the node agent; stages run one at a time
+in dependency order in ``<workdir>/experiments/<experiment>/``, laid out as every experiment record is
+(``crystallm_core/layout.py``: plan.json and env.json first, then data/, logs/, metrics/, ckpts/, ...).
+The workdir is ``--workdir``, else the one set with ``infra-wkdir``, else ``./infra-work``; its stage
+plugins (``plugins/stage/*.py``) are loaded like ``$INFRA_STAGE_MODULES``. A failed stage (after its
+retries) stops the run; the stages that depend on it are skipped.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from infra.plan import Plan, PlanError, load_plan_data, resolve_inputs, validate_plan
-from infra.stages import StageContext, get_stage_kind, load_stage_modules
+from infra.plan import Plan, PlanError, load_plan_data, resolve_inputs, validate_plan, with_defaults
+from infra.stages import StageContext, get_stage_kind, load_stage_modules, workdir_stage_plugins
 from infra.wkdir import WorkdirError, get_workdir, prepare_workdir
 
 
@@ -35,17 +37,39 @@ def _printer(stage: str, quiet: bool) -> Any:
     return emit, metrics, artifacts
 
 
+def _missing_extras(plan: Plan, workdir: Path, plugin_timeout: float) -> dict[str, list[str]]:
+    """Per stage, the optional features its params need that this machine lacks (a package such as chgnet,
+    a scorer no plugin registers). Plugins are listed, in a subprocess, only when some stage needs one."""
+    from node import facts
+
+    needs = {}
+    for s in plan.stages:
+        kind = get_stage_kind(s.kind)
+        if kind.extras is not None:
+            needs[s.name] = kind.extras(kind.params.model_validate(s.params))
+    have = set(facts.extras())
+    if any(extra.partition(":")[0] in facts.PLUGIN_KINDS for extra in set().union(*needs.values())):
+        listed, warnings = facts.PluginListing.start(workdir, plugin_timeout).result()
+        have.update(listed)
+        for warning in warnings:
+            print(f"infra-train: {warning}", file=sys.stderr)
+    return {name: sorted(need - have) for name, need in needs.items() if need - have}
+
+
 def run_plan(
     plan: Plan,
     workdir: Path,
     experiment: str,
     gpus_available: int,
     quiet: bool = False,
+    plugin_timeout: float = 30.0,
 ) -> list[dict[str, Any]]:
     """Run every stage in dependency order; returns one summary per stage."""
-    from node.runner import StageRun
+    from node.runner import StageRun, start_record
 
     exp_dir = workdir / "experiments" / experiment
+    start_record(exp_dir, with_defaults(plan.to_dict()))
+    lacking = _missing_extras(plan, workdir, plugin_timeout)
     done: dict[str, str] = {}
     summary = []
     current: list[StageRun] = []
@@ -64,20 +88,24 @@ def run_plan(
                 done[stage.name] = "skipped"
                 summary.append({"stage": stage.name, "state": "skipped", "reason": f"{blocked[0]!r} did not succeed"})
                 continue
-            if stage.resources.gpus > gpus_available:
+            if stage.resources.gpus > gpus_available or stage.name in lacking:
                 done[stage.name] = "failed"
-                reason = f"needs {stage.resources.gpus} GPU(s), this machine has {gpus_available}"
+                if stage.name in lacking:
+                    reason = (
+                        f"needs {', '.join(lacking[stage.name])}, which this machine lacks (crystallm plugins list)"
+                    )
+                else:
+                    reason = f"needs {stage.resources.gpus} GPU(s), this machine has {gpus_available}"
                 summary.append({"stage": stage.name, "state": "failed", "reason": reason})
                 continue
             kind = get_stage_kind(stage.kind)
             params = kind.params.model_validate(stage.params)
             started = time.time()
             for attempt in range(1, stage.max_retries + 2):
-                ctx = StageContext(exp_dir, exp_dir / stage.name, plan.smoke, attempt)
+                ctx = StageContext(exp_dir, stage.name, plan.smoke, attempt)
                 emit, metrics, artifacts = _printer(stage.name, quiet)
-                run = StageRun(
-                    kind.build(params, ctx), ctx.stage_dir, workdir, list(range(stage.resources.gpus)), emit, attempt
-                )
+                gpus = list(range(stage.resources.gpus))
+                run = StageRun(kind.build(params, ctx), exp_dir, stage.name, workdir, gpus, emit, attempt)
                 current[:] = [run]
                 result = run.run()
                 if result.state == "succeeded":
@@ -105,11 +133,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", help="workdir (default: the one set with infra-wkdir, else ./infra-work)")
     parser.add_argument("--experiment", help="experiment directory name (default: <plan name>-<date>-<time>)")
     parser.add_argument("--quiet", action="store_true", help="do not echo the stages' output")
+    parser.add_argument(
+        "--plugin-timeout", type=float, default=30.0, help="seconds a plugin may take to import (default 30)"
+    )
     args = parser.parse_args(argv)
-    load_stage_modules()
     try:
-        plan = validate_plan(resolve_inputs(load_plan_data(args.plan), Path.cwd()))
         workdir = prepare_workdir(args.workdir or get_workdir() or "infra-work")
+        problems: list[str] = []
+        load_stage_modules(timeout=args.plugin_timeout, problems=problems, files=workdir_stage_plugins(workdir))
+        for problem in problems:
+            print(f"infra-train: {problem}; running without it", file=sys.stderr)
+        plan = validate_plan(resolve_inputs(load_plan_data(args.plan), Path.cwd()))
     except PlanError as e:
         print(f"infra-train: {args.plan}: plan rejected:", file=sys.stderr)
         for issue in e.issues:
@@ -122,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
 
     experiment = args.experiment or f"{plan.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     print(f"infra-train: {experiment} in {workdir / 'experiments' / experiment}", flush=True)
-    summary = run_plan(plan, workdir, experiment, len(probe_gpus().gpus), args.quiet)
+    summary = run_plan(plan, workdir, experiment, len(probe_gpus().gpus), args.quiet, args.plugin_timeout)
     for s in summary:
         print(f"  {s['stage']:<16} {s['state']:<10} {s.get('reason', '')}")
     return 0 if all(s["state"] == "succeeded" for s in summary) else 1

@@ -4,6 +4,9 @@ A plan is ``{name, priority, resources, smoke, shared_workdir, stages: [...]}``;
 ``{name, kind, params, after, resources, max_retries}``. :func:`validate_plan` reports all
 problems at once (``stages[2].after[0]: unknown stage 'trian'``), never the first only.
 
+Stage names become file names in the experiment record (``logs/<stage>.log``, ``work/<stage>/``, ...), so
+they may not be named like one of its top-level entries (:data:`RESERVED_STAGE_NAMES`).
+
 Size limits are checked on the raw JSON before any model sees it (a plan comes from the network):
 the text, the nesting depth, the number of values, the length of each string and key, the number of
 stages. Large inputs (a structure file, a data set) belong in files named by path, not in a plan.
@@ -11,6 +14,7 @@ stages. Large inputs (a structure file, a data set) belong in files named by pat
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 from collections.abc import Iterable
@@ -30,6 +34,11 @@ MAX_STRING = 64 << 10
 MAX_KEY = 256
 MAX_STAGES = 1000
 MAX_LIMIT_ISSUES = 20
+# The top-level entries of an experiment folder (crystallm_core.layout.RESERVED_NAMES, copied: the master
+# imports this module and never crystallm_core; a test checks the two are equal).
+RESERVED_STAGE_NAMES = frozenset(
+    {"plan.json", "env.json", "data", "logs", "metrics", "ckpts", "samples", "probes", "plots", "artifacts", "work"}
+)
 _UNITS = {"kib": 1 / 1024, "mib": 1, "gib": 1024, "tib": 1024 * 1024}
 _MEM_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]iB)\s*$", re.IGNORECASE)
 
@@ -53,7 +62,18 @@ def _name(value: str) -> str:
     return value
 
 
+def _stage_name(value: str) -> str:
+    _name(value)
+    if value in RESERVED_STAGE_NAMES:
+        raise ValueError(
+            f"stage name {value!r} is taken by the experiment layout (a top-level entry of the experiment "
+            f"folder); avoid {', '.join(sorted(RESERVED_STAGE_NAMES))}"
+        )
+    return value
+
+
 Name = Annotated[str, BeforeValidator(lambda v: _name(v) if isinstance(v, str) else v)]
+StageName = Annotated[str, BeforeValidator(lambda v: _stage_name(v) if isinstance(v, str) else v)]
 Memory = Annotated[int, BeforeValidator(parse_memory)]
 
 
@@ -64,7 +84,7 @@ class ResourcesSpec(Spec):
 
 
 class StageSpec(Spec):
-    name: Name
+    name: StageName
     kind: str
     params: dict[str, Any] = {}
     after: list[str] = []
@@ -216,6 +236,45 @@ def _check_kind(raw: dict[str, Any], i: int, accepted: set[str], local: set[str]
         return None
 
 
+def _shared_outputs(stages: list[Stage], index: dict[str, int]) -> list[Issue]:
+    """Two stages writing the same experiment-wide folder (two ``train`` stages: ``ckpts/``) would overwrite
+    each other's products; an experiment holds one of each."""
+    issues = []
+    owner: dict[str, Stage] = {}
+    for s in stages:
+        if s.kind not in stage_kinds():
+            continue
+        taken = [(folder, owner[folder]) for folder in get_stage_kind(s.kind).owns if folder in owner]
+        if taken:
+            first = taken[0][1]
+            issues.append(
+                Issue(
+                    f"stages[{index[s.name]}].kind",
+                    f"stage {s.name!r} would write {', '.join(f + '/' for f, _ in taken)} of the experiment, as "
+                    f"stage {first.name!r} (stages[{index[first.name]}]) does; an experiment holds one {s.kind!r} "
+                    "stage (split the work into two experiments)",
+                )
+            )
+        for folder in get_stage_kind(s.kind).owns:
+            owner.setdefault(folder, s)
+    return issues
+
+
+def with_defaults(plan: dict[str, Any]) -> dict[str, Any]:
+    """A normalised plan (:meth:`Plan.to_dict`) with the defaults of every stage's params filled in, as the
+    experiment record's plan.json keeps it; params of kinds unknown here (or that no longer validate) stay
+    as given."""
+    out = dict(plan)
+    out["stages"] = []
+    for raw in plan.get("stages", []):
+        kind, params = raw.get("kind"), raw.get("params", {})
+        if kind in stage_kinds():
+            with contextlib.suppress(ValidationError):
+                params = get_stage_kind(kind).params.model_validate(params).model_dump(mode="json")
+        out["stages"].append({**raw, "params": params})
+    return out
+
+
 def limit_issues(data: Any) -> list[Issue]:
     """Problems of size and shape, found without recursion (a hostile plan may nest thousands deep)."""
     issues: list[Issue] = []
@@ -312,6 +371,7 @@ def validate_plan(data: Any, known_kinds: Iterable[str] | None = None) -> Plan:
         default = get_stage_kind(s.kind).resources if s.kind in local else Resources()
         resources = _merge(default, header.resources if header is not None else None, s.resources)
         stages.append(Stage(s.name, s.kind, params, tuple(s.after), resources, s.max_retries))
+    issues += _shared_outputs(stages, raw_index)
     for cycle in _cycles(deps):
         issues.append(Issue(f"stages[{raw_index[cycle[0]]}].after", "dependency cycle: " + " -> ".join(cycle)))
     issues.sort(key=lambda x: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", x.path)])

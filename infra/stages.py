@@ -2,21 +2,28 @@
 
 A kind is a pydantic model for its ``params``, a builder turning validated params plus the
 stage's context into a :class:`Command` (a short sequence of argv lists run one after the other,
-plus small files written into the stage directory first), and default resources. Built-in kinds
-run ``crystallm`` verbs as subprocesses; plugins add kinds with :func:`register_stage` from a
-module named in ``$INFRA_STAGE_MODULES`` (see :func:`load_stage_modules`).
+plus small files written into the stage's working directory first), and default resources. Built-in
+kinds run ``crystallm`` verbs as subprocesses; plugins add kinds with :func:`register_stage` from a
+module named in ``$INFRA_STAGE_MODULES`` or a file in ``<workdir>/plugins/stage/`` (see
+:func:`load_stage_modules`).
 
-Each built-in kind writes its product to a fixed place inside its stage directory, which later
-stages name with experiment-relative paths (``prepare/data``, ``train/model``, ...):
+Every stage writes where the experiment record's layout says (``crystallm_core/layout.py``; this
+module cannot import it, since the master imports this one, so it spells the few folder names it
+needs and a test checks they agree). Later stages name earlier products with paths relative to the
+experiment directory:
 
-- prepare: ``<stage>/data/`` (the demo set first goes to ``<stage>/raw.csv.gz``);
-  runs [``crystallm demo-data``], ``crystallm prepare``
-- train: ``<stage>/model/`` (checkpoints in ``model/ckpts/{last,best}.pt``);
-  runs ``crystallm train <stage>/train.json``, with ``--resume`` on a retry that finds ``last.pt``
-- sample: ``<stage>/samples/`` (.cif files); runs ``crystallm sample``
-- mcts: ``<stage>/mcts/``; runs ``crystallm mcts``
-- benchmark: ``<stage>/csp/`` (samples.csv.gz, csp.json); runs ``crystallm benchmark csp``
-- evaluate: ``<stage>/evaluation.jsonl`` (per-CIF results); runs ``crystallm evaluate``
+- prepare: ``data/`` (``data/selection.json`` included); the demo set first goes to
+  ``artifacts/<stage>/demo.csv.gz``; runs [``crystallm demo-data``], ``crystallm prepare``
+- train: the experiment directory is its ``out_dir``: ``ckpts/{last,best}.pt``, ``plots/``,
+  ``probes/<probe>/``; runs ``crystallm train work/<stage>/train.json``, with ``--resume`` on a retry
+  that finds ``ckpts/last.pt``
+- sample, mcts, benchmark: ``samples/<stage>/``; run ``crystallm sample|mcts|benchmark csp``
+- evaluate: ``artifacts/<stage>/evaluation.jsonl`` (per-CIF results); runs ``crystallm evaluate``
+- analyze: ``plots/<probe>/`` (ΦID tables and heatmaps); runs ``crystallm probes analyze``
+- plot: ``plots/`` (training curves); runs ``crystallm plot``
+
+A stage process runs in ``work/<stage>/`` (scratch), with its events in ``metrics/<stage>.jsonl`` and
+its output in ``logs/<stage>.log`` (``node/runner.py``).
 """
 
 from __future__ import annotations
@@ -27,7 +34,7 @@ import json
 import os
 import sys
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
@@ -36,6 +43,9 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validat
 
 MODULES_ENV = "INFRA_STAGE_MODULES"
 IMPORT_TIMEOUT_S = 30.0
+# Top-level folders of the experiment record that stage kinds write (as in crystallm_core/layout.py).
+DATA, CKPTS, SAMPLES, PROBES, ARTIFACTS, WORK = "data", "ckpts", "samples", "probes", "artifacts", "work"
+PLUGIN_FOLDER = ("plugins", "stage")  # <workdir>/plugins/stage/*.py: a node's own stage kinds
 
 
 class Spec(BaseModel):
@@ -68,7 +78,7 @@ def _input_path(value: str) -> str:
 
 
 ExperimentPath = Annotated[str, AfterValidator(_experiment_path)]
-"""An artifact of this experiment, e.g. ``train/model`` (relative, may not escape the experiment)."""
+"""An artifact of this experiment, e.g. ``ckpts/best.pt`` (relative, may not escape the experiment)."""
 InputPath = Annotated[str, AfterValidator(_input_path)]
 """External input data (absolute, or relative to where the plan is submitted from)."""
 
@@ -82,27 +92,63 @@ class Resources:
 
 @dataclass(frozen=True)
 class StageContext:
-    """Where a stage runs. Paths are absolute on the machine running it."""
+    """Where a stage runs and writes: absolute paths on the machine running it, after the experiment layout."""
 
     experiment_dir: Path
-    stage_dir: Path
+    stage: str
     smoke: bool = False
     attempt: int = 1
 
+    @property
+    def work_dir(self) -> Path:
+        """The stage process's working directory (scratch; ``files`` of its :class:`Command` go here)."""
+        return self.experiment_dir / WORK / self.stage
+
+    @property
+    def data_dir(self) -> Path:
+        return self.experiment_dir / DATA
+
+    @property
+    def ckpts_dir(self) -> Path:
+        return self.experiment_dir / CKPTS
+
+    @property
+    def samples_dir(self) -> Path:
+        return self.experiment_dir / SAMPLES / self.stage
+
+    @property
+    def artifacts_dir(self) -> Path:
+        """Where a stage puts products that have no folder of their own (a plugin's outputs, reports)."""
+        return self.experiment_dir / ARTIFACTS / self.stage
+
     def artifact(self, rel: str) -> str:
+        """An experiment-relative path (a param) as an absolute one."""
         return str(self.experiment_dir / rel)
+
+    def rel(self, path: Path) -> str:
+        """An absolute path inside the experiment as the experiment-relative path :class:`Command` outputs use."""
+        return path.relative_to(self.experiment_dir).as_posix()
 
 
 @dataclass(frozen=True)
 class Command:
-    """What a stage runs: ``files`` (name relative to the stage dir -> text) are written, then each
-    argv of ``steps`` runs in order in the stage directory; the first failing step ends the stage.
-    With ``fresh_dir`` a retry starts in an empty stage directory (the earlier attempt's is kept as
-    ``<stage>.attempt-<n>``); without it a retry continues in the same directory (e.g. to resume)."""
+    """What a stage runs: ``files`` (name relative to the work dir -> text) are written, then each argv of
+    ``steps`` runs in order in ``work/<stage>/``; the first failing step ends the stage.
+
+    ``outputs`` are the experiment-relative paths the stage writes (``data``, ``samples/<stage>``, ...).
+    With ``fresh_dir`` a retry starts clean: the runner keeps what the earlier attempt left (its work dir,
+    log, metrics file and these outputs) under names with ``.attempt-<n>``; without it a retry continues
+    in place (e.g. to resume from a checkpoint)."""
 
     steps: list[list[str]]
     files: dict[str, str] = field(default_factory=dict)
     fresh_dir: bool = True
+    outputs: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        for path in self.outputs:
+            if _experiment_path(path) != path:
+                raise ValueError(f"stage output {path!r} must be a normalised path relative to the experiment")
 
 
 @dataclass(frozen=True)
@@ -114,6 +160,7 @@ class StageKind:
     input_fields: tuple[str, ...] = ()  # params holding external input paths (made absolute on submit)
     extras: Callable[[Any], set[str]] | None = None  # optional features a node needs for these params
     description: str = ""
+    owns: tuple[str, ...] = ()  # experiment-wide folders it writes (not per stage): one such stage per plan
 
 
 _KINDS: dict[str, tuple[StageKind, str]] = {}
@@ -175,21 +222,31 @@ def _import_in_time(item: str, timeout: float) -> None:
     thread.start()
     thread.join(timeout)
     if thread.is_alive():
-        raise ImportError(f"{MODULES_ENV}: {item} did not finish importing within {timeout:g}s (does it hang?)")
+        raise ImportError(f"stage plugin {item} did not finish importing within {timeout:g}s (does it hang?)")
     if failure:
-        raise ImportError(f"{MODULES_ENV}: {item} failed to import: {type(failure[0]).__name__}: {failure[0]}")
+        raise ImportError(f"stage plugin {item} failed to import: {type(failure[0]).__name__}: {failure[0]}")
+
+
+def workdir_stage_plugins(workdir: Path) -> list[str]:
+    """The stage-kind plugin files of a node's workdir, ``<workdir>/plugins/stage/*.py``, in name order."""
+    folder = workdir.joinpath(*PLUGIN_FOLDER)
+    return [str(p) for p in sorted(folder.glob("*.py")) if p.name != "__init__.py"] if folder.is_dir() else []
 
 
 def load_stage_modules(
-    spec: str | None = None, timeout: float = IMPORT_TIMEOUT_S, problems: list[str] | None = None
+    spec: str | None = None,
+    timeout: float = IMPORT_TIMEOUT_S,
+    problems: list[str] | None = None,
+    files: Sequence[str] = (),
 ) -> list[str]:
     """Import plugin modules that register stage kinds: ``$INFRA_STAGE_MODULES`` (or ``spec``) is a
-    comma-separated list of importable module names or ``.py`` file paths, each given ``timeout`` seconds.
-    Returns what was loaded. A module that fails or hangs raises ImportError, unless ``problems`` is given:
-    then the message is appended there and the other modules still load (how a node starts anyway)."""
+    comma-separated list of importable module names or ``.py`` file paths, followed by ``files`` (a
+    workdir's plugin files, :func:`workdir_stage_plugins`), each given ``timeout`` seconds. Returns what
+    was loaded. A module that fails or hangs raises ImportError, unless ``problems`` is given: then the
+    message is appended there and the other modules still load (how a node starts anyway)."""
     spec = os.environ.get(MODULES_ENV, "") if spec is None else spec
     loaded = []
-    for item in filter(None, (s.strip() for s in spec.split(","))):
+    for item in [*filter(None, (s.strip() for s in spec.split(","))), *files]:
         try:
             _import_in_time(item, timeout)
         except ImportError as e:
@@ -212,6 +269,9 @@ def _opt(flag: str, value: object) -> list[str]:
 
 def _smoke(ctx: StageContext) -> list[str]:
     return ["--smoke"] if ctx.smoke else []
+
+
+DEFAULT_MODEL = f"{CKPTS}/best.pt"  # written at every validation that improved (or when there is none)
 
 
 # --- prepare ---------------------------------------------------------------------------------
@@ -242,30 +302,33 @@ class PrepareParams(Spec):
 def _build_prepare(p: PrepareParams, ctx: StageContext) -> Command:
     steps = []
     inputs = list(p.inputs)
+    outputs = [DATA]
     if p.demo is not None:
-        raw = str(ctx.stage_dir / "raw.csv.gz")
+        raw = str(ctx.artifacts_dir / "demo.csv.gz")
         steps.append(crystallm("demo-data", "--out", raw, "--n", str(p.demo.n), "--seed", str(p.demo.seed)))
         inputs.append(raw)
-    args = [*inputs, "--out", str(ctx.stage_dir / "data"), "--decimals", str(p.decimals)]
+        outputs.append(ctx.rel(ctx.artifacts_dir))
+    args = [*inputs, "--out", str(ctx.data_dir), "--decimals", str(p.decimals)]
     args += _opt("--workers", p.workers) + (["--dedup"] if p.dedup else [])
     args += _opt("--split", None if p.split is None else ",".join(f"{x:g}" for x in p.split))
     args += _opt("--seed", p.seed)
     for key, value in p.where.items():
         args += ["--where", f"{key}={value}"]
-    steps.append(crystallm("prepare", *args))
-    return Command(steps)
+    steps.append(crystallm("prepare", *args, *_smoke(ctx)))
+    return Command(steps, outputs=outputs)
 
 
 # --- train -----------------------------------------------------------------------------------
 
 
 class TrainParams(Spec):
-    data_dir: ExperimentPath
+    data_dir: ExperimentPath = DATA
     config: InputPath | None = None
     model: Literal["tiny", "small", "large"] | None = None
     max_steps: int | None = Field(None, ge=1)
     batch_size: int | None = Field(None, ge=1)
     overrides: dict[str, str | int | float | bool] = {}
+    probes: list[dict[str, Any]] | None = None  # activation probes (docs/OBSERVABILITY.md), checked by train
     resume: bool = False
 
 
@@ -274,29 +337,32 @@ def _setting(value: object) -> str:
 
 
 def _build_train(p: TrainParams, ctx: StageContext) -> Command:
-    """A retry (a failed attempt, or a node that was lost) continues from the last checkpoint when the
-    earlier attempt left one in this stage directory: ``--resume``, in place."""
-    out_dir = ctx.stage_dir / "model"
-    settings: dict[str, Any] = {"data_dir": ctx.artifact(p.data_dir), "out_dir": str(out_dir)}
+    """The experiment directory is train's ``out_dir`` (ckpts/, plots/, probes/ land where the layout says).
+    A retry (a failed attempt, or a node that was lost) continues from the last checkpoint when the earlier
+    attempt left one: ``--resume``, in place."""
+    settings: dict[str, Any] = {"data_dir": ctx.artifact(p.data_dir), "out_dir": str(ctx.experiment_dir)}
     settings.update(
         {k: v for k, v in (("model", p.model), ("max_steps", p.max_steps), ("batch_size", p.batch_size)) if v}
     )
+    if p.probes is not None:
+        settings["probes"] = p.probes
     settings.update(p.overrides)
-    resume = p.resume or (ctx.attempt > 1 and (out_dir / "ckpts" / "last.pt").is_file())
+    resume = p.resume or (ctx.attempt > 1 and (ctx.ckpts_dir / "last.pt").is_file())
     flags = (["--resume"] if resume else []) + _smoke(ctx)
+    outputs = [CKPTS, PROBES]
     if p.config is not None:  # the user's config file, with the stage's settings as key=value overrides
         overrides = (f"{k}={_setting(v)}" for k, v in settings.items())
-        return Command([crystallm("train", p.config, *overrides, *flags)], fresh_dir=not resume)
-    config = ctx.stage_dir / "train.json"
+        return Command([crystallm("train", p.config, *overrides, *flags)], fresh_dir=not resume, outputs=outputs)
+    config = ctx.work_dir / "train.json"
     files = {"train.json": json.dumps(settings, indent=2)}
-    return Command([crystallm("train", str(config), *flags)], files=files, fresh_dir=not resume)
+    return Command([crystallm("train", str(config), *flags)], files=files, fresh_dir=not resume, outputs=outputs)
 
 
 # --- sample ----------------------------------------------------------------------------------
 
 
 class SampleParams(Spec):
-    model: ExperimentPath
+    model: ExperimentPath = DEFAULT_MODEL
     prompt: str | None = None
     prompts: InputPath | None = None
     spacegroup: str | None = None
@@ -320,35 +386,44 @@ def _build_sample(p: SampleParams, ctx: StageContext) -> Command:
     args += _opt("--spacegroup", p.spacegroup) + _opt("--num-samples", p.num_samples)
     args += _opt("--temperature", p.temperature) + _opt("--top-k", p.top_k) + _opt("--top-p", p.top_p)
     args += _opt("--max-tokens", p.max_tokens) + _opt("--seed", p.seed)
-    return Command([crystallm("sample", *args, "--out", str(ctx.stage_dir / "samples"), *_smoke(ctx))])
+    argv = crystallm("sample", *args, "--out", str(ctx.samples_dir), *_smoke(ctx))
+    return Command([argv], outputs=[ctx.rel(ctx.samples_dir)])
 
 
 # --- mcts ------------------------------------------------------------------------------------
 
 EXTRA_SCORERS = {"chgnet": "chgnet", "oid": "oid"}  # scorer name -> optional feature a node must have
+SCORER_EXTRA = "scorer:"  # a node lists "scorer:NAME" for every scorer registered there (plugins included)
 
 
 class MctsParams(Spec):
-    model: ExperimentPath
+    model: ExperimentPath = DEFAULT_MODEL
     prompt: str
     scorer: str
+    scorer_options: dict[str, str] = {}
     iterations: int | None = Field(None, ge=1)
     selector: Literal["puct", "uct", "greedy"] | None = None
     c: float | None = Field(None, ge=0)
     top_k: int | None = Field(None, ge=1)
     rollouts_per_step: int | None = Field(None, ge=1)
+    max_nodes: int | None = Field(None, ge=1)
     seed: int | None = None
 
 
 def _build_mcts(p: MctsParams, ctx: StageContext) -> Command:
     args = ["--model", ctx.artifact(p.model), "--prompt", p.prompt, "--scorer", p.scorer]
+    for key, value in p.scorer_options.items():
+        args += ["--scorer-option", f"{key}={value}"]
     args += _opt("--iterations", p.iterations) + _opt("--selector", p.selector) + _opt("--c", p.c)
-    args += _opt("--top-k", p.top_k) + _opt("--rollouts-per-step", p.rollouts_per_step) + _opt("--seed", p.seed)
-    return Command([crystallm("mcts", *args, "--out", str(ctx.stage_dir / "mcts"), *_smoke(ctx))])
+    args += _opt("--top-k", p.top_k) + _opt("--rollouts-per-step", p.rollouts_per_step)
+    args += _opt("--max-nodes", p.max_nodes) + _opt("--seed", p.seed)
+    argv = crystallm("mcts", *args, "--out", str(ctx.samples_dir), *_smoke(ctx))
+    return Command([argv], outputs=[ctx.rel(ctx.samples_dir)])
 
 
 def _mcts_extras(p: MctsParams) -> set[str]:
-    return {EXTRA_SCORERS[p.scorer]} if p.scorer in EXTRA_SCORERS else set()
+    """The scorer must be registered on the node (built-in or plugin), and some need an installed package."""
+    return {SCORER_EXTRA + p.scorer} | ({EXTRA_SCORERS[p.scorer]} if p.scorer in EXTRA_SCORERS else set())
 
 
 # --- benchmark -------------------------------------------------------------------------------
@@ -356,7 +431,7 @@ def _mcts_extras(p: MctsParams) -> set[str]:
 
 class BenchmarkParams(Spec):
     task: Literal["csp"] = "csp"
-    model: ExperimentPath
+    model: ExperimentPath = DEFAULT_MODEL
     test: InputPath
     n: int = Field(20, ge=1)
     limit: int | None = Field(None, ge=1)
@@ -368,8 +443,8 @@ class BenchmarkParams(Spec):
 def _build_benchmark(p: BenchmarkParams, ctx: StageContext) -> Command:
     args = ["--model", ctx.artifact(p.model), "--test", p.test, "--n", str(p.n), *_opt("--limit", p.limit)]
     args += _opt("--temperature", p.temperature) + _opt("--top-k", p.top_k) + _opt("--seed", p.seed)
-    out = str(ctx.stage_dir / p.task)
-    return Command([crystallm("benchmark", p.task, *args, "--out", out, *_smoke(ctx))])
+    argv = crystallm("benchmark", p.task, *args, "--out", str(ctx.samples_dir), *_smoke(ctx))
+    return Command([argv], outputs=[ctx.rel(ctx.samples_dir)])
 
 
 # --- evaluate --------------------------------------------------------------------------------
@@ -381,22 +456,58 @@ class EvaluateParams(Spec):
 
 
 def _build_evaluate(p: EvaluateParams, ctx: StageContext) -> Command:
-    args = [ctx.artifact(x) for x in p.inputs] + ["--json", "--out", str(ctx.stage_dir / "evaluation.jsonl")]
-    return Command([crystallm("evaluate", *args, *_opt("--workers", p.workers))])
+    args = [ctx.artifact(x) for x in p.inputs] + ["--json", "--out", str(ctx.artifacts_dir / "evaluation.jsonl")]
+    argv = crystallm("evaluate", *args, *_opt("--workers", p.workers), *_smoke(ctx))
+    return Command([argv], outputs=[ctx.rel(ctx.artifacts_dir)])
+
+
+# --- analyze and plot ------------------------------------------------------------------------
+
+
+class AnalyzeParams(Spec):
+    probe: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
+    pairs: Literal["top-n", "all"] | None = None
+    top_n: int | None = Field(None, ge=1)
+    tau: int | None = Field(None, ge=1)
+    redundancy: Literal["MMI", "CCS"] | None = None
+
+
+def _build_analyze(p: AnalyzeParams, ctx: StageContext) -> Command:
+    """ΦID of the experiment's probe captures (probes/) into plots/<probe>/; omegaid is the node extra ``oid``."""
+    args = _opt("--probe", p.probe) + _opt("--pairs", p.pairs) + _opt("--top-n", p.top_n) + _opt("--tau", p.tau)
+    args += _opt("--redundancy", p.redundancy)
+    return Command([crystallm("probes", "analyze", str(ctx.experiment_dir), *args, *_smoke(ctx))])
+
+
+class PlotParams(Spec):
+    pass
+
+
+def _build_plot(p: PlotParams, ctx: StageContext) -> Command:
+    """Training curves of every metrics/*.jsonl into plots/ (the verb has no smoke mode: it is cheap)."""
+    return Command([crystallm("plot", str(ctx.experiment_dir))])
 
 
 GPU_STAGE = Resources(gpus=1, cpus=2, memory_mib=8192)
+CPU_STAGE = Resources(gpus=0, cpus=1, memory_mib=2048)
 BUILTIN_KINDS: dict[str, StageKind] = {
     "prepare": StageKind(
         PrepareParams,
         _build_prepare,
-        Resources(0, 1, 2048),
+        CPU_STAGE,
         ("prepare", "demo-data"),
         ("inputs",),
         description="raw structures (or the demo set) -> data set",
+        owns=(DATA,),
     ),
     "train": StageKind(
-        TrainParams, _build_train, Resources(1, 4, 16384), ("train",), ("config",), description="train a model"
+        TrainParams,
+        _build_train,
+        Resources(1, 4, 16384),
+        ("train",),
+        ("config",),
+        description="train a model",
+        owns=(CKPTS, PROBES),
     ),
     "sample": StageKind(
         SampleParams, _build_sample, GPU_STAGE, ("sample",), ("prompts",), description="sample CIFs from a model"
@@ -407,9 +518,16 @@ BUILTIN_KINDS: dict[str, StageKind] = {
     "benchmark": StageKind(
         BenchmarkParams, _build_benchmark, GPU_STAGE, ("benchmark",), ("test",), description="benchmark a model"
     ),
-    "evaluate": StageKind(
-        EvaluateParams, _build_evaluate, Resources(0, 1, 2048), ("evaluate",), description="validity of CIFs"
+    "evaluate": StageKind(EvaluateParams, _build_evaluate, CPU_STAGE, ("evaluate",), description="validity of CIFs"),
+    "analyze": StageKind(
+        AnalyzeParams,
+        _build_analyze,
+        Resources(0, 1, 4096),
+        ("probes",),
+        extras=lambda p: {"oid"},
+        description="ΦID analysis of the probe captures (omegaid)",
     ),
+    "plot": StageKind(PlotParams, _build_plot, CPU_STAGE, ("plot",), description="training curves as PNGs"),
 }
 for _name, _kind in BUILTIN_KINDS.items():
     register_stage(_name, _kind)

@@ -137,6 +137,7 @@ class Controller:
                 e["cancel_requested"],
                 e["home_node_id"],
                 e["owner"],
+                plan_json=json.dumps(e["plan"]),
             )
             by_id[exp.id] = exp
             self.experiments[exp.key] = exp
@@ -507,6 +508,7 @@ class Controller:
                 smoke=st.exp.smoke,
                 resources=infra_pb2.Resources(gpus=r.gpus, cpus=r.cpus, memory_mib=r.memory_mib),
                 gpu_indices=list(att.gpus),
+                plan_json=st.exp.plan_json,
             )
         )
 
@@ -528,6 +530,7 @@ class Controller:
         )
         exp.owner = owner
         exp.key = f"{plan.name}-{exp.id}"
+        exp.plan_json = json.dumps(plan.to_dict())
         by_name: dict[str, StageRt] = {}
         for pos, s in enumerate(plan.stages):
             st = StageRt(

@@ -128,6 +128,7 @@ class ExperimentRt:
     home_node: str | None = None  # where its files are, unless the workdir is shared
     owner: str | None = None  # the submitting user (None without authentication)
     stages: list[StageRt] = field(default_factory=list)
+    plan_json: str = ""  # the normalised plan, sent with each assignment (the node records it as plan.json)
 
     def need(self) -> Resources:
         """The largest single-stage request: a home node must be able to run every stage."""

@@ -14,6 +14,12 @@ wait in the spool, and every call is retried with jittered exponential backoff.
 Leases: each report carries the attempt's lease. When the master says a lease is gone (a refused
 report, ``EventAck.rejected_attempts``, ``HeartbeatResponse.revoked`` or a cancel after re-registering),
 the agent kills its copy and forgets it, so a stage never has two live copies that the master listens to.
+
+Plugins, at start: stage kinds from ``$INFRA_STAGE_MODULES`` and ``<workdir>/plugins/stage/*.py`` are
+imported here, each within ``--plugin-timeout`` (one that fails or hangs becomes a warning fact); the other
+plugins (scorers, vocabularies, model sizes, metrics) are listed by ``crystallm plugins list`` in a
+subprocess, since they import torch, and advertised as extras ``KIND:NAME``. Each stage's experiment gets
+its record (``plan.json``, ``env.json``, the standard folders) when its first stage starts here.
 """
 
 from __future__ import annotations
@@ -28,7 +34,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,13 +43,14 @@ import grpc
 from google.protobuf.json_format import MessageToDict, ParseDict
 from pydantic import ValidationError
 
-from infra.plan import validation_issues
-from infra.stages import Command, StageContext, get_stage_kind, load_stage_modules
+from crystallm_core.layout import check_stage_name
+from infra.plan import validation_issues, with_defaults
+from infra.stages import Command, StageContext, get_stage_kind, load_stage_modules, workdir_stage_plugins
 from infra.transport import KEEPALIVE, RECONNECT, ClientTls, Connection
 from node import facts as node_facts
 from node.identity import node_id as load_node_id
 from node.identity import state_dir
-from node.runner import StageRun
+from node.runner import StageRun, start_record
 from node.spool import Item, Spool
 from protos import PROTOCOL_VERSION, infra_pb2, infra_pb2_grpc
 
@@ -148,7 +155,7 @@ class DiskGuard:
 
 
 class Agent:
-    def __init__(self, opts: Options, warnings: list[str] | None = None) -> None:
+    def __init__(self, opts: Options, warnings: list[str] | None = None, plugin_extras: Sequence[str] = ()) -> None:
         self.opts = opts
         self.workdir = opts.workdir
         self.node_id = load_node_id(self.workdir, opts.name)
@@ -161,6 +168,7 @@ class Agent:
         self.gpus = node_facts.probe_gpus(opts.fake_gpus)
         self.facts = node_facts.collect_facts(self.workdir, opts.name, self.gpus, opts.cpus, opts.memory_mib)
         self.facts["warnings"] = list(warnings or [])
+        self.facts["extras"] = sorted({*self.facts["extras"], *plugin_extras})  # e.g. scorer:NAME
         self.conn = Connection(opts.master, opts.token, opts.tls, KEEPALIVE + RECONNECT)
         self.stub = infra_pb2_grpc.NodeServiceStub(self.conn.channel)
         self.stop = threading.Event()
@@ -206,7 +214,12 @@ class Agent:
     def _save(self, a: infra_pb2.Assignment, command: Command | None = None) -> None:
         data: dict[str, Any] = {"assignment": MessageToDict(a, preserving_proto_field_name=True)}
         if command is not None:
-            data["command"] = {"steps": command.steps, "files": command.files, "fresh_dir": command.fresh_dir}
+            data["command"] = {
+                "steps": command.steps,
+                "files": command.files,
+                "fresh_dir": command.fresh_dir,
+                "outputs": command.outputs,
+            }
         path = self.attempts_dir / f"{a.attempt_id}.json"
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(data), encoding="utf-8")
@@ -460,10 +473,12 @@ class Agent:
                     self._final(a, "failed", -1, problem)
                     return
                 self._save(a, command)
-            stage_dir = self.workdir / "experiments" / a.experiment / a.stage
+            exp_dir = self.workdir / "experiments" / a.experiment
+            start_record(exp_dir, with_defaults(json.loads(a.plan_json)) if a.plan_json else None)
             run = StageRun(
                 command,
-                stage_dir,
+                exp_dir,
+                a.stage,
                 self.workdir,
                 list(a.gpu_indices),
                 emit,
@@ -509,9 +524,10 @@ class Agent:
             return None, f"node {self.opts.name}: {unavailable}"
         exp_dir = self.workdir / "experiments" / a.experiment
         try:
+            check_stage_name(a.stage)
             kind = get_stage_kind(a.kind)
             params = kind.params.model_validate(json.loads(a.params_json or "{}"))
-            return kind.build(params, StageContext(exp_dir, exp_dir / a.stage, a.smoke, a.attempt)), ""
+            return kind.build(params, StageContext(exp_dir, a.stage, a.smoke, a.attempt)), ""
         except ValidationError as e:
             return None, "invalid params: " + "; ".join(str(i) for i in validation_issues(e, "params"))
         except (KeyError, ValueError) as e:
@@ -567,11 +583,15 @@ class Agent:
 
 def main(opts: Options) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    listing = node_facts.PluginListing.start(opts.workdir, opts.plugin_timeout)  # runs while the rest loads
     problems: list[str] = []
-    load_stage_modules(timeout=opts.plugin_timeout, problems=problems)
+    load_stage_modules(timeout=opts.plugin_timeout, problems=problems, files=workdir_stage_plugins(opts.workdir))
     for problem in problems:
         log.error("%s; the node starts without it", problem)
-    agent = Agent(opts, problems)
+    plugin_extras, plugin_problems = listing.result()
+    for problem in plugin_problems:
+        log.error("%s", problem)
+    agent = Agent(opts, problems + plugin_problems, plugin_extras)
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: agent.stop.set())
     return agent.run()

@@ -8,10 +8,16 @@ that is detected and reported with the fix, instead of failing later in odd ways
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import json
 import os
 import platform
+import signal
 import socket
+import subprocess
+import sys
+import time
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
@@ -19,7 +25,7 @@ from typing import Any
 
 import psutil
 
-from infra.stages import get_stage_kind, stage_kinds
+from infra.stages import PLUGIN_FOLDER, get_stage_kind, stage_kinds
 
 SOFTWARE = ("infra", "torch", "grpcio", "protobuf", "pymatgen", "nvidia-ml-py")
 EXTRAS = {"chgnet": "chgnet", "oid": "omegaid"}  # extra -> distribution that provides it
@@ -27,6 +33,9 @@ EXTRAS = {"chgnet": "chgnet", "oid": "omegaid"}  # extra -> distribution that pr
 MODERN_NVML_MARKERS = ("nvmlDeviceGetCudaComputeCapability", "nvmlDeviceGetComputeRunningProcesses_v2")
 # Reinstalling nvidia-ml-py puts its pynvml.py back; nvidia-ml-py3 stays (chgnet imports its nvidia_smi).
 NVML_FIX = "pip install --force-reinstall --no-deps nvidia-ml-py"
+PLUGIN_KINDS = ("scorer", "vocab", "model", "metric")  # registered names a node lists as extras "KIND:NAME"
+LISTING_STARTUP_S = 60.0  # for `crystallm plugins list` to import torch (twice: it probes plugins in a child)
+LISTING_NICE = 10  # niceness added: the listing yields the CPU to the stages and agents already running on the machine
 
 
 def _version(dist: str) -> str | None:
@@ -173,3 +182,69 @@ def usage(workdir: Path, gpus: Gpus) -> dict[str, Any]:
         "gpus": gpus.usage(),
         "disk_free_mib": disk_free_mib(workdir),
     }
+
+
+@dataclass
+class PluginListing:
+    """``crystallm plugins list --json`` of a workdir, run as a subprocess: it imports torch and untrusted
+    plugin code, neither of which may enter (or wedge) the long-lived agent. Started early so that it runs
+    while the agent does the rest of its start; :meth:`result` waits for it, within a bounded time."""
+
+    proc: subprocess.Popen[str]
+    workdir: Path
+    limit: float
+    started: float
+
+    @classmethod
+    def start(cls, workdir: Path, timeout: float) -> PluginListing:
+        """``timeout``: seconds each plugin may take to import (then it is reported and skipped)."""
+        cmd = [sys.executable, "-m", "crystallm_core.cli", "plugins", "list", "--json"]
+        cmd += ["--workdir", str(workdir), "--timeout", f"{timeout:g}"]
+        proc = subprocess.Popen(
+            cmd,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        with contextlib.suppress(OSError):  # it is importing still; what it starts inherits the priority
+            os.setpriority(os.PRIO_PROCESS, proc.pid, min(19, os.getpriority(os.PRIO_PROCESS, 0) + LISTING_NICE))
+        return cls(proc, workdir, LISTING_STARTUP_S + 2 * timeout, time.monotonic())
+
+    def result(self) -> tuple[list[str], list[str]]:
+        """(extras ``KIND:NAME`` for every registered scorer, vocabulary, model size and metric; warnings).
+        Stage plugins of the workdir are left out of the warnings: the agent loads and reports those itself."""
+        try:
+            out, err = self.proc.communicate(timeout=max(0.0, self.started + self.limit - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            _kill_tree(self.proc)
+            return [], [
+                f"crystallm plugins list did not finish within {self.limit:g}s: no scorer, vocabulary, model or "
+                "metric plugins are advertised (mcts stages are not placed here)"
+            ]
+        if self.proc.returncode != 0:
+            last = (err.strip().splitlines() or ["no output"])[-1]
+            return [], [f"crystallm plugins list exited with {self.proc.returncode} ({last}): no plugins advertised"]
+        try:
+            report = json.loads(out)
+            extras = sorted({f"{r['kind']}:{r['name']}" for r in report["registered"] if r["kind"] in PLUGIN_KINDS})
+            failed = [(f["source"], f["error"]) for f in report["failed"]]
+        except (ValueError, KeyError, TypeError) as e:
+            return [], [f"crystallm plugins list printed no report ({type(e).__name__}: {e}): no plugins advertised"]
+        stage_plugins = str(self.workdir.resolve().joinpath(*PLUGIN_FOLDER)) + os.sep
+        warnings = [f"plugin {src} skipped: {error}" for src, error in failed if not src.startswith(stage_plugins)]
+        return extras, warnings
+
+
+def _kill_tree(proc: subprocess.Popen[str]) -> None:
+    """Kill the listing and what it started (its plugin probe runs in a session of its own)."""
+    with contextlib.suppress(psutil.Error):
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(child.pid, signal.SIGKILL)
+            with contextlib.suppress(psutil.Error):
+                child.kill()
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate()

@@ -1,19 +1,21 @@
 """Run one stage attempt as subprocesses, streaming what it says; shared by the node agent and ``infra-train``.
 
-Each step runs in the stage directory, in its own process group (``start_new_session``), with
-``CUDA_VISIBLE_DEVICES`` set to exactly the assigned GPU indices (empty: no GPU) and
-``CRYSTALLM_EVENTS`` pointing at ``<stage dir>/events.jsonl``. Cancel sends SIGTERM to the whole group,
-then SIGKILL after a short grace; when a step ends, whatever it left in its group is killed.
+Paths follow the experiment record (``crystallm_core/layout.py``): each step runs in ``work/<stage>/``, in
+its own process group (``start_new_session``), with ``CUDA_VISIBLE_DEVICES`` set to exactly the assigned GPU
+indices (empty: no GPU), ``CRYSTALLM_EVENTS`` pointing at ``metrics/<stage>.jsonl`` and ``INFRA_WKDIR`` at the
+workdir (so ``crystallm`` finds the workdir's plugins). Cancel sends SIGTERM to the whole group, then SIGKILL
+after a short grace; when a step ends, whatever it left in its group is killed.
 
 A step's stdout and stderr go to files, not pipes, and the step is started by ``node/launch.py``, which
 writes its exit status to a file: so a step outlives its agent. Everything about an attempt lives in
-``<stage dir>/.infra/attempt-<n>/``: ``step-<i>.out``/``.err``, ``exit-<i>`` and ``run.json`` (the
-running step's pid and process start time, so that a reused pid is never taken for the step). The
-runner turns the files into events (log lines, and metric/artifact/progress lines tailed from
-events.jsonl) from a single thread; before each event it updates :attr:`StageRun.position` (the step and
-the offsets just after that event). A restarted agent passes the last position it recorded to
-``resume_from`` and the run continues exactly there: it adopts the step if its process still runs,
-reads its exit status if it ended, then goes on with the next steps. No output is read twice or skipped.
+``work/<stage>/.infra/attempt-<n>/``: ``step-<i>.out``/``.err``, ``exit-<i>`` and ``run.json`` (the running
+step's pid and process start time, so that a reused pid is never taken for the step). The runner turns the
+files into events (log lines, also appended to ``logs/<stage>.log``, and metric/artifact/progress lines tailed
+from the metrics file) from a single thread; before each event it updates :attr:`StageRun.position` (the step
+and the offsets just after that event). A restarted agent passes the last position it recorded to
+``resume_from`` and the run continues exactly there: it adopts the step if its process still runs, reads its
+exit status if it ended, then goes on with the next steps. No output is read twice or skipped, and the log
+file is cut back to the recorded offset first, so it holds every line once too.
 """
 
 from __future__ import annotations
@@ -33,9 +35,9 @@ from typing import Any
 
 import psutil
 
+from crystallm_core.layout import WORK, ExperimentLayout, write_env_json, write_plan_json
 from infra.stages import Command
 
-EVENTS_FILE = "events.jsonl"
 RECORDS = ".infra"
 MAX_LINE = 8192  # longer log lines are cut (a progress bar without newlines must not exhaust the master)
 MAX_CHUNK = 4 * MAX_LINE  # a "line" without a newline this long is taken as it is
@@ -45,6 +47,7 @@ POLL_S = 0.2
 LAUNCH = str(Path(__file__).resolve().with_name("launch.py"))
 Emit = Callable[[str, dict[str, Any]], None]  # (type, body): log | metric | artifact | progress
 Watchdog = Callable[[], str | None]  # a reason to stop the attempt now (e.g. the disk is full), or None
+_RECORD_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -54,15 +57,38 @@ class Result:
     message: str = ""
 
 
-def workdir_relative(path: str, base: Path, workdir: Path) -> str:
-    """``path`` (relative to ``base``, or absolute) as a path relative to ``workdir``, after resolving
-    symlinks and ``..``; a path that ends up outside the workdir is refused."""
+def artifact_path(path: str, base: Path, experiment_dir: Path, workdir: Path) -> str:
+    """``path`` (relative to ``base``, or absolute) as a path relative to ``workdir``, after resolving symlinks
+    and ``..``. Only files of the experiment record are accepted: inside ``experiment_dir`` and not in its
+    scratch folder ``work/``, so that what the master lists is what the record holds."""
     p = Path(path)
     resolved = (p if p.is_absolute() else base / p).resolve()
+    root = experiment_dir.resolve()
     try:
-        return resolved.relative_to(workdir.resolve()).as_posix()
+        inside = resolved.relative_to(root)
     except ValueError:
-        raise ValueError(f"artifact path {path!r} is outside the workdir") from None
+        raise ValueError(f"artifact path {path!r} is outside the experiment directory") from None
+    if inside.parts[:1] == (WORK,):
+        raise ValueError(f"artifact path {path!r} is in {WORK}/, the stage's scratch folder, not in the record")
+    return resolved.relative_to(workdir.resolve()).as_posix()
+
+
+def aside(path: Path, n: int, suffix: str = "") -> Path:
+    """Where an earlier attempt's ``path`` is kept: ``.attempt-<n>`` added to its name (before ``suffix``)."""
+    return path.with_name(f"{path.name.removesuffix(suffix)}.attempt-{n}{suffix}")
+
+
+def start_record(experiment_dir: Path, plan: dict[str, Any] | None) -> ExperimentLayout:
+    """Give an experiment its standard folders and, the first time a stage of it starts on this machine,
+    ``plan.json`` and ``env.json`` (never rewritten: they describe the run as it began). Independent stages
+    of one experiment may start together: one thread at a time writes."""
+    layout = ExperimentLayout(experiment_dir).ensure()
+    with _RECORD_LOCK:
+        if plan is not None and not layout.plan_json.exists():
+            write_plan_json(layout, plan)
+        if not layout.env_json.exists():
+            write_env_json(layout)
+    return layout
 
 
 def _kill_group(pgid: int, sig: int) -> None:
@@ -128,7 +154,8 @@ class StageRun:
     def __init__(
         self,
         command: Command,
-        stage_dir: Path,
+        experiment_dir: Path,
+        stage: str,
         workdir: Path,
         gpus: Sequence[int],
         emit: Emit,
@@ -137,20 +164,25 @@ class StageRun:
         resume_from: dict[str, int] | None = None,
         watchdog: Watchdog | None = None,
     ) -> None:
-        self.command, self.stage_dir, self.workdir, self.emit = command, stage_dir, workdir, emit
+        self.command, self.workdir, self.emit = command, workdir, emit
+        self.layout = ExperimentLayout(experiment_dir)
+        self.work_dir = self.layout.work_dir(stage)
+        self.events_file = self.layout.metrics_file(stage)
+        self.log_file = self.layout.log_file(stage)
         self.gpus = list(gpus)
         self.attempt = attempt
         self.extra_env = env or {}
         self.watchdog = watchdog
-        self.records = stage_dir / RECORDS / f"attempt-{attempt}"
+        self.records = self.work_dir / RECORDS / f"attempt-{attempt}"
         # step: the step being read (1-based; 0 before the first); out/err: offsets in its output files;
-        # events: the offset in events.jsonl
+        # events: the offset in the metrics file; log: the size of logs/<stage>.log
         self.position: dict[str, int] = dict(resume_from) if resume_from else {}
         self._cancelled = threading.Event()
         self._stop_reason: str | None = None
         self._lock = threading.Lock()
         self._pgid: int | None = None  # the running step's process group (its launcher's pid)
         self._started = 0.0
+        self._log_fd: int | None = None
 
     @property
     def cancelled(self) -> bool:
@@ -177,31 +209,79 @@ class StageRun:
         env.update(self.extra_env)
         env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"  # so CUDA's indices are NVML's
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(g) for g in self.gpus)
-        env["CRYSTALLM_EVENTS"] = str(self.stage_dir / EVENTS_FILE)
+        env["CRYSTALLM_EVENTS"] = str(self.events_file)
+        env["INFRA_WKDIR"] = str(self.workdir)  # crystallm verbs load this workdir's plugins
         env["PYTHONUNBUFFERED"] = "1"  # log lines arrive as they are printed
         return env
 
-    def _agent(self, text: str) -> None:
-        self.emit("log", {"stream": "agent", "text": text})
+    def _log(self, stream: str, text: str) -> None:
+        """A log line: appended to logs/<stage>.log (the agent's own lines marked), then sent."""
+        if self._log_fd is not None:
+            line = "\n".join(f"[infra] {x}" for x in text.split("\n")) if stream == "agent" else text
+            data = line.encode("utf-8", errors="replace") + b"\n"
+            try:
+                os.write(self._log_fd, data)
+                self.position["log"] = self.position.get("log", 0) + len(data)
+            except OSError as e:
+                os.close(self._log_fd)
+                self._log_fd = None
+                self.emit("log", {"stream": "agent", "text": f"cannot write {self.log_file}: {e}; it ends here"})
+        self.emit("log", {"stream": stream, "text": text})
 
-    def _set_aside(self) -> None:
-        """A retry that must start clean keeps the earlier attempt's directory as ``<stage>.attempt-<n>``."""
+    def _agent(self, text: str) -> None:
+        self._log("agent", text)
+
+    def _open_log(self) -> None:
+        """Append to the stage's log from the recorded offset (what a crashed agent wrote past it is cut)."""
+        self.log_file.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(self.log_file, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        size = os.fstat(fd).st_size
+        offset = self.position.setdefault("log", size)
+        if size > offset:
+            os.ftruncate(fd, offset)
+        self.position["log"] = min(offset, size)
+        self._log_fd = fd
+
+    def _set_aside(self) -> list[str]:
+        """A retry that must start clean keeps what the earlier attempt left (its work dir, log, metrics file
+        and declared outputs), each renamed with ``.attempt-<n>``, n the first number free for all of them."""
+        found = [
+            (path, suffix)
+            for path, suffix in [
+                (self.work_dir, ""),
+                (self.log_file, ".log"),
+                (self.events_file, ".jsonl"),
+                *((self.layout.root / out, "") for out in self.command.outputs),
+            ]
+            if path.exists() or path.is_symlink()
+        ]
         n = self.attempt - 1
-        target = self.stage_dir.with_name(f"{self.stage_dir.name}.attempt-{n}")
-        while target.exists():
+        while any(aside(path, n, suffix).exists() for path, suffix in found):
             n += 1
-            target = self.stage_dir.with_name(f"{self.stage_dir.name}.attempt-{n}")
-        self.stage_dir.rename(target)
-        self._agent(f"earlier attempt's directory kept as {target.name}")
+        for path, suffix in found:
+            path.rename(aside(path, n, suffix))
+        return [self.layout.relative(aside(path, n, suffix)) for path, suffix in found]
 
     def run(self) -> Result:
+        kept: list[str] = []
         if not self.position:
             if self.cancelled:
                 return Result("cancelled", -signal.SIGTERM, "cancelled before it started")
-            self._prepare_dir()
+            kept = self._prepare_dir()
             self.position = {"step": 0, "out": 0, "err": 0, "events": self._events_size()}
         self.records.mkdir(parents=True, exist_ok=True)
-        events = Tail(self.stage_dir / EVENTS_FILE, self.position["events"], max_chunk=EVENT_LINE_LIMIT)
+        self._open_log()
+        try:
+            if kept:
+                self._agent(f"earlier attempt's files kept as {', '.join(kept)}")
+            return self._run_steps()
+        finally:
+            if self._log_fd is not None:
+                os.close(self._log_fd)
+                self._log_fd = None
+
+    def _run_steps(self) -> Result:
+        events = Tail(self.events_file, self.position["events"], max_chunk=EVENT_LINE_LIMIT)
         n = len(self.command.steps)
         first = max(1, self.position["step"])
         for i in range(first, n + 1):
@@ -218,18 +298,18 @@ class StageRun:
                 return Result("failed", code, f"step {i}/{n} ({what}) exited with {code}")
         return Result("succeeded", 0)
 
-    def _prepare_dir(self) -> None:
-        if self.command.fresh_dir and self.attempt > 1 and self.stage_dir.exists():
-            self._set_aside()
-        self.stage_dir.mkdir(parents=True, exist_ok=True)
+    def _prepare_dir(self) -> list[str]:
+        kept = self._set_aside() if self.command.fresh_dir and self.attempt > 1 else []
+        for folder in (self.work_dir, self.events_file.parent, self.log_file.parent):
+            folder.mkdir(parents=True, exist_ok=True)
         for name, text in self.command.files.items():
-            target = self.stage_dir / name
+            target = self.work_dir / name
             target.parent.mkdir(parents=True, exist_ok=True)
             target.write_text(text, encoding="utf-8")
+        return kept
 
     def _events_size(self) -> int:
-        path = self.stage_dir / EVENTS_FILE
-        return path.stat().st_size if path.exists() else 0
+        return self.events_file.stat().st_size if self.events_file.exists() else 0
 
     def _record(self) -> dict[str, Any] | None:
         with contextlib.suppress(FileNotFoundError, ValueError):
@@ -285,7 +365,7 @@ class StageRun:
         with open(out, "ab") as fo, open(err, "ab") as fe:
             return subprocess.Popen(
                 [sys.executable, "-S", LAUNCH, str(exit_file), "--", *argv],
-                cwd=self.stage_dir,
+                cwd=self.work_dir,
                 env=self._env(),
                 stdin=subprocess.DEVNULL,
                 stdout=fo,
@@ -314,7 +394,7 @@ class StageRun:
                 if len(text) > MAX_LINE:
                     text = text[:MAX_LINE] + f" ... [{len(text) - MAX_LINE} characters cut]"
                 self.position[key] = offset
-                self.emit("log", {"stream": stream, "text": text})
+                self._log(stream, text)
         for raw, offset in events.lines():
             self.position["events"] = offset
             if raw.strip():
@@ -325,13 +405,13 @@ class StageRun:
             ev = json.loads(line)
             kind = ev["type"]
         except (ValueError, KeyError, TypeError):
-            self._agent(f"events.jsonl: unreadable line {line[:200]!r}")
+            self._agent(f"{self.events_file.name}: unreadable line {line[:200]!r}")
             return
         if kind == "metric":
             self.emit("metric", {"step": int(ev.get("step", 0)), "values": dict(ev.get("values") or {})})
         elif kind == "artifact":
             try:
-                rel = workdir_relative(str(ev["path"]), self.stage_dir, self.workdir)
+                rel = artifact_path(str(ev["path"]), self.events_file.parent, self.layout.root, self.workdir)
             except (ValueError, KeyError) as e:
                 self._agent(f"artifact rejected: {e}")
                 return

@@ -183,7 +183,7 @@ class AssignmentStreamRequest(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., session: _Optional[int] = ...) -> None: ...
 
 class Assignment(_message.Message):
-    __slots__ = ("attempt_id", "lease_token", "attempt", "stage_id", "experiment", "stage", "kind", "params_json", "smoke", "resources", "gpu_indices")
+    __slots__ = ("attempt_id", "lease_token", "attempt", "stage_id", "experiment", "stage", "kind", "params_json", "smoke", "resources", "gpu_indices", "plan_json")
     ATTEMPT_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
@@ -195,6 +195,7 @@ class Assignment(_message.Message):
     SMOKE_FIELD_NUMBER: _ClassVar[int]
     RESOURCES_FIELD_NUMBER: _ClassVar[int]
     GPU_INDICES_FIELD_NUMBER: _ClassVar[int]
+    PLAN_JSON_FIELD_NUMBER: _ClassVar[int]
     attempt_id: int
     lease_token: str
     attempt: int
@@ -206,7 +207,8 @@ class Assignment(_message.Message):
     smoke: bool
     resources: Resources
     gpu_indices: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, attempt_id: _Optional[int] = ..., lease_token: _Optional[str] = ..., attempt: _Optional[int] = ..., stage_id: _Optional[int] = ..., experiment: _Optional[str] = ..., stage: _Optional[str] = ..., kind: _Optional[str] = ..., params_json: _Optional[str] = ..., smoke: _Optional[bool] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., gpu_indices: _Optional[_Iterable[int]] = ...) -> None: ...
+    plan_json: str
+    def __init__(self, attempt_id: _Optional[int] = ..., lease_token: _Optional[str] = ..., attempt: _Optional[int] = ..., stage_id: _Optional[int] = ..., experiment: _Optional[str] = ..., stage: _Optional[str] = ..., kind: _Optional[str] = ..., params_json: _Optional[str] = ..., smoke: _Optional[bool] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., gpu_indices: _Optional[_Iterable[int]] = ..., plan_json: _Optional[str] = ...) -> None: ...
 
 class CancelAttempt(_message.Message):
     __slots__ = ("attempt_id", "lease_token", "reason")

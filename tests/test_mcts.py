@@ -257,20 +257,24 @@ def test_the_plan_stage_command_runs(ckpt, tmp_path):
 
     kind = get_stage_kind("mcts")
     params = kind.params(
-        model=ckpt.name,
         prompt=prompt_formula(),
         scorer="random",
+        scorer_options={"low": "-3"},
         iterations=3,
         selector="uct",
         c=1.5,
         top_k=5,
         rollouts_per_step=2,
+        max_nodes=1000,
         seed=4,
     )
-    ctx = StageContext(experiment_dir=ckpt.parent, stage_dir=tmp_path / "stage", smoke=True)
-    (argv,) = kind.build(params, ctx).steps
-    assert argv[1:4] == ["-m", "crystallm_core.cli", "mcts"]
+    exp = tmp_path / "exp"
+    (exp / "ckpts").mkdir(parents=True)
+    (exp / "ckpts" / "best.pt").symlink_to(ckpt)  # the default model of the kind
+    (argv,) = kind.build(params, StageContext(experiment_dir=exp, stage="search", smoke=True)).steps
+    assert argv[1:4] == ["-m", "crystallm_core.cli", "mcts"] and kind.extras(params) == {"scorer:random"}
+    assert argv[argv.index("--scorer-option") + 1] == "low=-3" and argv[argv.index("--max-nodes") + 1] == "1000"
     done = run_cli(*argv[4:], env_dir=tmp_path)
     assert done.returncode == 0, done.stderr
-    saved = json.loads((tmp_path / "stage" / "mcts" / "stats.json").read_text())
+    saved = json.loads((exp / "samples" / "search" / "stats.json").read_text())
     assert saved["config"]["selector"] == "uct" and saved["stats"]["rollouts"] == 3

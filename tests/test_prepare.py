@@ -242,6 +242,22 @@ def test_where_selects_what_goes_into_token_files(tmp_path, perov_rows):
     assert_token_files_match_store(tmp_path / "out")
 
 
+def test_selection_json_records_what_was_selected_from_which_sources(tmp_path, perov_rows):
+    src = write_csv(tmp_path / "in.csv", perov_rows[:40])
+    report = prepare([src], tmp_path / "out", workers=2, where=["exclude_elements=O"], seed=3, limit=30)
+    selection = json.loads((tmp_path / "out" / "selection.json").read_text())
+    meta = read_meta(tmp_path / "out")
+    assert selection["format"] == "crystallm-selection/1"
+    assert selection["filters"] == ["exclude_elements=O"] and selection["limit"] == 30 and selection["seed"] == 3
+    assert selection["sources"] == [{"path": str(src), "sha256": hashlib.sha256(src.read_bytes()).hexdigest()}]
+    assert selection["counts"] == meta["counts"] and selection["counts"]["selected"] == report.selected
+    with Store.open(tmp_path / "out" / "structures.sqlite") as store:
+        for split in SPLITS:  # the ids of each token file, in its order: CIF i is selected[split][i]
+            rows = store.select(parse_filters([f"split={split}", "exclude_elements=O"]))
+            assert selection["selected"][split] == [r.id for r in rows]
+    assert sum(len(v) for v in selection["selected"].values()) == report.selected > 0
+
+
 def test_existing_data_set_is_never_overwritten(tmp_path, perov_rows, capsys):
     src = write_csv(tmp_path / "in.csv", perov_rows[:5])
     out = tmp_path / "out"

@@ -169,7 +169,7 @@ def kill_leftover_stages(tmp: Path) -> None:
     """Stage processes whose agent was killed -9 and never restarted outlive it by design; end them."""
     from node.runner import same_process
 
-    for record in tmp.glob("work-*/experiments/*/*/.infra/attempt-*/run.json"):
+    for record in tmp.glob("work-*/experiments/*/work/*/.infra/attempt-*/run.json"):
         try:
             run = json.loads(record.read_text())
             if same_process(run["pid"], run["start_time"]):  # never a later process that reuses the pid

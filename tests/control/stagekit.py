@@ -1,12 +1,13 @@
 """Test-only stage kinds, loaded by nodes through ``INFRA_STAGE_MODULES=<this file>``.
 
-``probe`` prints its ``CUDA_VISIBLE_DEVICES``, emits metrics and artifacts through the real events.jsonl
-sink, spawns a small process tree (to check that cancel ends all of it), records every pid in
-``pids.txt``, sleeps, and exits with ``exit_code``.
+``probe`` prints its ``CUDA_VISIBLE_DEVICES``, emits metrics and artifacts through the real events sink
+(``$CRYSTALLM_EVENTS``), spawns a small process tree (to check that cancel ends all of it), records every pid
+in ``pids.txt`` (in its working directory, ``work/<stage>/``), writes ``out.txt`` into
+``artifacts/<stage>/``, sleeps, and exits with ``exit_code``.
 
 ``stream`` writes a known sequence, paced, after ``delay`` seconds: ``lines`` stdout lines ``line <i>``
 (``width`` characters), a metric every ``metric_every`` lines, one artifact at the end; the fault tests
-compare what the master stored with exactly this. ``fill`` writes ``mib`` MiB into the stage directory, then sleeps.
+compare what the master stored with exactly this. ``fill`` writes ``mib`` MiB into its working directory, then sleeps.
 """
 
 from __future__ import annotations
@@ -24,16 +25,17 @@ from pathlib import Path
 from crystallm_core.events import open_sink
 
 p = json.loads(sys.argv[1])
-stage = Path.cwd()
+stage, out = Path.cwd(), Path(sys.argv[2])
+out.mkdir(parents=True, exist_ok=True)
 print("CUDA_VISIBLE_DEVICES=" + repr(os.environ.get("CUDA_VISIBLE_DEVICES")), flush=True)
 print("probe on stderr", file=sys.stderr, flush=True)
 children = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"]) for _ in range(p["children"])]
 (stage / "pids.txt").write_text("\n".join(str(x) for x in [os.getpid()] + [c.pid for c in children]) + "\n")
-(stage / "out.txt").write_text("probe output\n")
+(out / "out.txt").write_text("probe output\n")
 with open_sink(stage) as sink:
     for step in range(p["metrics"]):
         sink.metric(step, loss=1.0 / (step + 1), lr=0.1)
-    sink.artifact(stage / "out.txt", "report")
+    sink.artifact(out / "out.txt", "report")
     sink.artifact("../../../../../../etc/passwd", "report")
     sink.progress("probe", 1, 1)
 time.sleep(p["seconds"])
@@ -49,7 +51,8 @@ class ProbeParams(Spec):
 
 
 def build(p: ProbeParams, ctx: StageContext) -> Command:
-    return Command([[sys.executable, "-c", SCRIPT, json.dumps(p.model_dump())]])
+    argv = [sys.executable, "-c", SCRIPT, json.dumps(p.model_dump()), str(ctx.artifacts_dir)]
+    return Command([argv], outputs=[ctx.rel(ctx.artifacts_dir)])
 
 
 register_stage("probe", StageKind(ProbeParams, build, Resources(0, 1, 512), description="test probe"))
@@ -61,7 +64,7 @@ from pathlib import Path
 from crystallm_core.events import open_sink
 
 p = json.loads(sys.argv[1])
-stage = Path.cwd()
+stage, out = Path.cwd(), Path(sys.argv[2])
 (stage / "pids.txt").write_text(f"{os.getpid()}\n")
 time.sleep(p["delay"])
 with open_sink(stage) as sink:
@@ -71,8 +74,9 @@ with open_sink(stage) as sink:
             sink.metric(i, value=float(i))
         if p["interval"]:
             time.sleep(p["interval"])
-    (stage / "out.txt").write_text("done\n")
-    sink.artifact(stage / "out.txt", "report")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "out.txt").write_text("done\n")
+    sink.artifact(out / "out.txt", "report")
 sys.exit(p["exit_code"])
 """
 
@@ -87,7 +91,8 @@ class StreamParams(Spec):
 
 
 def build_stream(p: StreamParams, ctx: StageContext) -> Command:
-    return Command([[sys.executable, "-c", STREAM, json.dumps(p.model_dump())]])
+    argv = [sys.executable, "-c", STREAM, json.dumps(p.model_dump()), str(ctx.artifacts_dir)]
+    return Command([argv], outputs=[ctx.rel(ctx.artifacts_dir)])
 
 
 FILL = r"""

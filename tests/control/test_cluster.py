@@ -53,7 +53,7 @@ CHAIN = {
             "name": "evaluate",
             "kind": "evaluate",
             "after": ["prepare"],
-            "params": {"inputs": ["prepare/raw.csv.gz"], "workers": 1},
+            "params": {"inputs": ["artifacts/prepare/demo.csv.gz"], "workers": 1},
         },
         {"name": "probe", "kind": "probe", "after": ["evaluate"], "params": {"metrics": 4}, "resources": {"gpus": 1}},
     ],
@@ -111,7 +111,7 @@ def test_cluster_end_to_end(cluster: Any) -> None:
     assert any(x["stream"] == "stdout" and x["text"] == f"CUDA_VISIBLE_DEVICES='{gpu}'" for x in lines)
     assert {x["attempt"] for x in lines} == {1}
     assert any(x["stream"] == "stderr" and x["text"] == "probe on stderr" for x in lines)
-    assert any("artifact rejected" in x["text"] and "outside the workdir" in x["text"] for x in lines)
+    assert any("artifact rejected" in x["text"] and "outside the experiment directory" in x["text"] for x in lines)
     assert [x["seq"] for x in lines] == sorted(x["seq"] for x in lines)
     prepare_log = cluster.cli("logs", str(prepare["stage_id"])).stdout
     assert "wrote 12 demo structures" in prepare_log
@@ -121,10 +121,10 @@ def test_cluster_end_to_end(cluster: Any) -> None:
     assert ev_metrics and ev_metrics[-1]["values"]["count"] == 12
     artifacts = json.loads(cluster.cli("artifacts", chain, "--json").stdout)
     paths = {(a["stage"], a["path"]) for a in artifacts}
-    assert ("probe", f"experiments/{chain}/probe/out.txt") in paths
-    assert ("prepare", f"experiments/{chain}/prepare/raw.csv.gz") in paths
+    assert ("probe", f"experiments/{chain}/artifacts/probe/out.txt") in paths
+    assert ("prepare", f"experiments/{chain}/artifacts/prepare/demo.csv.gz") in paths
     assert all(not a["path"].startswith(("/", "..")) and a["node"] == "beta" for a in artifacts)
-    assert (cluster.tmp / "work-beta" / "experiments" / chain / "probe" / "out.txt").exists()
+    assert (cluster.tmp / "work-beta" / "experiments" / chain / "artifacts" / "probe" / "out.txt").exists()
 
     # placement: the two spread stages could not share alpha's single CPU
     sp = cluster.wait_finished(spread)
@@ -162,7 +162,7 @@ def _cancel_kills_the_process_tree(cluster: Any) -> None:
     )
     exp = cluster.wait_for(lambda: _running(cluster, key), 60, "the long stage to run")
     node = _stage(exp, "sleepy")["node"]
-    pids_file = cluster.tmp / f"work-{node}" / "experiments" / key / "sleepy" / "pids.txt"
+    pids_file = cluster.tmp / f"work-{node}" / "experiments" / key / "work" / "sleepy" / "pids.txt"
     pids = cluster.wait_for(
         lambda: pids_file.exists() and [int(x) for x in pids_file.read_text().split()],
         30,

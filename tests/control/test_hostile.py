@@ -124,7 +124,7 @@ def test_a_node_short_of_disk_takes_no_stage_and_stops_one_that_fills_it(cluster
     s = exp["stages"][0]
     assert exp["state"] == "failed" and s["node"] == "filling"
     assert "disk is nearly full" in s["attempts"][0]["message"] and "--stop-free-disk" in s["attempts"][0]["message"]
-    fill = cluster.workdir("filling") / "experiments" / key / "s" / "fill.bin"
+    fill = cluster.workdir("filling") / "experiments" / key / "work" / "s" / "fill.bin"
     assert fill.stat().st_size < 150 << 20
     fill.unlink()
 

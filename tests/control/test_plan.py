@@ -8,7 +8,15 @@ from typing import Any
 
 import pytest
 
-from infra.plan import PlanError, load_plan_data, parse_memory, resolve_inputs, validate_plan
+from infra.plan import (
+    RESERVED_STAGE_NAMES,
+    PlanError,
+    load_plan_data,
+    parse_memory,
+    resolve_inputs,
+    validate_plan,
+    with_defaults,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -52,7 +60,8 @@ def test_a_valid_plan_is_normalised() -> None:
 def test_unknown_kind() -> None:
     errors = _errors(_plan(PREP, {"name": "t", "kind": "trian"}))
     assert errors == [
-        "stages[1].kind: unknown stage kind 'trian'; known: benchmark, evaluate, mcts, prepare, sample, train"
+        "stages[1].kind: unknown stage kind 'trian'; known: analyze, benchmark, evaluate, mcts, plot, prepare, sample, "
+        "train"
     ]
 
 
@@ -62,10 +71,44 @@ def test_kinds_that_nodes_advertise_are_accepted_with_params_unchecked() -> None
 
 
 def test_missing_fields() -> None:
-    errors = _errors({"stages": [{"kind": "prepare", "params": {"demo": {}}}, {"name": "t", "kind": "train"}]})
+    errors = _errors({"stages": [{"kind": "prepare", "params": {"demo": {}}}, {"name": "t", "kind": "benchmark"}]})
     assert "name: missing required field" in errors
     assert "stages[0].name: missing required field" in errors
-    assert "stages[1].params.data_dir: missing required field" in errors
+    assert "stages[1].params.test: missing required field" in errors
+
+
+@pytest.mark.parametrize("name", sorted(RESERVED_STAGE_NAMES))
+def test_stage_names_of_the_experiment_layout_are_refused(name: str) -> None:
+    errors = _errors(_plan(PREP, {"name": name, "kind": "evaluate", "after": ["prep"], "params": {"inputs": ["x"]}}))
+    assert len(errors) == 1 and errors[0].startswith(f"stages[1].name: stage name {name!r} is taken by the experiment")
+
+
+def test_reserved_stage_names_are_the_layout_s_top_level_entries() -> None:
+    from crystallm_core.layout import RESERVED_NAMES
+
+    assert RESERVED_STAGE_NAMES == RESERVED_NAMES  # copied: the master may not import crystallm_core
+
+
+def test_an_experiment_holds_one_stage_per_experiment_wide_folder() -> None:
+    train = {"name": "t1", "kind": "train", "after": ["prep"], "params": {"model": "tiny"}}
+    errors = _errors(_plan(PREP, train, {**train, "name": "t2"}, {**PREP, "name": "prep2"}))
+    assert errors == [
+        "stages[2].kind: stage 't2' would write ckpts/, probes/ of the experiment, as stage 't1' (stages[1]) does; "
+        "an experiment holds one 'train' stage (split the work into two experiments)",
+        "stages[3].kind: stage 'prep2' would write data/ of the experiment, as stage 'prep' (stages[0]) does; "
+        "an experiment holds one 'prepare' stage (split the work into two experiments)",
+    ]
+
+
+def test_plan_json_gets_the_defaults_of_every_known_kind() -> None:
+    plan = validate_plan(
+        _plan(PREP, {"name": "t", "kind": "train", "after": ["prep"]}, {"name": "x", "kind": "relax"}),
+        known_kinds={"relax"},
+    )
+    full = with_defaults(plan.to_dict())
+    assert full["stages"][1]["params"]["data_dir"] == "data" and full["stages"][1]["params"]["resume"] is False
+    assert full["stages"][0]["params"]["demo"] == {"n": 5, "seed": 0} and full["stages"][2]["params"] == {}
+    assert plan.to_dict()["stages"][1]["params"] == {}  # what the master stores stays as submitted
 
 
 def test_cycle_is_named() -> None:

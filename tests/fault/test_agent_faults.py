@@ -23,7 +23,7 @@ def _running(cluster: Cluster, key: str) -> dict[str, Any] | None:
 
 
 def _pid(cluster: Cluster, node: str, key: str, name: str) -> int:
-    path = cluster.workdir(node) / "experiments" / key / name / "pids.txt"
+    path = cluster.workdir(node) / "experiments" / key / "work" / name / "pids.txt"
     return int(cluster.wait_for(lambda: path.exists() and path.read_text().strip(), 30, "the stage's pid"))
 
 

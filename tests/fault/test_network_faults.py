@@ -58,7 +58,7 @@ def test_a_long_partition_moves_the_stage_and_kills_the_cut_off_copy(cluster: Cl
     }
     key = cluster.submit(plan)
     cluster.wait_for(lambda: _state(cluster, key, "s")["state"] == "running", 60, "the stage to run")
-    pid_file = cluster.workdir("island") / "experiments" / key / "s" / "pids.txt"
+    pid_file = cluster.workdir("island") / "experiments" / key / "work" / "s" / "pids.txt"
     pid = int(cluster.wait_for(lambda: pid_file.exists() and pid_file.read_text().strip(), 30, "its pid"))
     net.stall()
     cluster.start_node("mainland", heartbeat=0.3)
@@ -92,7 +92,7 @@ def test_a_full_spool_drops_log_lines_counted_and_keeps_the_rest(cluster: Cluste
     key = cluster.submit({"name": "full", "stages": [{"name": "s", "kind": "stream", "params": params}]})
     cluster.wait_for(lambda: _state(cluster, key, "s")["state"] == "running", 60, "the stage to run")
     net.cut()  # the master is unreachable for the rest of the stage: ~1.8 MB of spooled lines for a 1 MiB spool
-    done = cluster.workdir("small") / "experiments" / key / "s" / "out.txt"
+    done = cluster.workdir("small") / "experiments" / key / "artifacts" / "s" / "out.txt"
     cluster.wait_for(done.exists, 60, "the stage to finish while cut off")
     net.heal()
     exp = cluster.wait_finished(key, timeout=60)

@@ -1,0 +1,105 @@
+"""Built-in stage kinds: the command lines they build and where, in the experiment layout, they write."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from crystallm_core import layout
+from infra import stages
+from infra.stages import Command, StageContext, get_stage_kind
+
+EXP = Path("/w/experiments/e")
+
+
+def _build(kind: str, params: dict, stage: str = "s", smoke: bool = False) -> tuple[Command, object]:
+    k = get_stage_kind(kind)
+    p = k.params.model_validate(params)
+    return k.build(p, StageContext(EXP, stage, smoke)), p
+
+
+def _argv(command: Command, i: int = 0) -> list[str]:
+    assert command.steps[i][:3] == [sys.executable, "-m", "crystallm_core.cli"]
+    return command.steps[i][3:]
+
+
+def test_stage_contexts_use_the_layout_s_paths() -> None:
+    ctx, lay = StageContext(EXP, "s"), layout.ExperimentLayout(EXP)
+    assert (ctx.work_dir, ctx.data_dir, ctx.ckpts_dir) == (lay.work_dir("s"), lay.data_dir, lay.ckpts_dir)
+    assert (ctx.samples_dir, ctx.artifacts_dir) == (lay.samples_dir("s"), lay.artifacts_dir / "s")
+    assert stages.PROBES == layout.PROBES and ctx.rel(ctx.samples_dir) == "samples/s"
+
+
+def test_prepare_writes_data_and_keeps_the_demo_set_in_artifacts() -> None:
+    command, _ = _build("prepare", {"demo": {"n": 5}, "inputs": ["/in.csv"]}, "prep", smoke=True)
+    demo = str(EXP / "artifacts" / "prep" / "demo.csv.gz")
+    assert _argv(command, 0)[:3] == ["demo-data", "--out", demo]
+    assert _argv(command, 1) == ["prepare", "/in.csv", demo, "--out", str(EXP / "data"), "--decimals", "4", "--smoke"]
+    assert command.outputs == ["data", "artifacts/prep"]
+    assert "--smoke" not in _argv(_build("prepare", {"inputs": ["/in.csv"]})[0])
+
+
+def test_sample_benchmark_and_mcts_write_samples_of_their_stage_from_the_best_checkpoint() -> None:
+    sample, _ = _build("sample", {"prompt": "NaCl"}, "gen")
+    bench, _ = _build("benchmark", {"test": "/t.csv"}, "csp")
+    for command, stage in ((sample, "gen"), (bench, "csp")):
+        argv = _argv(command)
+        assert argv[argv.index("--model") + 1] == str(EXP / "ckpts" / "best.pt")
+        assert argv[argv.index("--out") + 1] == str(EXP / "samples" / stage)
+        assert command.outputs == [f"samples/{stage}"]
+    options = {"address": "tcp://127.0.0.1:5555", "timeout": "5"}
+    mcts, p = _build("mcts", {"prompt": "NaCl", "scorer": "zmq", "scorer_options": options, "max_nodes": 500}, "m")
+    argv = _argv(mcts)
+    assert argv[argv.index("--out") + 1] == str(EXP / "samples" / "m") and "--smoke" not in argv
+    assert [argv[i + 1] for i, a in enumerate(argv) if a == "--scorer-option"] == [
+        "address=tcp://127.0.0.1:5555",
+        "timeout=5",
+    ]
+    assert argv[argv.index("--max-nodes") + 1] == "500"
+    assert get_stage_kind("mcts").extras(p) == {"scorer:zmq"}
+    _, chgnet = _build("mcts", {"prompt": "NaCl", "scorer": "chgnet"})
+    assert get_stage_kind("mcts").extras(chgnet) == {"scorer:chgnet", "chgnet"}  # the scorer and its package
+
+
+def test_evaluate_writes_its_results_into_artifacts_and_takes_smoke() -> None:
+    command, _ = _build("evaluate", {"inputs": ["samples/gen"], "workers": 2}, "ev", smoke=True)
+    out = str(EXP / "artifacts" / "ev" / "evaluation.jsonl")
+    assert _argv(command) == [
+        "evaluate",
+        str(EXP / "samples" / "gen"),
+        "--json",
+        "--out",
+        out,
+        "--workers",
+        "2",
+        "--smoke",
+    ]
+    assert command.outputs == ["artifacts/ev"]
+
+
+def test_analyze_and_plot_read_the_experiment_root() -> None:
+    command, p = _build("analyze", {"probe": "blocks", "pairs": "all", "top_n": 2}, smoke=True)
+    assert _argv(command) == [
+        "probes",
+        "analyze",
+        str(EXP),
+        "--probe",
+        "blocks",
+        "--pairs",
+        "all",
+        "--top-n",
+        "2",
+        "--smoke",
+    ]
+    assert get_stage_kind("analyze").extras(p) == {"oid"}  # placed only where omegaid is installed
+    assert _argv(_build("plot", {}, smoke=True)[0]) == ["plot", str(EXP)]  # plot has no smoke mode
+    with pytest.raises(ValueError, match="probe"):
+        _build("analyze", {"probe": "a/b"})
+
+
+@pytest.mark.parametrize("bad", ["../x", "/abs", "a/../../b", "a/./b"])
+def test_a_command_s_outputs_stay_in_the_experiment(bad: str) -> None:
+    with pytest.raises(ValueError):
+        Command([["true"]], outputs=[bad])
