@@ -79,8 +79,13 @@ def save_png(fig: Figure, path: Path) -> Path:
 
 
 def plot_training(files: Sequence[str | Path], out_dir: str | Path) -> list[Path]:
-    """Draw the curves of :data:`CURVES` that have data in ``files``; returns the PNGs written."""
-    series = {Path(f).stem: read_series(f) for f in files if Path(f).is_file()}
+    """Draw the curves of :data:`CURVES` from the training runs among ``files``; returns the PNGs written.
+
+    Only files with a ``loss`` series count: other stages (a sampler's one ``tokens_per_s`` point)
+    share the metrics folder but are not training curves.
+    """
+    every = {Path(f).stem: read_series(f) for f in files if Path(f).is_file()}
+    series = {name: s for name, s in every.items() if "loss" in s}
     several = len(series) > 1
     written = []
     for filename, title, ylabel, metrics in CURVES:

@@ -95,3 +95,14 @@ def test_heatmap_with_missing_pairs(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["h.png"]  # written atomically: no temporary file left
     with pytest.raises(ValueError, match=r"values of shape \(2, 2\) for 1 x 2 labels"):
         heatmap(np.zeros((2, 2)), ["a"], ["c", "d"], "rows and labels disagree", "nats", tmp_path / "bad.png")
+
+
+def test_stages_other_than_training_are_not_drawn(tmp_path):
+    write_training_metrics(tmp_path / "metrics" / "train.jsonl")
+    with JsonlSink(tmp_path / "metrics" / "sample.jsonl") as sink:
+        sink.metric(0, samples=8, tokens_per_s=1234.0)
+    plot_training(metrics_files(tmp_path), tmp_path / "plots")
+    with_sample = (tmp_path / "plots" / "throughput.png").read_bytes()
+    (tmp_path / "metrics" / "sample.jsonl").unlink()
+    plot_training(metrics_files(tmp_path), tmp_path / "plots2")
+    assert (tmp_path / "plots2" / "throughput.png").read_bytes() == with_sample
