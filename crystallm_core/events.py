@@ -10,8 +10,9 @@ and the fields of that type:
 
 Lines are flushed one by one so that a follower (the node agent) can tail the file while the
 stage runs. A stage run by the node agent gets ``CRYSTALLM_EVENTS`` in its environment, the path
-every ``crystallm`` verb then writes to; run by hand, a verb writes ``events.jsonl`` into its
-output directory.
+every ``crystallm`` verb then writes to (``metrics/<stage>.jsonl`` of the experiment record); run
+by hand, ``crystallm train`` writes ``RUN/metrics/train.jsonl`` and the other verbs ``events.jsonl``
+into their output directory.
 """
 
 from __future__ import annotations
