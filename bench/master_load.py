@@ -2,9 +2,10 @@
 
 Starts ``infra master`` (SQLite in a temporary directory, or a fresh PostgreSQL database that is
 dropped afterwards) on loopback, then from one or a few load processes (grpc.aio) registers N nodes,
-opens each node's assignment stream, heartbeats every second at a random phase, and submits plans
-of independent stages at a target rate. A simulated node reports each assignment succeeded at once.
-Bounded by ``--duration``; prints ONE JSON line:
+opens each node's assignment stream, heartbeats every second at a random phase from registration on
+(registering again, counted, if the master lost the node), and submits plans of independent stages at
+a target rate. A simulated node reports each assignment succeeded at once. Bounded by ``--duration``;
+prints ONE JSON line:
 
     python bench/master_load.py [--nodes 1000] [--duration 20] [--db sqlite|postgres] [--rate 300]
 """
@@ -50,47 +51,72 @@ async def _load(
 
     channels = [grpc.aio.insecure_channel(address) for _ in range(max(1, count // NODES_PER_CHANNEL))]
     latencies: list[float] = []
-    counts = {"dispatched": 0, "succeeded": 0, "submitted": 0, "errors": 0}
+    counts = {"dispatched": 0, "succeeded": 0, "submitted": 0, "errors": 0, "reregistrations": 0}
     measure_from = start_at + args.warmup
     end = start_at + args.warmup + args.duration
 
     async def node(i: int) -> None:
+        """Behaves as an agent does towards the master: heartbeats from registration on (registering
+        1,000 nodes takes longer than the lost timeout, so a node silent until measuring starts is lost),
+        and registers again, reopening its command stream, when the master no longer knows its session."""
         stub = infra_pb2_grpc.NodeServiceStub(channels[i % len(channels)])
         node_id = f"sim-{first + i:05d}"
         facts = infra_pb2.NodeFacts(
             name=node_id, hostname="sim", cpu_count=4, memory_mib=16384, stage_kinds=["evaluate"]
         )
         req = infra_pb2.RegisterRequest(protocol_version=PROTOCOL_VERSION, node_id=node_id, facts=facts)
-        session = (await stub.Register(req, timeout=60)).session
-
-        async def commands() -> None:
-            call = stub.Assignments(infra_pb2.AssignmentStreamRequest(node_id=node_id, session=session))
-            async for cmd in call:
-                if cmd.WhichOneof("command") != "assign":
-                    continue
-                a = cmd.assign
-                if time.time() >= measure_from:
-                    counts["dispatched"] += 1
-                rep = infra_pb2.StageStatusReport(
-                    node_id=node_id, attempt_id=a.attempt_id, lease_token=a.lease_token, state=infra_pb2.SUCCEEDED
-                )
-                await stub.ReportStatus(rep, timeout=30)
-                counts["succeeded"] += 1
-
-        stream = asyncio.ensure_future(commands())
-        await asyncio.sleep(max(0.0, start_at - time.time()) + random.random() * args.heartbeat)
-        hb = infra_pb2.HeartbeatRequest(node_id=node_id, session=session)
+        hb = infra_pb2.HeartbeatRequest(node_id=node_id)
         hb.usage.cpu_percent, hb.usage.memory_total_mib = 10.0, 16384
+        stream: asyncio.Future[None] | None = None
+
+        async def commands(session: int) -> None:
+            call = stub.Assignments(infra_pb2.AssignmentStreamRequest(node_id=node_id, session=session))
+            try:
+                async for cmd in call:
+                    if cmd.WhichOneof("command") != "assign":
+                        continue
+                    a = cmd.assign
+                    if time.time() >= measure_from:
+                        counts["dispatched"] += 1
+                    rep = infra_pb2.StageStatusReport(
+                        node_id=node_id, attempt_id=a.attempt_id, lease_token=a.lease_token, state=infra_pb2.SUCCEEDED
+                    )
+                    try:
+                        await stub.ReportStatus(rep, timeout=30)
+                    except grpc.RpcError:
+                        counts["errors"] += 1
+                        continue
+                    counts["succeeded"] += 1
+            except grpc.RpcError:
+                pass  # the master dropped the session or went away: a heartbeat says whether to register again
+
+        async def register() -> None:
+            nonlocal stream
+            hb.session = (await stub.Register(req, timeout=60)).session
+            if stream is not None:
+                stream.cancel()
+            stream = asyncio.ensure_future(commands(hb.session))
+
+        await register()
+        await asyncio.sleep(random.random() * args.heartbeat)
         while time.time() < end:
             t0 = time.perf_counter()
             try:
-                await stub.Heartbeat(hb, timeout=10)
+                resp = await stub.Heartbeat(hb, timeout=10)
             except grpc.RpcError:
                 counts["errors"] += 1
+                resp = None
             if time.time() >= measure_from:
                 latencies.append((time.perf_counter() - t0) * 1000)
+            if resp is not None and resp.reregister:
+                counts["reregistrations"] += 1
+                try:
+                    await register()
+                except grpc.RpcError:
+                    counts["errors"] += 1
             await asyncio.sleep(max(0.0, args.heartbeat - (time.perf_counter() - t0)))
-        stream.cancel()
+        if stream is not None:
+            stream.cancel()
 
     async def submitter() -> None:
         stub = infra_pb2_grpc.ClientServiceStub(channels[0])
@@ -124,9 +150,11 @@ def _load_process(
     out.put(asyncio.run(_load(address, first, count, args, submit, start_at)))
 
 
-def _start_master(db_url: str, tmp: Path) -> tuple[subprocess.Popen[str], str]:
+def _start_master(db_url: str, tmp: Path, heartbeat: float) -> tuple[subprocess.Popen[str], str]:
+    """The master expects the simulated nodes' interval: it declares a node lost after three of them."""
     log = (tmp / "master.log").open("w")
-    cmd = [sys.executable, "-m", "infra.cli", "master", "--db", db_url, "--bind", "127.0.0.1:0", "--heartbeat", "1"]
+    cmd = [sys.executable, "-m", "infra.cli", "master", "--db", db_url, "--bind", "127.0.0.1:0"]
+    cmd += ["--heartbeat", str(heartbeat)]
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=log, text=True, cwd=ROOT, env={**os.environ, "INFRA_CONFIG_DIR": str(tmp)}
     )
@@ -185,7 +213,7 @@ def main() -> int:
     db_url = f"sqlite:///{tmp / 'master.db'}"
     if args.db == "postgres":
         db_url, drop = _postgres(args.postgres_url)
-    master, address = _start_master(db_url, tmp)
+    master, address = _start_master(db_url, tmp, args.heartbeat)
     procs: list[Any] = []
     try:
         mproc = psutil.Process(master.pid)
@@ -233,6 +261,7 @@ def main() -> int:
                 "dispatched_per_s": round(dispatched / args.duration, 1),
                 "stages_succeeded": sum(r["succeeded"] for r in results),
                 "rpc_errors": sum(r["errors"] for r in results),
+                "reregistrations": sum(r["reregistrations"] for r in results),
                 "master_cpu_percent": round(cpu, 1),
             }
         )

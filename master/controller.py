@@ -272,17 +272,7 @@ class Controller:
             raise ValueError("node_id is required (the agent keeps it in its workdir)")
         facts = MessageToDict(req.facts, preserving_proto_field_name=True)
         now = time.time()
-        old = self.nodes.get(req.node_id)
         node = self._node_from_facts(req.node_id, facts)
-        if old is not None:  # keep allocations and the open stream
-            node.attempts, node.queue = old.attempts, old.queue
-            for att in old.attempts.values():
-                node.allocate(att)
-            if old.lost:
-                log.info("lost node %s (%s) is back", node.name, node.id)
-        node.session = secrets.randbits(62) or 1
-        node.last_heartbeat = now
-        self.nodes[node.id] = node
         row = {
             "id": node.id,
             "name": node.name,
@@ -306,6 +296,18 @@ class Controller:
             for g in facts.get("gpus", [])
         ]
         await self.commit(lambda s: store.upsert_node(s, row, gpus))
+        # The session is given, and the lost clock starts, only once the row is committed: under a burst of
+        # registrations the commit takes seconds, and a node cannot heartbeat before it has its session.
+        old = self.nodes.get(node.id)
+        if old is not None:  # keep allocations and the open stream
+            node.attempts, node.queue = old.attempts, old.queue
+            for att in old.attempts.values():
+                node.allocate(att)
+            if old.lost:
+                log.info("lost node %s (%s) is back", node.name, node.id)
+        node.session = secrets.randbits(62) or 1
+        node.last_heartbeat = time.time()
+        self.nodes[node.id] = node
         for r in req.running:  # what it holds that the master no longer wants: cancelled when its stream opens
             if self._current(node.id, r.attempt_id, r.lease_token) is None:
                 node.pending_cancels.append((r.attempt_id, r.lease_token))
