@@ -3,8 +3,10 @@
 ``--mode speed`` runs, on one device with the same model, prompts, scorer and iteration budget,
 (a) a one-rollout-at-a-time search (one rollout per step, a sampler of one slot, the scorer called
 for each new valid CIF on its own: what a sequential search does) and (b) the batched search
-(``--rollouts-per-step`` leaves per step, one sampler call and one scorer call per step), and
-reports rollouts/s and scored CIFs/s of each and the speed-ups.
+(``--rollouts-per-step`` leaves per step, one sampler call and one scorer call per step; a
+comma-separated list runs one batched search per value), and reports rollouts/s and scored CIFs/s
+of each, the seconds spent in each phase, and the speed-ups. The sequential search's rate is steady,
+so ``--sequential-iterations`` may give it fewer rollouts than ``--iterations`` to save time.
 
 ``--mode quality`` runs, per composition, the batched search and plain sampling from the bare
 prompt (same temperature and top-k) until sampling has scored as many distinct valid CIFs as the
@@ -14,7 +16,8 @@ Without ``--ckpt`` the model has random weights of ``--model`` size (throughput 
 are never valid; cap them with ``--max-tokens``). ``--scorer-option delay=S`` makes the ``random``
 scorer take S seconds per call, like a remote predictor.
 
-    python bench/mcts.py --ckpt SMALL.pt --scorer chgnet --prompts Ba2Ti2O6,Sr2Ti2O6 --iterations 512
+    python bench/mcts.py --ckpt SMALL.pt --scorer chgnet --prompts Ba2Ti2O6,Sr2Ti2O6 --iterations 2048 \
+        --sequential-iterations 128 --rollouts-per-step 64,256,1024
     python bench/mcts.py --model tiny --max-tokens 48 --iterations 16 --rollouts-per-step 8   # CPU smoke
 """
 
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass, replace
@@ -53,6 +57,9 @@ def load(args: argparse.Namespace) -> tuple[GPT, Vocabulary]:
     return (model.to(torch.bfloat16) if device.type == "cuda" else model), vocab
 
 
+PHASES = ("expand", "rollout", "check", "score")
+
+
 def totals(runs: list[SearchStats]) -> dict[str, float]:
     seconds = sum(r.seconds for r in runs)
     rollouts, scored = sum(r.rollouts for r in runs), sum(r.cifs_scored for r in runs)
@@ -61,6 +68,8 @@ def totals(runs: list[SearchStats]) -> dict[str, float]:
         "cifs_scored": scored,
         "scorer_calls": sum(r.scorer_calls for r in runs),
         "seconds": round(seconds, 3),
+        # where the time went: model expansions, rollouts (sampling), validity checks, scorer calls
+        **{f"seconds_{p}": round(sum(getattr(r, f"seconds_{p}") for r in runs), 3) for p in PHASES},
         "rollouts_per_s": rollouts / seconds if seconds else 0.0,
         "scored_per_s": scored / seconds if seconds else 0.0,
     }
@@ -81,21 +90,23 @@ class Setup:
 
 def speed(args: argparse.Namespace, setup: Setup, prompts: list[str]) -> dict:
     cfg = config(args)
-    sequential = replace(cfg, rollouts_per_step=1)
-    setup.search(prompts[0], replace(cfg, iterations=cfg.rollouts_per_step))  # warm-up: kernels, graphs, pool
-    a = [setup.search(p, sequential) for p in prompts]
-    b = [setup.search(p, cfg) for p in prompts]
-    ta, tb = totals(a), totals(b)
+    sequential = replace(cfg, rollouts_per_step=1, iterations=args.sequential_iterations or cfg.iterations)
+    widths = [int(w) for w in str(args.rollouts_per_step).split(",")]
+    for w in widths:  # warm-up: kernels, CUDA graphs, worker pools
+        setup.search(prompts[0], replace(cfg, iterations=w, rollouts_per_step=w))
+    ta = totals([setup.search(p, sequential) for p in prompts])
 
     def ratio(x: float, y: float) -> float | None:
         return x / y if y else None
 
-    return {
-        "sequential": ta,
-        "batched": {**tb, "rollouts_per_step": cfg.rollouts_per_step},
-        "speedup_rollouts": ratio(tb["rollouts_per_s"], ta["rollouts_per_s"]),
-        "speedup_scored": ratio(tb["scored_per_s"], ta["scored_per_s"]),
-    }
+    batched = []
+    for w in widths:
+        tb = totals([setup.search(p, replace(cfg, rollouts_per_step=w)) for p in prompts])
+        tb["rollouts_per_step"] = w
+        tb["speedup_rollouts"] = ratio(tb["rollouts_per_s"], ta["rollouts_per_s"])
+        tb["speedup_scored"] = ratio(tb["scored_per_s"], ta["scored_per_s"])
+        batched.append(tb)
+    return {"sequential": ta, "batched": batched}
 
 
 def plain_sampling(setup: Setup, prompt: str, budget: int, cfg: MctsConfig) -> dict[str, float | int | None]:
@@ -165,7 +176,7 @@ def quality(args: argparse.Namespace, setup: Setup, prompts: list[str]) -> dict:
 def config(args: argparse.Namespace) -> MctsConfig:
     return MctsConfig(
         iterations=args.iterations,
-        rollouts_per_step=args.rollouts_per_step,
+        rollouts_per_step=int(str(args.rollouts_per_step).split(",")[0]),
         selector=args.selector,
         c=args.c,
         top_k=args.top_k,
@@ -184,12 +195,13 @@ def main() -> int:
     ap.add_argument("--scorer", default="random")
     ap.add_argument("--scorer-option", action="append", default=[], metavar="K=V")
     ap.add_argument("--iterations", type=int, default=64, help="rollouts per search")
-    ap.add_argument("--rollouts-per-step", type=int, default=32)
+    ap.add_argument("--rollouts-per-step", default="32", help="leaves per step; speed mode: a comma-separated list")
+    ap.add_argument("--sequential-iterations", type=int, default=None, help="rollouts of the sequential search")
     ap.add_argument("--selector", default="puct")
     ap.add_argument("--c", type=float, default=1.0)
     ap.add_argument("--top-k", type=int, default=10)
     ap.add_argument("--max-tokens", type=int, default=None)
-    ap.add_argument("--check-workers", type=int, default=1)
+    ap.add_argument("--check-workers", type=int, default=min(8, os.cpu_count() or 1), help="validity-check processes")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--device", default="auto")
     args = ap.parse_args()

@@ -48,6 +48,13 @@ KINDS = ("scorer", "vocab", "model", "metrics", "stage")
 NAMESPACE = "infra_ext"
 ENTRY_POINT_GROUP = "infra.plugins"
 OWN_DISTRIBUTION = "infra"
+# This package's own plugins as setup.py declares them (a test keeps the two equal). They stand in for
+# the entry points when the package runs from a source checkout that was never installed (no metadata).
+OWN_PLUGINS = {
+    "chgnet-scorer": "plugins.scorers.chgnet_scorer",
+    "random-scorer": "plugins.scorers.random_scorer",
+    "zmq-scorer": "plugins.scorers.zmq_scorer",
+}
 DEFAULT_TIMEOUT = 10.0
 TIMEOUT_ENV = "INFRA_PLUGIN_TIMEOUT"
 WORKDIR_ENV = "INFRA_WKDIR"
@@ -319,7 +326,17 @@ def _entry_point_items() -> tuple[list[_Item], list[_Item]]:
             source=f"entry point {ep.name} ({dist or 'unknown distribution'})", ep_name=ep.name, ep_value=ep.value
         )
         (own if dist == OWN_DISTRIBUTION else others).append(item)
+    if not own and not _installed():
+        own = [_Item(source=f"built-in {n} (source checkout)", ep_name=n, ep_value=v) for n, v in OWN_PLUGINS.items()]
     return own, others
+
+
+def _installed() -> bool:
+    try:
+        metadata.distribution(OWN_DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        return False
+    return True
 
 
 def load_entry_points(timeout: float | None = None) -> None:

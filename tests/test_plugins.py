@@ -228,3 +228,34 @@ def test_workdir_comes_from_the_flag_then_the_environment_then_infra_wkdir(tmp_p
 def test_list_names_a_missing_workdir(tmp_path):
     done = crystallm("plugins", "list", "--workdir", str(tmp_path / "nowhere"), env=env_for(tmp_path), timeout=60)
     assert done.returncode == 2 and f"--workdir {tmp_path / 'nowhere'} is not a directory" in done.stderr
+
+
+def test_own_plugins_match_the_entry_points_setup_py_declares():
+    """OWN_PLUGINS stands in for this package's entry points in an uninstalled checkout: they must agree."""
+    from importlib import metadata
+
+    from crystallm_core.plugins import ENTRY_POINT_GROUP, OWN_DISTRIBUTION, OWN_PLUGINS
+
+    declared = {
+        ep.name: ep.value
+        for ep in metadata.distribution(OWN_DISTRIBUTION).entry_points
+        if ep.group == ENTRY_POINT_GROUP
+    }
+    assert declared == OWN_PLUGINS
+
+
+def test_an_uninstalled_checkout_loads_the_built_in_plugins(monkeypatch):
+    """Run from a source checkout (PYTHONPATH, no metadata), the built-in scorers are still registered."""
+    from importlib import metadata
+
+    import crystallm_core.plugins as plugins
+
+    def missing(name):
+        raise metadata.PackageNotFoundError(name)
+
+    monkeypatch.setattr(plugins.metadata, "entry_points", lambda group: [])
+    monkeypatch.setattr(plugins.metadata, "distribution", missing)
+    own, others = plugins._entry_point_items()
+    assert others == []
+    assert {i.ep_name: i.ep_value for i in own} == plugins.OWN_PLUGINS
+    assert all(i.source.endswith("(source checkout)") for i in own)

@@ -292,3 +292,20 @@ def test_chgnet_ranks_diamond_below_random_carbon_of_the_same_density():
     assert results[0].score < results[1].score
     assert -10.0 < results[0].score < -8.0  # CHGNet 0.3.0 puts diamond near -9.1 eV/atom
     assert results[2].error.startswith("unparseable")
+
+
+def test_chgnet_graphs_built_on_a_worker_pool_score_as_in_process(perov_rows):
+    """workers > 0 moves CIF reading and graph building to a pool: same scores, same failures, same order."""
+    pytest.importorskip("chgnet", reason="chgnet is not installed (pip install 'infra[chgnet]')")
+    cifs = [canonicalize(Structure.from_str(r["cif"], fmt="cif")).text for r in perov_rows[:20]]
+    cifs.insert(7, "data_nothing\n")
+    with make_scorer("chgnet", {"workers": 0}, device="cpu") as scorer:
+        alone = scorer.score(cifs)
+    with make_scorer("chgnet", {"workers": 2}, device="cpu") as scorer:
+        assert scorer.pool is not None
+        pooled = scorer.score(cifs)
+    assert [r.error for r in pooled] == [r.error for r in alone]
+    assert pooled[7].error.startswith("unparseable") and all(r.ok for i, r in enumerate(pooled) if i != 7)
+    assert [r.score for r in pooled] == pytest.approx([r.score for r in alone], abs=1e-5)
+    with pytest.raises(ScorerError, match="workers"):
+        make_scorer("chgnet", {"workers": -1}, device="cpu")
