@@ -33,7 +33,7 @@ from crystallm_core.config import ConfigError, apply_overrides, build, load_file
 from crystallm_core.events import ENV_VAR, JsonlSink
 from crystallm_core.layout import ExperimentLayout
 from crystallm_core.model import GPT, named_config
-from crystallm_core.probes import SMOKE_SUBSET, Prober, parse_probes
+from crystallm_core.probes import SMOKE_SUBSET, CaptureWriteError, Prober, parse_probes
 from crystallm_core.tokens import TokenData, read_meta
 from crystallm_core.vocab import vocab_for_id
 
@@ -199,6 +199,7 @@ class Trainer:
         self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, lambda s: lr_factor(s, cfg))
         self.step = 0
         self.best_val = math.inf
+        self.resumed_step: int | None = None  # the checkpoint's step, when resumed
         if resume:
             self._resume()
         use_compile = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
@@ -209,7 +210,8 @@ class Trainer:
         self.prober = self._prober() if cfg.probes else None  # unknown modules fail here, before any step
         self.peak = measure_matmul_peak(self.device)
         self.tokens_per_step = cfg.batch_size * cfg.grad_accum * self.context
-        self.seconds = {"validation": 0.0, "probes": 0.0, "checkpoints": 0.0}
+        self.seconds = {"validation": 0.0, "probes": 0.0, "checkpoints": 0.0}  # time training waited for each
+        self.probe_write_seconds = 0.0  # writing captures in the background, alongside training
 
     def _prober(self) -> Prober:
         cfg = self.cfg
@@ -249,7 +251,7 @@ class Trainer:
         self.model.load_state_dict(ckpt["model"])
         self.opt.load_state_dict(ckpt["optimizer"])
         self.sched.load_state_dict(ckpt["scheduler"])
-        self.step = ckpt["step"]
+        self.step = self.resumed_step = ckpt["step"]
         self.best_val = ckpt["best_val_loss"]
         set_rng_state(ckpt["rng"], self.train_windows)
 
@@ -314,6 +316,8 @@ class Trainer:
         )
         losses: list[float] = []
         started = time.perf_counter()
+        if self.prober is not None and self.step == self.resumed_step:
+            self._retake_captures(sink)
         t_last, steps_since = started, 0
         while self.step < last:
             lr = self.sched.get_last_lr()[0]
@@ -334,56 +338,98 @@ class Trainer:
                 sink.progress("train", self.step, cfg.max_steps)
                 print(f"step {self.step}: loss {loss:.4f} lr {lr:.2e} {tps:,.0f} tok/s", flush=True)
                 t_last, steps_since = time.perf_counter(), 0
+            if self.prober is not None:
+                self._report_captures(sink)
             if self.step % cfg.eval_interval == 0 or self.step == cfg.max_steps:
-                self._checkpoint(sink)
+                self._checkpoint(sink, ending=self.step == last)
                 t_last, steps_since = time.perf_counter(), 0
             if progress is not None:
                 progress(self.step)
+        if self.prober is not None and self.prober.writing:  # paused between validations
+            self._charge_probes(sink, self._wait_for_captures(sink))
         self._report_time(time.perf_counter() - started, sink)
         self._plot(sink)
         best = self.best_val if math.isfinite(self.best_val) else None
         return {"steps": self.step, "final_loss": losses[-1] if losses else None, "best_val_loss": best}
 
-    def _checkpoint(self, sink: JsonlSink) -> None:
+    def _checkpoint(self, sink: JsonlSink, ending: bool) -> None:
         """Validate, capture the probes that are due, then write ``last`` and, when validation improved
-        (or there is none), ``best``."""
+        (or there is none), ``best``. Captures are written in the background while training goes on;
+        the run's last validation (``ending``) waits for them, so the run returns with all on disk."""
         t0 = time.perf_counter()
         val = self.evaluate()
         if val is not None:
             sink.metric(self.step, val_loss=val)
             print(f"step {self.step}: val loss {val:.4f}", flush=True)
         self.seconds["validation"] += time.perf_counter() - t0
-        if self.prober is not None:
-            self._capture(sink)
+        probing = self._capture(sink) if self.prober is not None else None
         t0 = time.perf_counter()
         if val is None or val < self.best_val:
             self.best_val = val if val is not None else self.best_val
             self.save("best", sink)
         self.save("last", sink)
         self.seconds["checkpoints"] += time.perf_counter() - t0
+        if self.prober is not None and ending and self.prober.writing:
+            probing = (probing or 0.0) + self._wait_for_captures(sink)
+        if probing is not None:
+            self._charge_probes(sink, probing)
 
-    def _capture(self, sink: JsonlSink) -> None:
+    def _capture(self, sink: JsonlSink, missing: bool = False) -> float | None:
+        """Capture the probes due at this step's validation (``missing``: only those without a file);
+        returns the seconds training waited for them, None when none was due."""
         assert self.prober is not None
         # Validations run at multiples of eval_interval and at the last step; this is validation number n.
         n = -(-self.step // self.cfg.eval_interval)
-        due = self.prober.due(n, final=self.step == self.cfg.max_steps)
+        due = [
+            (probe, self.layout.probe_capture(probe.spec.name, self.step))
+            for probe in self.prober.due(n, final=self.step == self.cfg.max_steps)
+        ]
+        due = [(probe, path) for probe, path in due if not (missing and path.exists())]
         if not due:
-            return
+            return None
         tokens_seen = self.step * self.tokens_per_step
         spent = 0.0
-        for probe in due:
-            path = self.layout.probe_capture(probe.spec.name, self.step)
-            cap = self.prober.capture(probe, path, self.step, tokens_seen, tokens_seen / self.train_tokens)
+        for probe, path in due:
+            spent += self.prober.capture(probe, path, self.step, tokens_seen, tokens_seen / self.train_tokens).seconds
+            self._report_captures(sink)
+        return spent
+
+    def _retake_captures(self, sink: JsonlSink) -> None:
+        """``last`` is written while its step's captures may still be in flight: a run that stopped before
+        they landed is resumed with them missing. Take them again from the restored model (the same
+        weights and windows), and wait for them, before training goes on."""
+        spent = self._capture(sink, missing=True)
+        if spent is not None:
+            print(f"step {self.step}: probe captures of the checkpoint were missing; taken again", flush=True)
+            self._charge_probes(sink, spent + self._wait_for_captures(sink))
+
+    def _wait_for_captures(self, sink: JsonlSink) -> float:
+        """Wait for the capture being written, report it, and return the seconds waited."""
+        assert self.prober is not None
+        t0 = time.perf_counter()
+        self.prober.wait()
+        waited = time.perf_counter() - t0
+        self._report_captures(sink)
+        return waited
+
+    def _report_captures(self, sink: JsonlSink) -> None:
+        """An artifact event and a log line for each capture renamed into place since the last report."""
+        assert self.prober is not None
+        for cap in self.prober.written():
             sink.artifact(cap.path, "probe")
-            spent += cap.seconds
+            self.probe_write_seconds += cap.write_seconds
             print(
-                f"step {self.step}: probe {probe.spec.name}: {cap.shape[0]} windows x {cap.shape[1]} positions x "
-                f"{len(probe.spec.modules)} modules -> {self.layout.relative(cap.path)} "
-                f"({cap.bytes / 2**20:.1f} MiB, {cap.seconds:.2f} s)",
+                f"step {cap.step}: probe {cap.probe.spec.name}: {cap.shape[0]} windows x {cap.shape[1]} positions x "
+                f"{len(cap.probe.spec.modules)} modules -> {self.layout.relative(cap.path)} "
+                f"({cap.bytes / 2**20:.1f} MiB, {cap.seconds:.2f} s; written in {cap.write_seconds:.2f} s "
+                "in the background)",
                 flush=True,
             )
-        sink.metric(self.step, probe_seconds=spent)
-        self.seconds["probes"] += spent
+
+    def _charge_probes(self, sink: JsonlSink, seconds: float) -> None:
+        """Record what probing made training wait at this step."""
+        sink.metric(self.step, probe_seconds=seconds)
+        self.seconds["probes"] += seconds
 
     def _report_time(self, total: float, sink: JsonlSink) -> None:
         """Where this run's time went; with probes, what capturing cost against training."""
@@ -393,8 +439,17 @@ class Trainer:
         if self.prober is not None:
             spent = self.seconds["probes"]
             share = spent / training if training > 0 else math.inf
-            print(f"probes: {spent:.1f} s capturing vs {training:.1f} s training ({share:.1%})", flush=True)
-            sink.metric(self.step, probe_seconds_total=spent, train_seconds=training)
+            print(
+                f"probes: {spent:.1f} s capturing vs {training:.1f} s training ({share:.1%}); "
+                f"{self.probe_write_seconds:.1f} s writing in the background",
+                flush=True,
+            )
+            sink.metric(
+                self.step,
+                probe_seconds_total=spent,
+                probe_write_seconds_total=self.probe_write_seconds,
+                train_seconds=training,
+            )
 
     def _plot(self, sink: JsonlSink) -> None:
         """Training curves into plots/. They are derived from the events file and can be redrawn with
@@ -430,14 +485,18 @@ def run(args: argparse.Namespace) -> int:
         print(f"crystallm train: {e}", file=sys.stderr)
         return 2
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
-    with JsonlSink(os.environ.get(ENV_VAR) or trainer.layout.metrics_file("train")) as sink:
-        if sys.stderr.isatty():
-            from rich.progress import Progress
+    try:
+        with JsonlSink(os.environ.get(ENV_VAR) or trainer.layout.metrics_file("train")) as sink:
+            if sys.stderr.isatty():
+                from rich.progress import Progress
 
-            with Progress(transient=True) as bar:
-                task = bar.add_task("train", total=cfg.max_steps, completed=trainer.step)
-                result = trainer.run(sink, progress=lambda s: bar.update(task, completed=s))
-        else:
-            result = trainer.run(sink)
+                with Progress(transient=True) as bar:
+                    task = bar.add_task("train", total=cfg.max_steps, completed=trainer.step)
+                    result = trainer.run(sink, progress=lambda s: bar.update(task, completed=s))
+            else:
+                result = trainer.run(sink)
+    except CaptureWriteError as e:
+        print(f"crystallm train: {e}", file=sys.stderr)
+        return 1
     print(f"done: {result}", flush=True)
     return 0

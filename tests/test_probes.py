@@ -1,15 +1,18 @@
 import json
 import re
+import threading
+import time
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from crystallm_core import checkpoint
+from crystallm_core import checkpoint, probes
 from crystallm_core.cli import main
 from crystallm_core.config import ConfigError
 from crystallm_core.events import JsonlSink, read_events
-from crystallm_core.probes import load_capture, parse_probes, resolve_positions
+from crystallm_core.probes import CaptureWriteError, load_capture, parse_probes, resolve_positions
 from crystallm_core.tokens import TokenData
 from crystallm_core.train import TrainConfig, Trainer, load_config
 
@@ -159,8 +162,9 @@ def test_captures_are_reported_as_events_and_in_the_log(probed_run, capsys):
 def test_the_log_reports_the_cost_of_probing(demo_small, tmp_path, capsys):
     train(config(demo_small, tmp_path, [probe(subset_size=2)], max_steps=2))
     out = capsys.readouterr().out
-    assert "step 2: probe p: 2 windows x 64 positions x 3 modules -> probes/p/eval_2.pt.gz" in out
-    assert "probes: " in out and " s capturing vs " in out and " s training (" in out
+    line = r"step 2: probe p: 2 windows x 64 positions x 3 modules -> probes/p/eval_2\.pt\.gz \(\d+\.\d MiB, "
+    assert re.search(line + r"\d+\.\d\d s; written in \d+\.\d\d s in the background\)", out)
+    assert re.search(r"probes: [\d.]+ s capturing vs [\d.]+ s training \(.*\); [\d.]+ s writing in the background", out)
 
 
 def test_a_capture_never_holds_more_than_its_subset(demo_small, tmp_path):
@@ -171,7 +175,87 @@ def test_a_capture_never_holds_more_than_its_subset(demo_small, tmp_path):
     cap = trainer.prober.capture(p, tmp_path / "c.pt.gz", step=0, tokens_seen=0, epoch=0.0)
     assert rows == [2, 2, 1]  # the 5 subset windows, in batches of batch_size, nothing else
     assert cap.shape == (5, CONTEXT)
+    trainer.prober.wait()
+    assert trainer.prober.written() == [cap] and cap.bytes == cap.path.stat().st_size
     assert all(t.shape[0] == 5 for t in load_capture(cap.path)["source_activations"].values())
+
+
+class ProbeFilesChecked(JsonlSink):
+    """An events file that checks each probe artifact is in place when its event is emitted."""
+
+    def artifact(self, path, kind):
+        assert kind != "probe" or Path(path).is_file(), path
+        super().artifact(path, kind)
+
+
+def test_captures_are_written_while_training_goes_on_and_all_on_disk_at_the_end(demo_small, tmp_path, monkeypatch):
+    trainer = Trainer(config(demo_small, tmp_path, [probe(subset_size=2)], max_steps=6))
+    write = probes.write_capture
+    daemons = []
+
+    def slow_write(path, payload):
+        daemons.append(threading.current_thread().daemon)
+        if path.name == "eval_2.pt.gz":  # held until training has moved on: a synchronous write would time out
+            deadline = time.monotonic() + 60
+            while trainer.step < 3:
+                assert time.monotonic() < deadline, "training did not go on while a capture was written"
+                time.sleep(0.01)
+        if path.name == "eval_6.pt.gz":  # the last one: the run must wait for it, and say so
+            time.sleep(1.0)
+        return write(path, payload)
+
+    monkeypatch.setattr(probes, "write_capture", slow_write)
+    with ProbeFilesChecked(trainer.layout.metrics_file("train")) as sink:
+        trainer.run(sink)
+    names = ["eval_2.pt.gz", "eval_4.pt.gz", "eval_6.pt.gz"]
+    assert sorted(p.name for p in (tmp_path / "probes" / "p").iterdir()) == names  # no temporary file left
+    assert [load_capture(tmp_path / "probes" / "p" / n)["metadata"]["step"] for n in names] == [2, 4, 6]
+    assert daemons == [True] * 3
+    events = read_events(tmp_path / "metrics" / "train.jsonl")
+    assert [Path(e["path"]).name for e in events if e.get("kind") == "probe"] == names
+    costs = {e["step"]: e["values"]["probe_seconds"] for e in events if "probe_seconds" in e.get("values", {})}
+    assert list(costs) == [2, 4, 6] and costs[6] >= 0.5  # the wait for the last write (less checkpointing)
+    total = [e["values"] for e in events if "probe_seconds_total" in e.get("values", {})]
+    assert total[0]["probe_seconds_total"] == pytest.approx(sum(costs.values()))
+    assert total[0]["probe_write_seconds_total"] >= 1.0
+
+
+def test_a_failing_write_fails_the_run(demo_small, tmp_path, monkeypatch, capsys):
+    def full_disk(path, payload):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(probes, "write_capture", full_disk)
+    message = r"probe p: could not write its step-2 capture .*eval_2\.pt\.gz: OSError: \[Errno 28\] No space left"
+    with pytest.raises(CaptureWriteError, match=message):
+        train(config(demo_small, tmp_path / "direct", [probe(subset_size=2)]))
+    events = read_events(tmp_path / "direct" / "metrics" / "train.jsonl")
+    assert not [e for e in events if e.get("kind") == "probe" or "probe_seconds_total" in e.get("values", {})]
+    cfg = tmp_path / "train.json"
+    run = {"data_dir": str(demo_small), "out_dir": str(tmp_path / "cli"), "model": "tiny", "max_steps": 2}
+    cfg.write_text(json.dumps({**run, "eval_interval": 2, "block_size": CONTEXT, "probes": [probe(subset_size=2)]}))
+    assert main(["train", str(cfg)]) == 1
+    captured = capsys.readouterr()
+    assert re.search("crystallm train: " + message, captured.err) and "done:" not in captured.out
+
+
+def test_a_capture_lost_with_the_run_is_taken_again_on_resume(demo_small, tmp_path, capsys):
+    """``last`` may land before its step's capture; a resumed run takes a missing one from the checkpoint."""
+    cfg = config(demo_small, tmp_path, [probe(subset_size=2)], max_steps=6)
+    with JsonlSink(tmp_path / "events.jsonl") as sink:
+        Trainer(cfg).run(sink, stop_at=4)
+    lost = tmp_path / "probes" / "p" / "eval_4.pt.gz"
+    before = load_capture(lost)
+    lost.unlink()
+    with JsonlSink(tmp_path / "events.jsonl") as sink:
+        Trainer(cfg, resume=True).run(sink)
+    assert "step 4: probe captures of the checkpoint were missing; taken again" in capsys.readouterr().out
+    assert sorted(p.name for p in lost.parent.iterdir()) == ["eval_2.pt.gz", "eval_4.pt.gz", "eval_6.pt.gz"]
+    after = load_capture(lost)
+    assert after["metadata"] == before["metadata"]
+    for group in ("source_activations", "target_activations"):
+        assert all(torch.equal(after[group][m], before[group][m]) for m in before[group])
+    steps = [e["path"] for e in read_events(tmp_path / "events.jsonl") if e.get("kind") == "probe"]
+    assert [Path(p).name for p in steps] == ["eval_2.pt.gz", "eval_4.pt.gz", "eval_4.pt.gz", "eval_6.pt.gz"]
 
 
 def test_no_hook_is_registered_during_training_steps(demo_small, tmp_path):
