@@ -105,6 +105,7 @@ class StageRt:
     state: str
     attempts: int = 0
     extras: frozenset[str] = frozenset()
+    reason: str = ""  # as in its row: a new waiting reason is written only when it differs
     deps: list[StageRt] = field(default_factory=list)
     dependents: list[StageRt] = field(default_factory=list)
     current: AttemptRt | None = None
