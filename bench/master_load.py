@@ -23,14 +23,14 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench.masterkit import postgres_database, start_master  # noqa: E402
 
 PG_DEFAULT = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 NODES_PER_CHANNEL = 100
@@ -150,49 +150,6 @@ def _load_process(
     out.put(asyncio.run(_load(address, first, count, args, submit, start_at)))
 
 
-def _start_master(db_url: str, tmp: Path, heartbeat: float) -> tuple[subprocess.Popen[str], str]:
-    """The master expects the simulated nodes' interval: it declares a node lost after three of them."""
-    log = (tmp / "master.log").open("w")
-    cmd = [sys.executable, "-m", "infra.cli", "master", "--db", db_url, "--bind", "127.0.0.1:0"]
-    cmd += ["--heartbeat", str(heartbeat)]
-    proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=log, text=True, cwd=ROOT, env={**os.environ, "INFRA_CONFIG_DIR": str(tmp)}
-    )
-    found: list[str] = []
-
-    def read() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if "listening on " in line:
-                found.append(line.split("listening on ", 1)[1].split()[0])
-
-    threading.Thread(target=read, daemon=True).start()
-    deadline = time.monotonic() + 60
-    while not found:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise SystemExit(f"the master did not start:\n{(tmp / 'master.log').read_text()}")
-        time.sleep(0.05)
-    return proc, found[0]
-
-
-def _postgres(url: str) -> tuple[str, Any]:
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-
-    admin = create_engine(url, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3})
-    name = f"infra_bench_{uuid.uuid4().hex[:10]}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-
-    def drop() -> None:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-    return make_url(url).set(database=name).render_as_string(hide_password=False), drop
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nodes", type=int, default=1000)
@@ -212,8 +169,9 @@ def main() -> int:
     drop = None
     db_url = f"sqlite:///{tmp / 'master.db'}"
     if args.db == "postgres":
-        db_url, drop = _postgres(args.postgres_url)
-    master, address = _start_master(db_url, tmp, args.heartbeat)
+        db_url, drop = postgres_database(args.postgres_url, "infra_bench")
+    # the master expects the simulated nodes' interval: it declares a node lost after three of them
+    master, address = start_master(db_url, tmp, "--heartbeat", str(args.heartbeat))
     procs: list[Any] = []
     try:
         mproc = psutil.Process(master.pid)

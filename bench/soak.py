@@ -31,7 +31,6 @@ import signal
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -43,6 +42,7 @@ sys.path.insert(0, str(ROOT))
 
 import grpc  # noqa: E402
 
+from bench.masterkit import postgres_database, start_master  # noqa: E402
 from protos import PROTOCOL_VERSION, infra_pb2, infra_pb2_grpc  # noqa: E402
 
 PG_DEFAULT = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
@@ -50,6 +50,7 @@ NODES_PER_CHANNEL = 50
 STAGES_PER_PLAN = 50
 HEARTBEAT_S = 1.0
 LOST_TIMEOUT_S = 5.0  # shorter than the default 15 s so that agents killed for longer move work within a run
+MASTER_FLAGS = ("--heartbeat", str(HEARTBEAT_S), "--lost-timeout", str(LOST_TIMEOUT_S))
 
 
 @dataclass(eq=False)
@@ -254,53 +255,12 @@ class SimAgent:
 # --- the master --------------------------------------------------------------------------------
 
 
-def start_master(db_url: str, tmp: Path, port: int = 0) -> tuple[subprocess.Popen[str], int]:
-    log = (tmp / "master.log").open("a")
-    cmd = [sys.executable, "-m", "infra.cli", "master", "--db", db_url, "--bind", f"127.0.0.1:{port}"]
-    cmd += ["--heartbeat", str(HEARTBEAT_S), "--lost-timeout", str(LOST_TIMEOUT_S)]
-    env = {**os.environ, "INFRA_CONFIG_DIR": str(tmp)}
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, cwd=ROOT, env=env)
-    found: list[int] = []
-
-    def read() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            if "listening on " in line:
-                found.append(int(line.split("listening on ", 1)[1].split()[0].rsplit(":", 1)[1]))
-
-    threading.Thread(target=read, daemon=True).start()
-    deadline = time.monotonic() + 60
-    while not found:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            raise SystemExit(f"the master did not start:\n{(tmp / 'master.log').read_text()}")
-        time.sleep(0.05)
-    return proc, found[0]
-
-
-def postgres_database(url: str) -> tuple[str, Any]:
-    from sqlalchemy import create_engine, text
-    from sqlalchemy.engine import make_url
-
-    admin = create_engine(url, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3})
-    name = f"infra_soak_{uuid.uuid4().hex[:10]}"
-    with admin.connect() as conn:
-        conn.execute(text(f'CREATE DATABASE "{name}"'))
-
-    def drop() -> None:
-        with admin.connect() as conn:
-            conn.execute(text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
-        admin.dispose()
-
-    return make_url(url).set(database=name).render_as_string(hide_password=False), drop
-
-
 # --- the run -----------------------------------------------------------------------------------
 
 
 async def soak(args: argparse.Namespace, db_url: str, tmp: Path) -> dict[str, Any]:
-    master, port = start_master(db_url, tmp)
-    address = f"127.0.0.1:{port}"
+    master, address = start_master(db_url, tmp, *MASTER_FLAGS)
+    port = int(address.rsplit(":", 1)[1])
     stats = Stats()
     channels = [grpc.aio.insecure_channel(address) for _ in range(-(-args.nodes // NODES_PER_CHANNEL))]
     agents = [SimAgent(i, channels[i // NODES_PER_CHANNEL], stats) for i in range(args.nodes)]
@@ -402,7 +362,7 @@ async def _restart_master(master: subprocess.Popen[str], db_url: str, tmp: Path,
     master.wait(10)
     await asyncio.sleep(1.5)
     loop = asyncio.get_running_loop()
-    proc, _ = await loop.run_in_executor(None, start_master, db_url, tmp, port)
+    proc, _ = await loop.run_in_executor(None, lambda: start_master(db_url, tmp, *MASTER_FLAGS, port=port))
     return proc
 
 
@@ -495,7 +455,7 @@ def main() -> int:
     drop = None
     db_url = f"sqlite:///{tmp / 'master.db'}"
     if args.db == "postgres":
-        db_url, drop = postgres_database(args.postgres_url)
+        db_url, drop = postgres_database(args.postgres_url, "infra_soak")
     try:
         result = asyncio.run(soak(args, db_url, tmp))
     finally:

@@ -16,6 +16,8 @@ from master.db import make_engine, migrate
 from master.models import Event, Transition
 from protos import PROTOCOL_VERSION, infra_pb2
 
+from .controller_kit import run_controller
+
 
 def _plan(name: str, priority: int, stages: list[dict[str, Any]] | None = None) -> str:
     one = [{"name": "s", "kind": "evaluate", "params": {"inputs": ["x"]}, "resources": {"cpus": 1, "memory": 512}}]
@@ -40,18 +42,7 @@ async def _report(c: Controller, a: infra_pb2.Assignment, state: int, node: str 
 
 
 def _run(tmp_path: Path, scenario: Any) -> None:
-    async def main() -> None:
-        engine = make_engine(f"sqlite:///{tmp_path / 'm.db'}")
-        migrate(engine)
-        c = Controller(engine, heartbeat_interval=1, persist_interval=0.1)
-        await c.start()
-        try:
-            await scenario(c)
-        finally:
-            await c.stop()
-            engine.dispose()
-
-    asyncio.run(main())
+    run_controller(tmp_path, scenario, heartbeat_interval=1, persist_interval=0.1)
 
 
 def test_priority_first_then_submission_order(tmp_path: Path) -> None:

@@ -9,9 +9,9 @@ from typing import Any
 
 from master import store
 from master.controller import Controller
-from master.db import make_engine, migrate
 from protos import PROTOCOL_VERSION, infra_pb2
 
+from .controller_kit import run_controller
 from .test_controller import _next
 
 
@@ -48,18 +48,7 @@ def _beat(c: Controller, node: str, session: int, running: list[infra_pb2.Assign
 
 
 def _run(tmp_path: Path, scenario: Any, **kw: Any) -> None:
-    async def main() -> None:
-        engine = make_engine(f"sqlite:///{tmp_path / 'm.db'}")
-        migrate(engine)
-        c = Controller(engine, heartbeat_interval=0.1, persist_interval=10, **kw)
-        await c.start()
-        try:
-            await scenario(c)
-        finally:
-            await c.stop()
-            engine.dispose()
-
-    asyncio.run(main())
+    run_controller(tmp_path, scenario, heartbeat_interval=0.1, persist_interval=10, **kw)
 
 
 async def _stages(c: Controller, key: str) -> dict[str, dict[str, Any]]:

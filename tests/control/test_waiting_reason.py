@@ -13,10 +13,10 @@ import pytest
 
 from master import store
 from master.controller import Controller
-from master.db import make_engine, migrate
 from protos import PROTOCOL_VERSION, infra_pb2
 
 from .conftest import Cluster
+from .controller_kit import run_controller
 from .test_controller import _next
 
 
@@ -65,18 +65,7 @@ async def _reason(c: Controller, key: str, stage: str, expected: str) -> dict[st
 
 
 def _run(tmp_path: Path, scenario: Any) -> None:
-    async def main() -> None:
-        engine = make_engine(f"sqlite:///{tmp_path / 'm.db'}")
-        migrate(engine)
-        c = Controller(engine, heartbeat_interval=1, persist_interval=10)
-        await c.start()
-        try:
-            await scenario(c)
-        finally:
-            await c.stop()
-            engine.dispose()
-
-    asyncio.run(main())
+    run_controller(tmp_path, scenario, heartbeat_interval=1, persist_interval=10)
 
 
 def test_a_stage_no_node_can_take_names_what_is_missing(tmp_path: Path) -> None:
