@@ -10,8 +10,10 @@ capture first:
    one after another (length windows × positions). The share of variance kept is reported per module.
 2. **Pairs.** Candidates are every (source module, target module) with source ≠ target. ``--pairs all``
    keeps them all; ``--pairs top-n`` keeps the ``--top-n`` pairs whose series share the most mutual
-   information, averaged over the analysed captures. That MI is the Gaussian estimate from the Pearson
-   correlation ρ of the two series at the same token, I = -½ ln(1 - ρ²) nats.
+   information, averaged over the analysed captures, one direction of each (a module in both lists
+   gives (x, y) and (y, x), whose MI is the same and whose atoms mirror each other). That MI is the
+   Gaussian estimate from the Pearson correlation ρ of the two series at the same token,
+   I = -½ ln(1 - ρ²) nats.
 3. **Atoms.** Each pair is a two-variable system (x: the source series, y: the target series); ΦID
    decomposes the information its past (lag ``--tau`` kept positions) carries about its future, with
    ``omegaid.core.decomposition.calc_phiid_multivariate([x; y], [x; y], tau, kind="gaussian",
@@ -182,7 +184,15 @@ def choose_pairs(captures: list[Reduced], mode: str, n: int) -> tuple[list[Pair]
         mi[(s, t)] = float(np.mean(values))
     if mode == "all":
         return candidates, mi
-    return sorted(candidates, key=lambda p: -mi[p])[:n], mi
+    # MI is symmetric and the ΦID of (y, x) mirrors that of (x, y): a pair whose mirror was chosen is
+    # skipped, so that n pairs are n different module pairs (ties, and mirrors, go in candidate order).
+    chosen: list[Pair] = []
+    for pair in sorted(candidates, key=lambda p: (-round(mi[p], 9), candidates.index(p))):
+        if (pair[1], pair[0]) not in chosen:
+            chosen.append(pair)
+        if len(chosen) == n:
+            break
+    return chosen, mi
 
 
 def _number(v: float) -> float | None:

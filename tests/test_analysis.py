@@ -190,3 +190,18 @@ def test_omegaid_atoms_of_a_known_system():
     atoms = load_phiid(tau=1, redundancy="MMI")(x, y)
     assert set(atoms) == set(ATOMS)
     assert atoms["xty"] > 0.3 and atoms["xty"] == max(atoms.values())
+
+
+def test_top_n_takes_one_direction_of_each_module_pair():
+    """With the same modules as sources and targets, (x, y) and (y, x) share their MI; top-n must name
+    n different pairs, not one pair twice (the earlier form, seen on the perov_5 probe of all blocks)."""
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=4000)
+    series = {"a": a, "b": a + 0.1 * rng.normal(size=4000), "c": a + 1.0 * rng.normal(size=4000)}
+    series["d"] = rng.normal(size=4000)
+    mods = list(series)
+    cap = analysis.Reduced(None, 10, 1.0, mods, mods, series, dict.fromkeys(mods, 1.0))
+    chosen, mi = analysis.choose_pairs([cap], "top-n", 3)
+    assert chosen == [("a", "b"), ("a", "c"), ("b", "c")]
+    assert mi[("a", "b")] == pytest.approx(mi[("b", "a")])
+    assert len(analysis.choose_pairs([cap], "all", 3)[0]) == 12
