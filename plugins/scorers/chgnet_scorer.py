@@ -6,11 +6,11 @@ read with :func:`crystallm_core.cif.parse_structure` and turned into a crystal g
 a structure that cannot be read or has isolated atoms fails alone with its reason; the graphs that
 were built are predicted together in batches of ``batch_size`` on the GPU when there is one.
 
-Reading a CIF and building its graph is Python work on the CPU (about 2 ms a structure), which for
-large batches costs more than the GPU's prediction: with ``workers`` > 0 it runs on a pool of that
-many processes (default: up to 8 when predicting on a GPU, none on a CPU, where prediction
-dominates). The model loads when the scorer is made (seconds) and stays loaded, with its pool, for
-the scorer's life.
+Reading a CIF and building its graph is Python work on the CPU (about 2 ms a structure on one
+core), so with ``workers`` > 0 it runs on a pool of that many processes (default: up to 8 when
+predicting on a GPU; none on a CPU, where prediction itself takes ~25 ms a structure). On an H200
+the prediction still bounds the scorer at ~195 structures/s (docs/BENCHMARKS.md). The model loads
+when the scorer is made (seconds) and stays loaded, with its pool, for the scorer's life.
 """
 
 from __future__ import annotations
