@@ -236,11 +236,11 @@ def test_own_plugins_match_the_entry_points_setup_py_declares():
 
     from crystallm_core.plugins import ENTRY_POINT_GROUP, OWN_DISTRIBUTION, OWN_PLUGINS
 
-    declared = {
-        ep.name: ep.value
-        for ep in metadata.distribution(OWN_DISTRIBUTION).entry_points
-        if ep.group == ENTRY_POINT_GROUP
-    }
+    try:
+        dist = metadata.distribution(OWN_DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        pytest.skip(f"{OWN_DISTRIBUTION} is not installed here (a source checkout): no entry points to compare")
+    declared = {ep.name: ep.value for ep in dist.entry_points if ep.group == ENTRY_POINT_GROUP}
     assert declared == OWN_PLUGINS
 
 
