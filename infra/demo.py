@@ -81,15 +81,20 @@ def _python(*args: str) -> list[str]:
     return [sys.executable, "-m", "infra.cli", *args]
 
 
-def start_master(db_url: str, env: dict[str, str], log_path: Path) -> tuple[subprocess.Popen[str], str]:
-    """Start ``infra master`` on a free loopback port; returns the process and its address."""
-    log = log_path.open("w")
+def start_master(
+    db_url: str, env: dict[str, str], log_path: Path, *flags: str, port: int = 0, cwd: Path | None = None
+) -> tuple[subprocess.Popen[str], str]:
+    """Start ``infra master`` on loopback (``port`` 0: a free one) with ``flags``, its log appended to
+    ``log_path``; returns the process and the address it printed once listening. The demo, the
+    control-plane tests and the benchmarks all start their masters here."""
+    log = log_path.open("a")
     proc = subprocess.Popen(
-        _python("master", "--db", db_url, "--bind", "127.0.0.1:0", "--heartbeat", "1"),
+        _python("master", "--db", db_url, "--bind", f"127.0.0.1:{port}", *flags),
         stdout=subprocess.PIPE,
         stderr=log,
         text=True,
         env=env,
+        cwd=cwd,
     )
     found: list[str] = []
 
@@ -104,7 +109,7 @@ def start_master(db_url: str, env: dict[str, str], log_path: Path) -> tuple[subp
     while not found:
         if proc.poll() is not None or time.monotonic() > deadline:
             stop(proc)
-            raise RuntimeError(f"the master did not start; see {log_path}")
+            raise RuntimeError(f"the master did not start; its log ({log_path}):\n{log_path.read_text()[-4000:]}")
         time.sleep(0.05)
     return proc, found[0]
 
@@ -154,7 +159,7 @@ def run_demo(keep: bool = False, as_json: bool = False) -> int:
     procs: list[subprocess.Popen[Any]] = []
     started = time.monotonic()
     try:
-        master, address = start_master(f"sqlite:///{tmp / 'master.db'}", env, tmp / "master.log")
+        master, address = start_master(f"sqlite:///{tmp / 'master.db'}", env, tmp / "master.log", "--heartbeat", "1")
         procs.append(master)
         console.print(f"master on {address} (database {tmp / 'master.db'})")
         node_log = (tmp / "node.log").open("w")

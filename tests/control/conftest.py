@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -18,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
+from infra.demo import start_master
 
 STAGEKIT = Path(__file__).resolve().parent / "stagekit.py"
 POSTGRES_DEFAULT = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
@@ -63,24 +64,9 @@ class Cluster:
 
     def start_master(self, *args: str, port: int = 0, heartbeat: float = 1.0) -> str:
         self.master_args = args
-        log = (self.tmp / "master.log").open("a")
-        cmd = [sys.executable, "-m", "infra.cli", "master", "--db", self.db_url, "--bind", f"127.0.0.1:{port}"]
-        cmd += ["--heartbeat", str(heartbeat), *args]
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, text=True, env=self.env)
-        self.procs.append(proc)
-        self.master = proc
-        found: list[str] = []
-
-        def read() -> None:
-            assert proc.stdout is not None
-            for line in proc.stdout:
-                if "listening on " in line:
-                    found.append(line.split("listening on ", 1)[1].split()[0])
-
-        threading.Thread(target=read, daemon=True).start()
-        self.address = wait_for(
-            lambda: found[0] if found else proc.poll() is not None and self._dead("master"), 60, "the master to listen"
-        )
+        flags = ("--heartbeat", str(heartbeat), *args)
+        self.master, self.address = start_master(self.db_url, self.env, self.tmp / "master.log", *flags, port=port)
+        self.procs.append(self.master)
         return self.address
 
     @property
