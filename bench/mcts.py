@@ -2,9 +2,10 @@
 
 ``--mode speed`` runs, on one device with the same model, prompts, scorer and iteration budget,
 (a) a one-rollout-at-a-time search (one rollout per step, a sampler of one slot, the scorer called
-for each new valid CIF on its own: what a sequential search does) and (b) the batched search
-(``--rollouts-per-step`` leaves per step, one sampler call and one scorer call per step; a
-comma-separated list runs one batched search per value), and reports rollouts/s and scored CIFs/s
+for each new valid CIF on its own, each step evaluated before the next: what a sequential search
+does) and (b) the batched search (``--rollouts-per-step`` leaves per step, one sampler call and one
+scorer call per step, pipelined unless ``--pipeline off``; a comma-separated list runs one batched
+search per value, ``--pipeline both`` each one both ways), and reports rollouts/s and scored CIFs/s
 of each, the seconds spent in each phase, and the speed-ups. The sequential search's rate is steady,
 so ``--sequential-iterations`` may give it fewer rollouts than ``--iterations`` to save time.
 
@@ -57,7 +58,7 @@ def load(args: argparse.Namespace) -> tuple[GPT, Vocabulary]:
     return (model.to(torch.bfloat16) if device.type == "cuda" else model), vocab
 
 
-PHASES = ("expand", "rollout", "check", "score")
+PHASES = ("expand", "rollout", "check", "score", "waiting")
 
 
 def totals(runs: list[SearchStats]) -> dict[str, float]:
@@ -68,7 +69,8 @@ def totals(runs: list[SearchStats]) -> dict[str, float]:
         "cifs_scored": scored,
         "scorer_calls": sum(r.scorer_calls for r in runs),
         "seconds": round(seconds, 3),
-        # where the time went: model expansions, rollouts (sampling), validity checks, scorer calls
+        # where the time went: model expansions, rollouts (sampling), validity checks, scorer calls, and
+        # waiting for evaluations (pipelined, checks and scoring overlap the rollouts; this is what did not)
         **{f"seconds_{p}": round(sum(getattr(r, f"seconds_{p}") for r in runs), 3) for p in PHASES},
         "rollouts_per_s": rollouts / seconds if seconds else 0.0,
         "scored_per_s": scored / seconds if seconds else 0.0,
@@ -90,19 +92,22 @@ class Setup:
 
 def speed(args: argparse.Namespace, setup: Setup, prompts: list[str]) -> dict:
     cfg = config(args)
-    sequential = replace(cfg, rollouts_per_step=1, iterations=args.sequential_iterations or cfg.iterations)
+    sequential = replace(
+        cfg, rollouts_per_step=1, iterations=args.sequential_iterations or cfg.iterations, pipeline=False
+    )
     widths = [int(w) for w in str(args.rollouts_per_step).split(",")]
+    pipelines = {"on": [True], "off": [False], "both": [True, False]}[args.pipeline]
     for w in widths:  # warm-up: kernels, CUDA graphs, worker pools
-        setup.search(prompts[0], replace(cfg, iterations=w, rollouts_per_step=w))
+        setup.search(prompts[0], replace(cfg, iterations=2 * w, rollouts_per_step=w))
     ta = totals([setup.search(p, sequential) for p in prompts])
 
     def ratio(x: float, y: float) -> float | None:
         return x / y if y else None
 
     batched = []
-    for w in widths:
-        tb = totals([setup.search(p, replace(cfg, rollouts_per_step=w)) for p in prompts])
-        tb["rollouts_per_step"] = w
+    for w, pipeline in ((w, p) for w in widths for p in pipelines):
+        tb = totals([setup.search(p, replace(cfg, rollouts_per_step=w, pipeline=pipeline)) for p in prompts])
+        tb["rollouts_per_step"], tb["pipeline"] = w, pipeline
         tb["speedup_rollouts"] = ratio(tb["rollouts_per_s"], ta["rollouts_per_s"])
         tb["speedup_scored"] = ratio(tb["scored_per_s"], ta["scored_per_s"])
         batched.append(tb)
@@ -183,6 +188,7 @@ def config(args: argparse.Namespace) -> MctsConfig:
         max_tokens=args.max_tokens,
         seed=args.seed,
         check_workers=args.check_workers,
+        pipeline=args.pipeline != "off",
     )
 
 
@@ -196,6 +202,7 @@ def main() -> int:
     ap.add_argument("--scorer-option", action="append", default=[], metavar="K=V")
     ap.add_argument("--iterations", type=int, default=64, help="rollouts per search")
     ap.add_argument("--rollouts-per-step", default="32", help="leaves per step; speed mode: a comma-separated list")
+    ap.add_argument("--pipeline", choices=["on", "off", "both"], default="on", help="batched searches pipelined?")
     ap.add_argument("--sequential-iterations", type=int, default=None, help="rollouts of the sequential search")
     ap.add_argument("--selector", default="puct")
     ap.add_argument("--c", type=float, default=1.0)

@@ -14,6 +14,12 @@ with their probabilities as priors. One step of the search runs ``R`` iterations
    to the scorer. Invalid CIFs get a penalty and never reach the scorer;
 5. **back-propagate** the outcomes along the selected paths, removing the virtual losses.
 
+Steps are pipelined (``pipeline``, on by default): step ``t``'s evaluation runs on a worker thread
+while step ``t + 1`` selects, expands and rolls out, its paths still carrying step ``t``'s virtual
+losses; step ``t`` is backed up before step ``t + 1`` is evaluated. Selection thus sees statistics
+one step old, the scorer and the model work at the same time, and a search stays deterministic by
+seed: what each step sees does not depend on timing.
+
 Rewards are min-max normalised over the scores seen so far, at selection time: a node keeps the
 raw sum of its scores, and since the normalisation is affine, the mean of the normalised rewards is
 the normalised mean score. Every value in the tree therefore uses the same, current scale. When
@@ -35,7 +41,7 @@ import os
 import sys
 import time
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -70,6 +76,7 @@ class MctsConfig:
     seed: int = 0
     best: int = 5  # best structures written as .cif files
     check_workers: int = 1  # processes for validity checks
+    pipeline: bool = True  # evaluate step t while step t + 1 rolls out (module docstring)
 
     def __post_init__(self) -> None:
         problems = []
@@ -152,6 +159,7 @@ class SearchStats:
     seconds_expand: float = 0.0
     seconds_check: float = 0.0
     seconds_score: float = 0.0
+    seconds_waiting: float = 0.0  # the search waited for an evaluation (pipelined: the part not overlapped)
     error: str | None = None
 
     @property
@@ -419,6 +427,8 @@ class Search:
         if out is not None:
             out.mkdir(parents=True, exist_ok=True)
         self.records = _Records(out / "cifs.csv.gz") if out is not None else None
+        self.evaluator = ThreadPoolExecutor(1, thread_name_prefix="mcts-eval") if cfg.pipeline else None
+        self.in_flight: tuple[list[Node], Future[list[Outcome]]] | None = None  # a step being evaluated
 
     def run(self) -> SearchStats:
         t0 = time.perf_counter()
@@ -429,9 +439,12 @@ class Search:
                 self.step(n)
                 self.stats.seconds = time.perf_counter() - t0
                 self._report()
+            self._back_up_in_flight()
         except ScorerError as exc:
             self.stats.error = str(exc)
         finally:
+            if self.evaluator is not None:
+                self.evaluator.shutdown(wait=True)  # the records file and the checker outlive no evaluation
             self.stats.seconds = time.perf_counter() - t0
             if self.own_checker:
                 self.checker.close()
@@ -442,15 +455,23 @@ class Search:
         return self.stats
 
     def step(self, n: int) -> None:
-        """Select ``n`` leaves, expand them, roll out, evaluate, back up; then prune if needed."""
+        """Select ``n`` leaves, expand them, roll out; back up the step in flight; evaluate this one
+        (on the worker thread when pipelined, else here, backing it up at once); then prune if needed.
+
+        Pruning may collapse the subtree of a leaf still being evaluated: its back-up then walks the
+        detached nodes and the ancestors still in the tree, whose counts stay right.
+        """
         tree, st = self.tree, self.stats
         leaves = [tree.select() for _ in range(n)]
         distinct = list({id(leaf): leaf for leaf in leaves if leaf.children is None and not leaf.terminal}.values())
         self._expand(distinct)
         texts = self._rollouts(leaves)
-        outcomes = self._evaluate(texts)
-        for leaf, outcome in zip(leaves, outcomes):
-            tree.backup(leaf, outcome)
+        self._back_up_in_flight()
+        if self.evaluator is not None:
+            self.in_flight = (leaves, self.evaluator.submit(self._evaluate, texts, st.steps))
+        else:
+            for leaf, outcome in zip(leaves, self._evaluate(texts, st.steps)):
+                tree.backup(leaf, outcome)
         st.steps += 1
         st.rollouts += n
         room = self.cfg.max_nodes - self.cfg.top_k * self.cfg.rollouts_per_step  # the next step's expansions fit
@@ -461,6 +482,18 @@ class Search:
         st.nodes = tree.size
         st.peak_nodes = max(st.peak_nodes, tree.size)
         st.max_depth = tree.max_depth
+
+    def _back_up_in_flight(self) -> None:
+        """Wait for the step being evaluated (re-raising its ScorerError) and back up its outcomes."""
+        if self.in_flight is None:
+            return
+        leaves, future = self.in_flight
+        self.in_flight = None
+        t = time.perf_counter()
+        outcomes = future.result()
+        self.stats.seconds_waiting += time.perf_counter() - t
+        for leaf, outcome in zip(leaves, outcomes):
+            self.tree.backup(leaf, outcome)
 
     def _expand(self, nodes: list[Node]) -> None:
         if not nodes:
@@ -491,9 +524,12 @@ class Search:
         self.stats.seconds_rollout += time.perf_counter() - t
         return [postprocess(self.vocab.decode(finished[i])) for i in range(len(leaves))]
 
-    def _evaluate(self, texts: list[str]) -> list[Outcome]:
-        """Outcome per text: cached, else checked, and if valid scored (all new valid ones in one call)."""
-        st, step = self.stats, self.stats.steps
+    def _evaluate(self, texts: list[str], step: int) -> list[Outcome]:
+        """Outcome per text: cached, else checked, and if valid scored (all new valid ones in one call).
+
+        Pipelined, this runs on the worker thread; it alone touches the cache, the records and the best.
+        """
+        st = self.stats
         keys = [_digest(t) for t in texts]
         new: dict[bytes, int] = {}  # first index of each CIF not in the cache
         for i, key in enumerate(keys):
@@ -595,6 +631,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-tokens", type=int, default=None, help="new tokens per rollout (default: to the context)")
     p.add_argument("--best", type=int, default=d.best, help="best structures written as .cif files")
     p.add_argument("--check-workers", type=int, default=None, help="validity-check processes (default: cores, <= 8)")
+    p.add_argument(
+        "--no-pipeline",
+        dest="pipeline",
+        action="store_false",
+        help="evaluate each step before selecting the next (no overlap of scoring with rollouts)",
+    )
     p.add_argument("--seed", type=int, default=d.seed)
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, help="output directory")
@@ -625,6 +667,7 @@ def run(args: argparse.Namespace) -> int:
             seed=args.seed,
             best=args.best,
             check_workers=args.check_workers or max(1, min(8, os.cpu_count() or 1)),
+            pipeline=args.pipeline,
         )
         options = parse_options(args.scorer_option, "--scorer-option")
     except ValueError as exc:

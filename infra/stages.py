@@ -408,6 +408,7 @@ class MctsParams(Spec):
     rollouts_per_step: int | None = Field(None, ge=1)
     max_nodes: int | None = Field(None, ge=1)
     seed: int | None = None
+    pipeline: bool = True  # false: --no-pipeline, each step evaluated before the next is selected
 
 
 def _build_mcts(p: MctsParams, ctx: StageContext) -> Command:
@@ -416,7 +417,7 @@ def _build_mcts(p: MctsParams, ctx: StageContext) -> Command:
         args += ["--scorer-option", f"{key}={value}"]
     args += _opt("--iterations", p.iterations) + _opt("--selector", p.selector) + _opt("--c", p.c)
     args += _opt("--top-k", p.top_k) + _opt("--rollouts-per-step", p.rollouts_per_step)
-    args += _opt("--max-nodes", p.max_nodes) + _opt("--seed", p.seed)
+    args += _opt("--max-nodes", p.max_nodes) + _opt("--seed", p.seed) + ([] if p.pipeline else ["--no-pipeline"])
     argv = crystallm("mcts", *args, "--out", str(ctx.samples_dir), *_smoke(ctx))
     return Command([argv], outputs=[ctx.rel(ctx.samples_dir)])
 

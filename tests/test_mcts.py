@@ -144,10 +144,11 @@ def test_bad_settings_name_the_flag():
 # ---------------------------------------------------------------- searches with the trained model
 
 
-def test_search_is_deterministic_by_seed_and_respects_its_iteration_limit(model_vocab, tmp_path):
+@pytest.mark.parametrize("pipeline", [True, False])
+def test_search_is_deterministic_by_seed_and_respects_its_iteration_limit(model_vocab, tmp_path, pipeline):
     stats = []
     for name, seed in (("a", 0), ("b", 0), ("c", 1)):
-        s = search(model_vocab, make_scorer("random"), tmp_path / name, iterations=10, seed=seed)
+        s = search(model_vocab, make_scorer("random"), tmp_path / name, iterations=10, seed=seed, pipeline=pipeline)
         stats.append(s.run())
     assert [st.rollouts for st in stats] == [10, 10, 10]
     assert stats[0].steps == 3  # 4 + 4 + 2
@@ -155,6 +156,26 @@ def test_search_is_deterministic_by_seed_and_respects_its_iteration_limit(model_
     assert rows(tmp_path / "a") != rows(tmp_path / "c")
     keep = ("nodes", "max_depth", "cifs_scored", "invalid", "cache_hits", "best_score")
     assert [getattr(stats[0], k) for k in keep] == [getattr(stats[1], k) for k in keep]
+    assert s.tree.root.n == 10 and s.tree.root.pending == 0  # the last step in flight was backed up
+
+
+def test_a_pipelined_step_is_selected_before_the_previous_one_is_backed_up(model_vocab):
+    """Pipelined, step t + 1 selects while step t's visits are still pending (virtual losses);
+    unpipelined, every step starts from a fully backed-up tree."""
+    seen: dict[bool, list[tuple[int, int]]] = {}
+    for pipeline in (True, False):
+        s = search(model_vocab, make_scorer("random"), iterations=12, pipeline=pipeline)
+        step, log = s.step, []
+
+        def spy(n, step=step, log=log, root=s.tree.root):
+            log.append((root.n, root.pending))
+            step(n)
+
+        s.step = spy
+        s.run()
+        seen[pipeline] = log
+    assert seen[False] == [(0, 0), (4, 0), (8, 0)]
+    assert seen[True] == [(0, 0), (0, 4), (4, 4)]
 
 
 def test_invalid_cifs_never_reach_the_scorer_and_no_cif_is_scored_twice(model_vocab, tmp_path):

@@ -57,7 +57,9 @@ def test_sample_benchmark_and_mcts_write_samples_of_their_stage_from_the_best_ch
         "address=tcp://127.0.0.1:5555",
         "timeout=5",
     ]
-    assert argv[argv.index("--max-nodes") + 1] == "500"
+    assert argv[argv.index("--max-nodes") + 1] == "500" and "--no-pipeline" not in argv
+    unpiped, _ = _build("mcts", {"prompt": "NaCl", "scorer": "zmq", "pipeline": False}, "m")
+    assert "--no-pipeline" in _argv(unpiped)
     assert get_stage_kind("mcts").extras(p) == {"scorer:zmq"}
     _, chgnet = _build("mcts", {"prompt": "NaCl", "scorer": "chgnet"})
     assert get_stage_kind("mcts").extras(chgnet) == {"scorer:chgnet", "chgnet"}  # the scorer and its package
