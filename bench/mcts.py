@@ -105,7 +105,7 @@ def speed(args: argparse.Namespace, setup: Setup, prompts: list[str]) -> dict:
         return x / y if y else None
 
     batched = []
-    for w, pipeline in ((w, p) for w in widths for p in pipelines):
+    for w, pipeline in [(w, on) for w in widths for on in pipelines]:
         tb = totals([setup.search(p, replace(cfg, rollouts_per_step=w, pipeline=pipeline)) for p in prompts])
         tb["rollouts_per_step"], tb["pipeline"] = w, pipeline
         tb["speedup_rollouts"] = ratio(tb["rollouts_per_s"], ta["rollouts_per_s"])

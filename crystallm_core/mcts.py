@@ -444,7 +444,7 @@ class Search:
             self.stats.error = str(exc)
         finally:
             if self.evaluator is not None:
-                self.evaluator.shutdown(wait=True)  # the records file and the checker outlive no evaluation
+                self.evaluator.shutdown(wait=True)  # no evaluation may outlive the records file or the checker
             self.stats.seconds = time.perf_counter() - t0
             if self.own_checker:
                 self.checker.close()
