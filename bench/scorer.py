@@ -1,11 +1,11 @@
 """Scorer throughput: CIFs scored per second, and for ``chgnet`` the same CIFs through CHGNet's own API.
 
-Reads the ``cif`` column of a CSV (e.g. ``../shared/data/perov_5/test.csv.gz``), canonical CIFs as
-a search would hand them over, warms the scorer up on one batch, then times ``score`` over all of
-them in calls of ``--call-size`` CIFs (one MCTS step's worth). For ``chgnet`` it also times, in the
-same process on the same device, what CHGNet's own API does with the same CIFs (parse each CIF,
-``CHGNet.predict_structure`` in batches of the same size) and reports the largest difference between
-the two energies. Prints one JSON line.
+Reads CIFs from any ``crystallm prepare`` input (a CSV with a ``cif`` column such as
+``../shared/data/perov_5/test.csv.gz``, a directory, a tarball), warms the scorer up on one batch,
+then times ``score`` over all of them in calls of ``--call-size`` CIFs (one MCTS step's worth). For
+``chgnet`` it also times, in the same process on the same device, what CHGNet's own API does with
+the same CIFs (parse each CIF, ``CHGNet.predict_structure`` in batches of the same size) and
+reports the largest difference between the two energies. Prints one JSON line.
 
     python bench/scorer.py --scorer chgnet --cifs ../shared/data/perov_5/test.csv.gz --n 4096 \
         --call-size 1024 --scorer-option batch_size=256
@@ -14,23 +14,19 @@ the two energies. Prints one JSON line.
 from __future__ import annotations
 
 import argparse
-import csv
-import gzip
 import json
 import time
 import warnings
 
 import torch
 
+from crystallm_core.inputs import read_input
 from crystallm_core.scorers import make_scorer, parse_options, score_checked
+from crystallm_core.train import resolve_device
 
 
 def read_cifs(path: str, n: int) -> list[str]:
-    opener = gzip.open if path.endswith(".gz") else open
-    with opener(path, "rt", newline="") as fh:
-        cifs = [row["cif"] for row in csv.DictReader(fh)]
-    if not cifs:
-        raise SystemExit(f"{path}: no rows with a cif column")
+    cifs = [record.text for record in read_input(path)]
     return (cifs * (n // len(cifs) + 1))[:n]  # repeat a short file: a scorer caches nothing
 
 
@@ -48,7 +44,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--scorer", default="chgnet")
     ap.add_argument("--scorer-option", action="append", default=[], metavar="K=V")
-    ap.add_argument("--cifs", required=True, help="CSV with a cif column")
+    ap.add_argument("--cifs", required=True, help="CSV with a cif column, directory or tarball of CIFs")
     ap.add_argument("--n", type=int, default=4096, help="CIFs to score (the file is repeated if shorter)")
     ap.add_argument("--call-size", type=int, default=1024, help="CIFs per score() call")
     ap.add_argument("--baseline-n", type=int, default=None, help="CIFs for CHGNet's own path (default: --n)")
@@ -57,7 +53,7 @@ def main() -> int:
     warnings.simplefilter("ignore")
 
     cifs = read_cifs(args.cifs, args.n)
-    device = "cuda" if args.device == "auto" and torch.cuda.is_available() else args.device.replace("auto", "cpu")
+    device = str(resolve_device(args.device))
     out: dict[str, object] = {"scorer": args.scorer, "device": device, "cifs": len(cifs), "call_size": args.call_size}
     if device.startswith("cuda"):
         out["gpu"] = torch.cuda.get_device_name(device)
