@@ -22,6 +22,15 @@ class StageState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SUCCEEDED: _ClassVar[StageState]
     FAILED: _ClassVar[StageState]
     CANCELLED: _ClassVar[StageState]
+
+class FailureClass(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FAILURE_CLASS_UNSPECIFIED: _ClassVar[FailureClass]
+    FAILURE_NODE_LOST: _ClassVar[FailureClass]
+    FAILURE_PREEMPTED: _ClassVar[FailureClass]
+    FAILURE_CANCELLED: _ClassVar[FailureClass]
+    FAILURE_ERROR: _ClassVar[FailureClass]
+    FAILURE_INFRA: _ClassVar[FailureClass]
 PROTOCOL_VERSION_UNSPECIFIED: ProtocolVersion
 PROTOCOL_VERSION_CURRENT: ProtocolVersion
 STAGE_STATE_UNSPECIFIED: StageState
@@ -32,6 +41,12 @@ RUNNING: StageState
 SUCCEEDED: StageState
 FAILED: StageState
 CANCELLED: StageState
+FAILURE_CLASS_UNSPECIFIED: FailureClass
+FAILURE_NODE_LOST: FailureClass
+FAILURE_PREEMPTED: FailureClass
+FAILURE_CANCELLED: FailureClass
+FAILURE_ERROR: FailureClass
+FAILURE_INFRA: FailureClass
 
 class Resources(_message.Message):
     __slots__ = ("gpus", "cpus", "memory_mib")
@@ -330,7 +345,7 @@ class EventAck(_message.Message):
     def __init__(self, stored: _Optional[int] = ..., rejected_attempts: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class StageStatusReport(_message.Message):
-    __slots__ = ("node_id", "attempt_id", "lease_token", "state", "exit_code", "message", "last_seq")
+    __slots__ = ("node_id", "attempt_id", "lease_token", "state", "exit_code", "message", "last_seq", "failure_class")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_TOKEN_FIELD_NUMBER: _ClassVar[int]
@@ -338,6 +353,7 @@ class StageStatusReport(_message.Message):
     EXIT_CODE_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     LAST_SEQ_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_CLASS_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     attempt_id: int
     lease_token: str
@@ -345,7 +361,8 @@ class StageStatusReport(_message.Message):
     exit_code: int
     message: str
     last_seq: int
-    def __init__(self, node_id: _Optional[str] = ..., attempt_id: _Optional[int] = ..., lease_token: _Optional[str] = ..., state: _Optional[_Union[StageState, str]] = ..., exit_code: _Optional[int] = ..., message: _Optional[str] = ..., last_seq: _Optional[int] = ...) -> None: ...
+    failure_class: FailureClass
+    def __init__(self, node_id: _Optional[str] = ..., attempt_id: _Optional[int] = ..., lease_token: _Optional[str] = ..., state: _Optional[_Union[StageState, str]] = ..., exit_code: _Optional[int] = ..., message: _Optional[str] = ..., last_seq: _Optional[int] = ..., failure_class: _Optional[_Union[FailureClass, str]] = ...) -> None: ...
 
 class StageStatusAck(_message.Message):
     __slots__ = ("accepted", "reason")
@@ -420,7 +437,7 @@ class Transition(_message.Message):
     def __init__(self, from_state: _Optional[_Union[StageState, str]] = ..., to_state: _Optional[_Union[StageState, str]] = ..., time: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class AttemptStatus(_message.Message):
-    __slots__ = ("attempt_id", "number", "node_id", "node_name", "state", "exit_code", "message", "gpu_indices", "assigned_at", "started_at", "finished_at")
+    __slots__ = ("attempt_id", "number", "node_id", "node_name", "state", "exit_code", "message", "gpu_indices", "assigned_at", "started_at", "finished_at", "failure_class")
     ATTEMPT_ID_FIELD_NUMBER: _ClassVar[int]
     NUMBER_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -432,6 +449,7 @@ class AttemptStatus(_message.Message):
     ASSIGNED_AT_FIELD_NUMBER: _ClassVar[int]
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_CLASS_FIELD_NUMBER: _ClassVar[int]
     attempt_id: int
     number: int
     node_id: str
@@ -443,7 +461,8 @@ class AttemptStatus(_message.Message):
     assigned_at: float
     started_at: float
     finished_at: float
-    def __init__(self, attempt_id: _Optional[int] = ..., number: _Optional[int] = ..., node_id: _Optional[str] = ..., node_name: _Optional[str] = ..., state: _Optional[_Union[StageState, str]] = ..., exit_code: _Optional[int] = ..., message: _Optional[str] = ..., gpu_indices: _Optional[_Iterable[int]] = ..., assigned_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ...) -> None: ...
+    failure_class: str
+    def __init__(self, attempt_id: _Optional[int] = ..., number: _Optional[int] = ..., node_id: _Optional[str] = ..., node_name: _Optional[str] = ..., state: _Optional[_Union[StageState, str]] = ..., exit_code: _Optional[int] = ..., message: _Optional[str] = ..., gpu_indices: _Optional[_Iterable[int]] = ..., assigned_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., failure_class: _Optional[str] = ...) -> None: ...
 
 class StageStatus(_message.Message):
     __slots__ = ("stage_id", "name", "kind", "state", "after", "resources", "reason", "attempts", "transitions", "max_retries")
