@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -39,6 +40,13 @@ MAX_LIMIT_ISSUES = 20
 RESERVED_STAGE_NAMES = frozenset(
     {"plan.json", "env.json", "data", "logs", "metrics", "ckpts", "samples", "probes", "plots", "artifacts", "work"}
 )
+# Numbers of a plan have bounds that fit their wire and database types (docs/CONTROL_PLANE.md, Plans).
+INT32_MAX = 2**31 - 1
+MAX_PRIORITY = INT32_MAX  # experiments.priority is an INTEGER column, ExperimentStatus.priority an int32
+MAX_GPUS = 1024
+MAX_CPUS = 65536.0
+MAX_MEMORY_MIB = 2**32 - 1  # Resources.memory_mib is a uint32 of MiB (4 PiB)
+MAX_INT_DIGITS = 40  # longer integer literals are refused while parsing (Python limits int() to 4300 digits)
 _UNITS = {"kib": 1 / 1024, "mib": 1, "gib": 1024, "tib": 1024 * 1024}
 _MEM_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]iB)\s*$", re.IGNORECASE)
 
@@ -50,10 +58,17 @@ def parse_memory(value: object) -> int:
     if isinstance(value, int):
         if value < 0:
             raise ValueError("memory must not be negative")
-        return value
+        return _memory_bound(value, value)
     if isinstance(value, str) and (m := _MEM_RE.match(value)):
-        return int(round(float(m.group(1)) * _UNITS[m.group(2).lower()]))
+        mib = float(m.group(1)) * _UNITS[m.group(2).lower()]
+        return _memory_bound(int(round(mib)) if math.isfinite(mib) else math.inf, value)
     raise ValueError(f'invalid memory size {value!r}; use e.g. "4GiB", "512MiB" or a whole number of MiB')
+
+
+def _memory_bound(mib: float, given: object) -> int:
+    if mib > MAX_MEMORY_MIB:
+        raise ValueError(f"memory {given!r} exceeds the limit of {MAX_MEMORY_MIB} MiB (4 PiB)")
+    return int(mib)
 
 
 def _name(value: str) -> str:
@@ -78,8 +93,8 @@ Memory = Annotated[int, BeforeValidator(parse_memory)]
 
 
 class ResourcesSpec(Spec):
-    gpus: int | None = Field(None, ge=0)
-    cpus: float | None = Field(None, gt=0)
+    gpus: int | None = Field(None, ge=0, le=MAX_GPUS)
+    cpus: float | None = Field(None, gt=0, le=MAX_CPUS)
     memory: Memory | None = None
 
 
@@ -94,7 +109,7 @@ class StageSpec(Spec):
 
 class PlanHeader(Spec):
     name: Name
-    priority: int = 0
+    priority: int = Field(0, ge=-MAX_PRIORITY, le=MAX_PRIORITY)
     resources: ResourcesSpec | None = None
     smoke: bool = False
     shared_workdir: bool = False
@@ -294,6 +309,16 @@ def limit_issues(data: Any) -> list[Issue]:
                     "put large inputs in a file and give its path",
                 )
             )
+        elif isinstance(value, str):
+            if problem := _text_problem(value):
+                issues.append(Issue(path, f"string {problem}"))
+        elif isinstance(value, _NotANumber):
+            issues.append(Issue(path, f"{value.text} is not a number JSON allows; give a finite number"))
+        elif isinstance(value, _LongInt):
+            digits = len(value.text.lstrip("-"))
+            issues.append(Issue(path, f"integer of {digits} digits is far out of range"))
+        elif isinstance(value, float) and not math.isfinite(value):
+            issues.append(Issue(path, f"number {value} is out of range; give a finite number"))
         elif isinstance(value, (dict, list)):
             if depth > MAX_DEPTH:
                 issues.append(Issue(path, f"nested deeper than {MAX_DEPTH} levels"))
@@ -304,12 +329,35 @@ def limit_issues(data: Any) -> list[Issue]:
                     continue
                 stack.extend((v, f"{path}[{i}]", depth + 1) for i, v in enumerate(value))
             else:
+                for k in getattr(value, "duplicates", ()):
+                    issues.append(
+                        Issue(
+                            f"{path}.{k}" if path else k,
+                            f"duplicate key {k!r}: an object may give a key once (JSON readers would keep "
+                            "only one of its values)",
+                        )
+                    )
                 for k, v in value.items():
                     if len(k) > MAX_KEY:
                         issues.append(Issue(path, f"a key of {len(k)} characters exceeds the {MAX_KEY} limit"))
                         continue
+                    if problem := _text_problem(k):
+                        issues.append(Issue(path, f"key {k!r} {problem}"))
+                        continue
                     stack.append((v, f"{path}.{k}" if path else k, depth + 1))
     return issues
+
+
+def _text_problem(text: str) -> str | None:
+    """What makes a string unfit to store and pass on (a NUL ends C strings and argv; PostgreSQL text refuses
+    it; a lone surrogate is not Unicode and cannot be encoded as UTF-8)."""
+    if "\x00" in text:
+        return f"contains a NUL character (at {text.index(chr(0))})"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        return f"is not valid Unicode: a lone surrogate {text[e.start]!a} at character {e.start}"
+    return None
 
 
 def validate_plan(data: Any, known_kinds: Iterable[str] | None = None) -> Plan:
@@ -380,27 +428,93 @@ def validate_plan(data: Any, known_kinds: Iterable[str] | None = None) -> Plan:
     return Plan(header.name, header.priority, header.smoke, header.shared_workdir, tuple(stages))
 
 
+class _NotANumber:
+    """``NaN``, ``Infinity`` or ``-Infinity`` in a plan's text: Python's json accepts them, JSON does not."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+class _LongInt:
+    """An integer literal of more than :data:`MAX_INT_DIGITS` digits, kept as text (never converted)."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
+
+
+class _Duplicates(dict):
+    """A JSON object that gives a key more than once (``duplicates``); :func:`limit_issues` names them."""
+
+    duplicates: list[str]
+
+
+def _object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    duplicates: list[str] = []
+    for k, v in pairs:
+        if k in out and k not in duplicates:
+            duplicates.append(k)
+        out[k] = v
+    if not duplicates:
+        return out
+    marked = _Duplicates(out)
+    marked.duplicates = duplicates
+    return marked
+
+
+def _int(text: str) -> int | _LongInt:
+    return int(text) if len(text.lstrip("-")) <= MAX_INT_DIGITS else _LongInt(text)
+
+
+_DECODER = json.JSONDecoder(object_pairs_hook=_object, parse_constant=_NotANumber, parse_int=_int)
+
+
 def parse_plan_text(text: str, source: str = "plan") -> Any:
+    """A plan's JSON text, parsed strictly: besides invalid JSON, duplicate keys, ``NaN``/``Infinity``,
+    numbers beyond range and strings that are not storable text are refused, each with its field path
+    (with the size limits of :func:`limit_issues`)."""
     if len(text) > MAX_PLAN_BYTES:
         raise PlanError(
             [Issue(source, f"plan is {len(text) / 2**20:.1f} MiB; the limit is {MAX_PLAN_BYTES >> 20} MiB")]
         )
     try:
-        return json.loads(text)
+        data = _DECODER.decode(text)
     except json.JSONDecodeError as e:
         raise PlanError([Issue(f"{source} line {e.lineno} column {e.colno}", f"invalid JSON: {e.msg}")]) from None
     except RecursionError:
         raise PlanError([Issue(source, f"nested far deeper than the {MAX_DEPTH} levels a plan may have")]) from None
+    issues = limit_issues(data)
+    if issues:
+        raise PlanError(sorted(issues, key=lambda i: i.path))
+    return data
+
+
+def decode_plan_bytes(raw: bytes, source: str) -> str:
+    """A plan file's bytes as text: UTF-8 (a byte-order mark is dropped); anything else is a named error."""
+    try:
+        return raw.decode("utf-8").removeprefix("\ufeff")
+    except UnicodeDecodeError as e:
+        raise PlanError(
+            [
+                Issue(
+                    source,
+                    f"not UTF-8 text: byte 0x{raw[e.start]:02x} at offset {e.start} ({e.reason}); "
+                    "save the plan as UTF-8",
+                )
+            ]
+        ) from None
 
 
 def load_plan_data(path: str | Path) -> Any:
     """The parsed JSON of a plan file (not yet validated)."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
+        raw = p.read_bytes()
     except OSError as e:
         raise PlanError([Issue(str(p), f"cannot read plan: {e.strerror}")]) from None
-    return parse_plan_text(text, str(p))
+    if len(raw) > 4 * MAX_PLAN_BYTES:  # the text limit, checked on the text too; a huge file is not decoded
+        raise PlanError([Issue(str(p), f"plan is {len(raw) / 2**20:.1f} MiB; the limit is {MAX_PLAN_BYTES >> 20} MiB")])
+    return parse_plan_text(decode_plan_bytes(raw, str(p)), str(p))
 
 
 def resolve_inputs(data: Any, base: Path) -> Any:

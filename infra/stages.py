@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
 MODULES_ENV = "INFRA_STAGE_MODULES"
 IMPORT_TIMEOUT_S = 30.0
@@ -48,10 +48,27 @@ DATA, CKPTS, SAMPLES, PROBES, ARTIFACTS, WORK = "data", "ckpts", "samples", "pro
 PLUGIN_FOLDER = ("plugins", "stage")  # <workdir>/plugins/stage/*.py: a node's own stage kinds
 
 
+# Bounds of the numbers in built-in params: a count fits an int32 (argparse, torch sizes, the verbs' own
+# types) and a seed numpy's 32-bit seeds; floats are finite (Spec). A larger value is a field-named error
+# at submit, never an overflow inside a stage.
+MAX_COUNT = 2**31 - 1
+MAX_SEED = 2**32 - 1
+MAX_WORKERS = 4096
+
+
+def _int64(value: object) -> object:
+    if isinstance(value, int) and not isinstance(value, bool) and not -(2**63) <= value < 2**63:
+        raise ValueError(f"integer {value} is out of range (a 64-bit integer: -2**63 to 2**63-1)")
+    return value
+
+
+Setting = Annotated[str | int | float | bool, BeforeValidator(_int64)]
+
+
 class Spec(BaseModel):
     """Base of every plan model: strict types and no unknown keys (a typo is an error, never ignored)."""
 
-    model_config = ConfigDict(strict=True, extra="forbid", frozen=True)
+    model_config = ConfigDict(strict=True, extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 def _experiment_path(value: str) -> str:
@@ -278,18 +295,18 @@ DEFAULT_MODEL = f"{CKPTS}/best.pt"  # written at every validation that improved 
 
 
 class DemoSpec(Spec):
-    n: int = Field(200, ge=1)
-    seed: int = 0
+    n: int = Field(200, ge=1, le=MAX_COUNT)
+    seed: int = Field(0, ge=0, le=MAX_SEED)
 
 
 class PrepareParams(Spec):
     inputs: list[InputPath] = []
     demo: DemoSpec | None = None
     decimals: int = Field(4, ge=0, le=12)
-    workers: int | None = Field(None, ge=1)
+    workers: int | None = Field(None, ge=1, le=MAX_WORKERS)
     dedup: bool = False
-    split: list[Annotated[float, Field(ge=0)]] | None = Field(None, min_length=3, max_length=3)
-    seed: int | None = None
+    split: list[Annotated[float, Field(ge=0, le=1e6)]] | None = Field(None, min_length=3, max_length=3)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     where: dict[str, str] = {}
 
     @model_validator(mode="after")
@@ -325,9 +342,9 @@ class TrainParams(Spec):
     data_dir: ExperimentPath = DATA
     config: InputPath | None = None
     model: Literal["tiny", "small", "large"] | None = None
-    max_steps: int | None = Field(None, ge=1)
-    batch_size: int | None = Field(None, ge=1)
-    overrides: dict[str, str | int | float | bool] = {}
+    max_steps: int | None = Field(None, ge=1, le=MAX_COUNT)
+    batch_size: int | None = Field(None, ge=1, le=MAX_COUNT)
+    overrides: dict[str, Setting] = {}
     probes: list[dict[str, Any]] | None = None  # activation probes (docs/OBSERVABILITY.md), checked by train
     resume: bool = False
 
@@ -366,12 +383,12 @@ class SampleParams(Spec):
     prompt: str | None = None
     prompts: InputPath | None = None
     spacegroup: str | None = None
-    num_samples: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, gt=0)
-    top_k: int | None = Field(None, ge=1)
+    num_samples: int | None = Field(None, ge=1, le=MAX_COUNT)
+    temperature: float | None = Field(None, gt=0, le=1000)
+    top_k: int | None = Field(None, ge=1, le=MAX_COUNT)
     top_p: float | None = Field(None, gt=0, le=1)
-    max_tokens: int | None = Field(None, ge=1)
-    seed: int | None = None
+    max_tokens: int | None = Field(None, ge=1, le=MAX_COUNT)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
 
     @model_validator(mode="after")
     def _one_prompt_source(self) -> SampleParams:
@@ -401,13 +418,13 @@ class MctsParams(Spec):
     prompt: str
     scorer: str
     scorer_options: dict[str, str] = {}
-    iterations: int | None = Field(None, ge=1)
+    iterations: int | None = Field(None, ge=1, le=MAX_COUNT)
     selector: Literal["puct", "uct", "greedy"] | None = None
-    c: float | None = Field(None, ge=0)
-    top_k: int | None = Field(None, ge=1)
-    rollouts_per_step: int | None = Field(None, ge=1)
-    max_nodes: int | None = Field(None, ge=1)
-    seed: int | None = None
+    c: float | None = Field(None, ge=0, le=1e6)
+    top_k: int | None = Field(None, ge=1, le=MAX_COUNT)
+    rollouts_per_step: int | None = Field(None, ge=1, le=MAX_COUNT)
+    max_nodes: int | None = Field(None, ge=1, le=MAX_COUNT)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
     pipeline: bool = True  # false: --no-pipeline, each step evaluated before the next is selected
 
 
@@ -434,11 +451,11 @@ class BenchmarkParams(Spec):
     task: Literal["csp"] = "csp"
     model: ExperimentPath = DEFAULT_MODEL
     test: InputPath
-    n: int = Field(20, ge=1)
-    limit: int | None = Field(None, ge=1)
-    temperature: float | None = Field(None, gt=0)
-    top_k: int | None = Field(None, ge=1)
-    seed: int | None = None
+    n: int = Field(20, ge=1, le=MAX_COUNT)
+    limit: int | None = Field(None, ge=1, le=MAX_COUNT)
+    temperature: float | None = Field(None, gt=0, le=1000)
+    top_k: int | None = Field(None, ge=1, le=MAX_COUNT)
+    seed: int | None = Field(None, ge=0, le=MAX_SEED)
 
 
 def _build_benchmark(p: BenchmarkParams, ctx: StageContext) -> Command:
@@ -453,7 +470,7 @@ def _build_benchmark(p: BenchmarkParams, ctx: StageContext) -> Command:
 
 class EvaluateParams(Spec):
     inputs: list[ExperimentPath] = Field(min_length=1)
-    workers: int | None = Field(None, ge=1)
+    workers: int | None = Field(None, ge=1, le=MAX_WORKERS)
 
 
 def _build_evaluate(p: EvaluateParams, ctx: StageContext) -> Command:
@@ -468,8 +485,8 @@ def _build_evaluate(p: EvaluateParams, ctx: StageContext) -> Command:
 class AnalyzeParams(Spec):
     probe: str | None = Field(None, pattern=r"^[A-Za-z0-9_-]{1,64}$")
     pairs: Literal["top-n", "all"] | None = None
-    top_n: int | None = Field(None, ge=1)
-    tau: int | None = Field(None, ge=1)
+    top_n: int | None = Field(None, ge=1, le=MAX_COUNT)
+    tau: int | None = Field(None, ge=1, le=MAX_COUNT)
     redundancy: Literal["MMI", "CCS"] | None = None
 
 

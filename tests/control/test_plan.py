@@ -13,6 +13,7 @@ from infra.plan import (
     PlanError,
     load_plan_data,
     parse_memory,
+    parse_plan_text,
     resolve_inputs,
     validate_plan,
     with_defaults,
@@ -215,3 +216,97 @@ def test_the_demo_runs_what_the_installation_offers() -> None:
     reduced, note = demo_plan({"prepare", "evaluate"})
     assert [s.name for s in validate_plan(reduced).stages] == ["prepare", "evaluate"]
     assert "lacks stage kind(s) sample, train" in note
+
+
+# --- numbers, encodings, duplicate keys (issue 14) --------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("top", "path"),
+    [
+        ({"priority": 2**31}, "priority"),
+        ({"priority": 2**63}, "priority"),
+        ({"priority": -(2**31)}, "priority"),
+        ({"resources": {"gpus": 2**32}}, "resources.gpus"),
+        ({"resources": {"cpus": 1e300}}, "resources.cpus"),
+        ({"resources": {"memory": 2**32}}, "resources.memory"),
+        ({"resources": {"memory": "9" * 400 + "TiB"}}, "resources.memory"),
+        ({"resources": {"memory": "5000000TiB"}}, "resources.memory"),
+    ],
+)
+def test_every_number_of_a_plan_is_bounded_and_named(top: dict[str, Any], path: str) -> None:
+    errors = _errors(_plan(PREP, **top))
+    assert len(errors) == 1 and errors[0].startswith(f"{path}: "), errors
+
+
+def test_numbers_in_stage_params_are_bounded_by_their_kind() -> None:
+    huge = 2**63
+    stages = [
+        {"name": "prep", "kind": "prepare", "params": {"demo": {"n": huge, "seed": -1}, "workers": 10**6}},
+        {"name": "t", "kind": "train", "params": {"max_steps": huge, "batch_size": 2**31, "overrides": {"x": 2**64}}},
+        {"name": "s", "kind": "sample", "params": {"prompt": "NaCl", "num_samples": huge, "seed": 2**32}},
+        {"name": "m", "kind": "mcts", "params": {"prompt": "NaCl", "scorer": "random", "iterations": huge}},
+        {"name": "b", "kind": "benchmark", "params": {"test": "/t.csv", "n": huge, "temperature": 1e300}},
+    ]
+    paths = {e.split(": ")[0] for e in _errors(_plan(*stages))}
+    assert {
+        "stages[0].params.demo.n",
+        "stages[0].params.demo.seed",
+        "stages[0].params.workers",
+        "stages[1].params.max_steps",
+        "stages[1].params.batch_size",
+        "stages[2].params.num_samples",
+        "stages[2].params.seed",
+        "stages[3].params.iterations",
+        "stages[4].params.n",
+        "stages[4].params.temperature",
+    } <= paths
+    assert any(p.startswith("stages[1].params.overrides.x") for p in paths)
+
+
+def _text_errors(text: str) -> list[str]:
+    with pytest.raises(PlanError) as err:
+        parse_plan_text(text)
+    return [str(i) for i in err.value.issues]
+
+
+@pytest.mark.parametrize("literal", ["NaN", "Infinity", "-Infinity", "1e999"])
+def test_nan_and_infinity_are_refused_with_their_field_path(literal: str) -> None:
+    text = '{"name": "p", "resources": {"cpus": ' + literal + '}, "stages": [{"name": "a", "kind": "plot"}]}'
+    errors = _text_errors(text)
+    assert len(errors) == 1 and errors[0].startswith("resources.cpus: ") and "finite" in errors[0], errors
+    # a plan built in Python (never parsed) gets the same answer from validation
+    assert _errors({"name": "p", "resources": {"cpus": float("inf")}, "stages": [{"name": "a", "kind": "plot"}]})
+
+
+def test_a_huge_integer_literal_is_named_not_an_exception() -> None:
+    errors = _text_errors('{"name": "p", "priority": ' + "9" * 5000 + ', "stages": []}')
+    assert errors == ["priority: integer of 5000 digits is far out of range"]
+
+
+def test_duplicate_keys_are_refused_with_their_path() -> None:
+    text = '{"name": "p", "stages": [{"name": "a", "kind": "plot", "params": {}, "kind": "train"}], "name": "q"}'
+    assert _text_errors(text) == [
+        "name: duplicate key 'name': an object may give a key once (JSON readers would keep only one of its values)",
+        "stages[0].kind: duplicate key 'kind': an object may give a key once (JSON readers would keep only one of "
+        "its values)",
+    ]
+
+
+def test_strings_that_cannot_be_stored_are_refused() -> None:
+    errors = _text_errors('{"name": "p", "stages": [{"name": "a", "kind": "x", "params": {"s": "a\\u0000b"}}]}')
+    assert errors == ["stages[0].params.s: string contains a NUL character (at 1)"]
+    errors = _text_errors('{"name": "p", "stages": [{"name": "a", "kind": "x", "params": {"s": "\\ud800"}}]}')
+    assert errors == ["stages[0].params.s: string is not valid Unicode: a lone surrogate '\\ud800' at character 0"]
+
+
+def test_a_plan_file_that_is_not_utf8_is_named_with_the_byte_offset(tmp_path: Path) -> None:
+    path = tmp_path / "latin1.json"
+    path.write_bytes('{"name": "caf\u00e9", "stages": []}'.encode("latin-1"))
+    with pytest.raises(PlanError) as err:
+        load_plan_data(path)
+    assert [str(i) for i in err.value.issues] == [
+        f"{path}: not UTF-8 text: byte 0xe9 at offset 13 (invalid continuation byte); save the plan as UTF-8"
+    ]
+    path.write_bytes(b'\xef\xbb\xbf{"name": "bom", "stages": []}')  # a byte-order mark is fine
+    assert load_plan_data(path) == {"name": "bom", "stages": []}
