@@ -23,6 +23,7 @@ from protos import MAX_MESSAGE_BYTES, infra_pb2, infra_pb2_grpc
 
 DEFAULT_MASTER = "127.0.0.1:50051"
 TERMINAL = ("succeeded", "failed", "cancelled")
+METRICS_PAGE = 5_000  # metric records per GetMetrics call (the master caps pages at 10,000)
 
 
 class ClientError(RuntimeError):
@@ -195,13 +196,23 @@ class Client:
             raise self._error(e) from None
 
     def metrics(self, stage: str, attempt: int = 0) -> list[dict[str, Any]]:
-        resp = self._call("GetMetrics", infra_pb2.MetricsRequest(stage=parse_stage_ref(stage), attempt=attempt))
-        out = []
-        for r in resp.metrics:
-            values: dict[str, float | None] = dict(r.metric.values)
-            values.update(dict.fromkeys(r.metric.null_values))
-            out.append({"attempt": r.attempt, "seq": r.seq, "time": r.time, "step": r.metric.step, "values": values})
-        return out
+        """Every metric record, asked for a page at a time (keyset cursor: the last record's attempt and seq)."""
+        ref, out = parse_stage_ref(stage), []
+        after_attempt = after_seq = 0
+        while True:
+            req = infra_pb2.MetricsRequest(
+                stage=ref, attempt=attempt, page_size=METRICS_PAGE, after_attempt=after_attempt, after_seq=after_seq
+            )
+            resp = self._call("GetMetrics", req)
+            for r in resp.metrics:
+                values: dict[str, float | None] = dict(r.metric.values)
+                values.update(dict.fromkeys(r.metric.null_values))
+                out.append(
+                    {"attempt": r.attempt, "seq": r.seq, "time": r.time, "step": r.metric.step, "values": values}
+                )
+            if not resp.more or not resp.metrics:
+                return out
+            after_attempt, after_seq = resp.metrics[-1].attempt, resp.metrics[-1].seq
 
     def artifacts(self, experiment: str) -> list[dict[str, Any]]:
         resp = self._call("ListArtifacts", infra_pb2.ArtifactsRequest(experiment=experiment))

@@ -17,10 +17,11 @@ from infra.plan import PlanError
 from master import auth, store
 from master.auth import Identity
 from master.controller import Controller, NotFound, ProtocolMismatch
-from protos import infra_pb2, infra_pb2_grpc
+from protos import MAX_MESSAGE_BYTES, infra_pb2, infra_pb2_grpc
 
 STATES = {k.lower(): v for k, v in infra_pb2.StageState.items()}
 DEFAULT_STATUS_LIMIT = 50
+UNPAGED_METRICS_BYTES = MAX_MESSAGE_BYTES - (1 << 20)  # an answer to a client that asks for no page
 
 
 def _state(name: str) -> int:
@@ -146,6 +147,7 @@ class ClientServicer(infra_pb2_grpc.ClientServiceServicer):
         request: infra_pb2.LogsRequest,
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[infra_pb2.LogRecord]:
+        """Every line, streamed a page of rows at a time (no cap: the stream is the pagination)."""
         stage = await self._stage(request.stage, context)
         attempt, after = request.attempt, request.after_seq
         while True:
@@ -154,29 +156,61 @@ class ClientServicer(infra_pb2_grpc.ClientServiceServicer):
                 if latest != attempt:
                     attempt, after = latest, 0
             state = await self.c.read(store.stage_state, self.c.engine, stage["id"])
-            rows = await self.c.read(store.events, self.c.engine, stage["id"], ("log", "dropped"), attempt, after)
-            for r in rows:
-                after = r["seq"]
-                stream, text = _log_line(r)
-                yield infra_pb2.LogRecord(attempt=r["attempt"], seq=r["seq"], time=r["time"], stream=stream, text=text)
-            if not request.follow or (state in ("succeeded", "failed", "cancelled") and not rows):
+            sent = 0
+            while True:
+                rows = await self.c.read(
+                    store.events, self.c.engine, stage["id"], ("log", "dropped"), attempt, after, store.PAGE_SIZE
+                )
+                for r in rows:
+                    after = r["seq"]
+                    stream, text = _log_line(r)
+                    yield infra_pb2.LogRecord(
+                        attempt=r["attempt"], seq=r["seq"], time=r["time"], stream=stream, text=text
+                    )
+                sent += len(rows)
+                if len(rows) < store.PAGE_SIZE:
+                    break
+            if not request.follow or (state in ("succeeded", "failed", "cancelled") and not sent):
                 return
-            if not rows:
+            if not sent:
                 await self.c.wait_for_events(1.0)
 
     async def GetMetrics(self, request: infra_pb2.MetricsRequest, context: grpc.aio.ServicerContext) -> Any:
+        """One page after the request's cursor; or, for a client that asks for no page (page_size 0, clients
+        before paging), every record, read a page at a time, if they fit one message."""
         stage = await self._stage(request.stage, context)
-        rows = await self.c.read(store.events, self.c.engine, stage["id"], ("metric",), request.attempt or None)
-        out = []
-        for r in rows:
-            values = r["data"].get("values", {})
-            metric = infra_pb2.Metric(
-                step=int(r["data"].get("step", 0)),
-                values={k: v for k, v in values.items() if v is not None},
-                null_values=[k for k, v in values.items() if v is None],
+        attempt = request.attempt or None
+        if request.page_size:
+            size = min(request.page_size, store.MAX_PAGE_SIZE)
+            rows = await self.c.read(
+                store.events,
+                self.c.engine,
+                stage["id"],
+                ("metric",),
+                attempt,
+                request.after_seq,
+                size + 1,
+                request.after_attempt,
             )
-            out.append(infra_pb2.MetricRecord(attempt=r["attempt"], seq=r["seq"], time=r["time"], metric=metric))
-        return infra_pb2.MetricsResponse(metrics=out)
+            return infra_pb2.MetricsResponse(metrics=[_metric(r) for r in rows[:size]], more=len(rows) > size)
+        out: list[infra_pb2.MetricRecord] = []
+        size_bytes, cursor = 0, (0, 0)
+        while True:
+            rows = await self.c.read(
+                store.events, self.c.engine, stage["id"], ("metric",), attempt, cursor[1], store.PAGE_SIZE, cursor[0]
+            )
+            for r in rows:
+                out.append(_metric(r))
+                size_bytes += out[-1].ByteSize() + 8
+            if size_bytes > UNPAGED_METRICS_BYTES:
+                await context.abort(
+                    grpc.StatusCode.FAILED_PRECONDITION,
+                    f"the metrics of this stage do not fit one message (over {UNPAGED_METRICS_BYTES >> 20} MiB, "
+                    f"more than {len(out)} records); use a newer infra client, which reads them in pages",
+                )
+            if len(rows) < store.PAGE_SIZE:
+                return infra_pb2.MetricsResponse(metrics=out)
+            cursor = (rows[-1]["attempt"], rows[-1]["seq"])
 
     async def ListArtifacts(self, request: infra_pb2.ArtifactsRequest, context: grpc.aio.ServicerContext) -> Any:
         await self._experiment_owner(context, request.experiment)
@@ -226,6 +260,16 @@ def _token_info(row: dict[str, Any]) -> infra_pb2.TokenInfo:
     return infra_pb2.TokenInfo(
         id=row["id"], user=row["user"], role=row["role"], created_at=row["created_at"], revoked=bool(row["revoked_at"])
     )
+
+
+def _metric(r: dict[str, Any]) -> infra_pb2.MetricRecord:
+    values = r["data"].get("values", {})
+    metric = infra_pb2.Metric(
+        step=int(r["data"].get("step", 0)),
+        values={k: v for k, v in values.items() if v is not None},
+        null_values=[k for k, v in values.items() if v is None],
+    )
+    return infra_pb2.MetricRecord(attempt=r["attempt"], seq=r["seq"], time=r["time"], metric=metric)
 
 
 def _log_line(row: dict[str, Any]) -> tuple[str, str]:

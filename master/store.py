@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Engine, bindparam, delete, func, insert, select, update
+from sqlalchemy import Engine, and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -218,26 +218,36 @@ def latest_attempt(engine: Engine, stage_id: int) -> int:
         return s.scalar(select(func.max(Attempt.number)).where(Attempt.stage_id == stage_id)) or 0
 
 
+PAGE_SIZE = 5_000  # events per read of logs and metrics: what a read holds in memory at once
+MAX_PAGE_SIZE = 10_000  # the most a client may ask for in one page
+
+
 def events(
     engine: Engine,
     stage_id: int,
     types: tuple[str, ...],
     attempt: int | None,
     after_seq: int = 0,
-    limit: int = 10_000,
+    limit: int = PAGE_SIZE,
+    after_attempt: int = 0,
 ) -> Rows:
-    """Events of the given types for a stage (one attempt, or all when ``attempt`` is None), by attempt
-    then seq."""
+    """One page of events of the given types for a stage, by attempt then seq: of one attempt, after
+    ``after_seq``; or of all attempts (``attempt`` None), after the keyset cursor ``(after_attempt,
+    after_seq)``. At most ``limit`` rows: callers page on with the last row's (attempt, seq)."""
     with Session(engine) as s:
         q = (
             select(Attempt.number.label("attempt"), Event.seq, Event.type, Event.time, Event.data)
             .join(Attempt, Attempt.id == Event.attempt_id)
-            .where(Attempt.stage_id == stage_id, Event.type.in_(types), Event.seq > after_seq)
+            .where(Attempt.stage_id == stage_id, Event.type.in_(types))
             .order_by(Attempt.number, Event.seq)
             .limit(limit)
         )
         if attempt is not None:
-            q = q.where(Attempt.number == attempt)
+            q = q.where(Attempt.number == attempt, Event.seq > after_seq)
+        elif after_attempt or after_seq:
+            q = q.where(
+                or_(Attempt.number > after_attempt, and_(Attempt.number == after_attempt, Event.seq > after_seq))
+            )
         return _rows(s, q)
 
 

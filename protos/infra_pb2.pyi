@@ -557,12 +557,18 @@ class LogRecord(_message.Message):
     def __init__(self, attempt: _Optional[int] = ..., seq: _Optional[int] = ..., time: _Optional[float] = ..., stream: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
 
 class MetricsRequest(_message.Message):
-    __slots__ = ("stage", "attempt")
+    __slots__ = ("stage", "attempt", "page_size", "after_attempt", "after_seq")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    AFTER_ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    AFTER_SEQ_FIELD_NUMBER: _ClassVar[int]
     stage: StageRef
     attempt: int
-    def __init__(self, stage: _Optional[_Union[StageRef, _Mapping]] = ..., attempt: _Optional[int] = ...) -> None: ...
+    page_size: int
+    after_attempt: int
+    after_seq: int
+    def __init__(self, stage: _Optional[_Union[StageRef, _Mapping]] = ..., attempt: _Optional[int] = ..., page_size: _Optional[int] = ..., after_attempt: _Optional[int] = ..., after_seq: _Optional[int] = ...) -> None: ...
 
 class MetricRecord(_message.Message):
     __slots__ = ("attempt", "seq", "time", "metric")
@@ -577,10 +583,12 @@ class MetricRecord(_message.Message):
     def __init__(self, attempt: _Optional[int] = ..., seq: _Optional[int] = ..., time: _Optional[float] = ..., metric: _Optional[_Union[Metric, _Mapping]] = ...) -> None: ...
 
 class MetricsResponse(_message.Message):
-    __slots__ = ("metrics",)
+    __slots__ = ("metrics", "more")
     METRICS_FIELD_NUMBER: _ClassVar[int]
+    MORE_FIELD_NUMBER: _ClassVar[int]
     metrics: _containers.RepeatedCompositeFieldContainer[MetricRecord]
-    def __init__(self, metrics: _Optional[_Iterable[_Union[MetricRecord, _Mapping]]] = ...) -> None: ...
+    more: bool
+    def __init__(self, metrics: _Optional[_Iterable[_Union[MetricRecord, _Mapping]]] = ..., more: _Optional[bool] = ...) -> None: ...
 
 class ArtifactsRequest(_message.Message):
     __slots__ = ("experiment",)

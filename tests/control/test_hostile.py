@@ -4,6 +4,8 @@ nothing crashes, nothing stored is lost."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -11,8 +13,10 @@ import grpc
 import psutil
 import pytest
 from sqlalchemy import create_engine, func, select
+from sqlalchemy.orm import Session
 
-from master.models import Experiment, Stage
+from master import store
+from master.models import Attempt, Event, Experiment, Stage
 from protos import MAX_MESSAGE_BYTES, infra_pb2, infra_pb2_grpc
 
 from .conftest import STAGEKIT, Cluster
@@ -100,6 +104,113 @@ def test_hostile_input_gets_named_errors_and_changes_nothing(cluster: Cluster) -
     assert {e["experiment"] for e in cluster.status()["experiments"]} == {key, key2}
     metrics = json.loads(cluster.cli("metrics", f"{key}/s", "--json").stdout)
     assert [m["step"] for m in metrics] == [0, 1]
+
+
+def test_logs_and_metrics_of_15000_events_come_back_whole(cluster: Cluster) -> None:
+    """Issue 14: `infra logs` and `infra metrics --json` returned the first 10,000 events and said nothing."""
+    cluster.start_master()
+    cluster.start_node("n")
+    cluster.wait_online("n")
+    key = cluster.submit({"name": "many", "stages": [{"name": "s", "kind": "probe", "params": {"metrics": 1}}]})
+    assert cluster.wait_finished(key)["state"] == "succeeded"
+    n = 15_000
+    engine = create_engine(cluster.db_url)
+    try:
+        with Session(engine) as s, s.begin():
+            q = select(Attempt.id, func.max(Event.seq)).join(Event, Event.attempt_id == Attempt.id)
+            attempt_id, last = s.execute(q.group_by(Attempt.id)).one()
+            row = {"attempt_id": attempt_id, "time": 1.0}
+            logs = [
+                {**row, "seq": last + 1 + i, "type": "log", "data": {"stream": "stdout", "text": f"bulk {i}"}}
+                for i in range(n)
+            ]
+            metrics = [
+                {**row, "seq": last + 1 + n + i, "type": "metric", "data": {"step": i, "values": {"x": float(i)}}}
+                for i in range(n)
+            ]
+            assert store.insert_events(s, logs) == n and store.insert_events(s, metrics) == n
+    finally:
+        engine.dispose()
+
+    lines = [json.loads(line) for line in cluster.cli("logs", f"{key}/s", "--json").stdout.splitlines()]
+    assert [x["text"] for x in lines if x["text"].startswith("bulk ")] == [f"bulk {i}" for i in range(n)]
+    seqs = [x["seq"] for x in lines]
+    assert seqs == sorted(set(seqs)) and len(lines) > n
+    plain = cluster.cli("logs", f"{key}/s").stdout.splitlines()
+    assert sum(line.startswith("bulk ") for line in plain) == n and plain[-1] == f"bulk {n - 1}"
+
+    metrics = json.loads(cluster.cli("metrics", f"{key}/s", "--json").stdout)
+    assert [m["step"] for m in metrics] == [0, *range(n)]
+    assert [m["values"]["x"] for m in metrics[1:]] == [float(i) for i in range(n)]
+
+    ref = infra_pb2.StageRef(experiment=key, stage="s")
+    with grpc.insecure_channel(cluster.address) as channel:
+        stub = infra_pb2_grpc.ClientServiceStub(channel)
+        old = stub.GetMetrics(infra_pb2.MetricsRequest(stage=ref), timeout=60)  # a client from before paging
+        assert len(old.metrics) == n + 1 and not old.more
+        page = stub.GetMetrics(infra_pb2.MetricsRequest(stage=ref, page_size=10**9), timeout=60)
+        assert len(page.metrics) == store.MAX_PAGE_SIZE and page.more  # the master caps a page
+        last = page.metrics[-1]
+        rest = stub.GetMetrics(
+            infra_pb2.MetricsRequest(stage=ref, page_size=10**9, after_attempt=last.attempt, after_seq=last.seq),
+            timeout=60,
+        )
+        assert len(rest.metrics) == n + 1 - store.MAX_PAGE_SIZE and not rest.more
+        assert rest.metrics[0].seq == last.seq + 1
+
+
+def test_numbers_and_encodings_of_a_plan_get_named_errors(cluster: Cluster) -> None:
+    """Issue 14: priority 2**31 printed a PostgreSQL INSERT, 2**63 an OverflowError on SQLite, Infinity was
+    accepted, a Latin-1 plan crashed the client with a traceback, duplicate keys were taken silently."""
+    cluster.start_master()
+    stage = {"name": "s", "kind": "plot"}
+    cases = {
+        "int32.json": (json.dumps({"name": "p", "priority": 2**31, "stages": [stage]}), "priority: "),
+        "int64.json": (json.dumps({"name": "p", "priority": 2**63, "stages": [stage]}), "priority: "),
+        "inf.json": (
+            '{"name": "p", "resources": {"cpus": Infinity}, "stages": [{"name": "s", "kind": "plot"}]}',
+            "resources.cpus: Infinity is not a number JSON allows",
+        ),
+        "nan.json": (
+            '{"name": "p", "stages": [{"name": "s", "kind": "plot", "max_retries": NaN}]}',
+            "stages[0].max_retries: NaN is not a number JSON allows",
+        ),
+        "gpus.json": (json.dumps({"name": "p", "resources": {"gpus": 2**32}, "stages": [stage]}), "resources.gpus: "),
+        "dup.json": (
+            '{"name": "p", "priority": 1, "priority": 2, "stages": [{"name": "s", "kind": "plot"}]}',
+            "priority: duplicate key 'priority'",
+        ),
+        "steps.json": (
+            json.dumps({"name": "p", "stages": [{"name": "t", "kind": "train", "params": {"max_steps": 2**63}}]}),
+            "stages[0].params.max_steps: ",
+        ),
+    }
+    for name, (text, expected) in cases.items():
+        out = _submit_file(cluster, name, text)
+        assert out.returncode == 2 and expected in out.stderr, (name, out.stderr)
+        assert "Traceback" not in out.stderr and "INSERT" not in out.stderr
+    latin1 = cluster.tmp / "latin1.json"
+    latin1.write_bytes('{"name": "caf\u00e9", "stages": []}'.encode("latin-1"))
+    for cmd in (["infra.cli", "submit"], ["infra.local"]):
+        out = subprocess.run(
+            [sys.executable, "-m", *cmd, str(latin1), *(["--master", cluster.address] if cmd[1:] else [])],
+            capture_output=True,
+            text=True,
+            env=cluster.env,
+            timeout=60,
+            cwd=cluster.tmp,
+        )
+        assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+        assert f"{latin1}: not UTF-8 text: byte 0xe9 at offset 13" in out.stderr
+
+    # the master, sent such text directly (it parses what it receives itself): named errors, no SQL
+    with grpc.insecure_channel(cluster.address) as channel:
+        stub = infra_pb2_grpc.ClientServiceStub(channel)
+        for text, expected in cases.values():
+            resp = stub.Submit(infra_pb2.SubmitRequest(plan_json=text), timeout=30)
+            assert not resp.experiment and any(str(e.path) in expected for e in resp.errors), (text, resp)
+            assert not any("INSERT" in e.message or "SQL" in e.message for e in resp.errors)
+    assert cluster.status()["experiments"] == []
 
 
 def test_a_node_short_of_disk_takes_no_stage_and_stops_one_that_fills_it(cluster: Cluster) -> None:
