@@ -1,12 +1,21 @@
-"""Checkpoints: written atomically, loaded only with the vocabulary they were trained on."""
+"""Checkpoints: written atomically, loaded only with the vocabulary they were trained on.
+
+A checkpoint is read with ``torch.load(weights_only=True)``: tensors, plain containers and numbers, plus
+exactly the few numpy types that the numpy RNG state of checkpoints written before it was stored as a
+tensor holds (:data:`SAFE_GLOBALS`). A file that holds anything else (a pickle that would call a
+function while loading, e.g. one crafted with ``__reduce__``) is refused, named, before any of it runs.
+"""
 
 from __future__ import annotations
 
 import argparse
 import os
+import pickle
+import re
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from crystallm_core.model import GPT, ModelConfig
@@ -25,12 +34,36 @@ def save(path: str | Path, payload: dict[str, Any]) -> Path:
     return path
 
 
+def _numpy_array_globals() -> list[Any]:
+    """What unpickling a plain numpy array needs (numpy 1 and 2 name the reconstructor differently)."""
+    core = getattr(np, "_core", None) or np.core
+    dtypes = [type(np.dtype(t)) for t in (np.uint32, np.int64, np.float64)]
+    return [core.multiarray._reconstruct, np.ndarray, np.dtype, *dtypes]
+
+
+SAFE_GLOBALS = _numpy_array_globals()
+_UNSAFE = re.compile(r"GLOBAL\s+([\w.]+)")  # torch's message: "Unsupported global: GLOBAL posix.system ..."
+
+
+class UnsafeCheckpoint(ValueError):
+    """A checkpoint that holds objects other than tensors, containers, numbers and numpy arrays."""
+
+
 def read(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=False)
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            ckpt = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refused something: nothing of it has run
+        found = _UNSAFE.search(str(e))
+        what = f" ({found.group(1)})" if found else ""
+        raise UnsafeCheckpoint(
+            f"{path} is refused: it holds an object a checkpoint may not hold{what}, and loading it could run "
+            "code; only tensors, numbers, strings, containers and numpy arrays are loaded. Load only "
+            "checkpoints you trust, and re-save it from code you trust if it is one"
+        ) from None
     except Exception as e:  # truncated or foreign files
         raise ValueError(f"{path} is not a readable checkpoint: {e}") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:

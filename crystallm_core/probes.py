@@ -27,6 +27,7 @@ import contextlib
 import gzip
 import io
 import os
+import pickle
 import re
 import threading
 import time
@@ -439,6 +440,11 @@ def load_capture(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:
         data = torch.load(io.BytesIO(gzip.decompress(path.read_bytes())), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:  # weights_only refused an object: nothing of it has run
+        raise ValueError(
+            f"{path} is refused: it holds objects a probe capture may not hold (only tensors, numbers, strings "
+            f"and containers are loaded): {str(e).splitlines()[0]}"
+        ) from None
     except (OSError, EOFError, RuntimeError, gzip.BadGzipFile) as e:
         raise ValueError(f"{path} is not a readable probe capture: {e}") from None
     if not isinstance(data, dict) or data.get("metadata", {}).get("format") != FORMAT:

@@ -137,9 +137,11 @@ def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.
 
 
 def rng_state(windows: Windows) -> dict[str, Any]:
+    """Every RNG state, as tensors and plain values only (checkpoints are loaded with ``weights_only``)."""
+    name, key, pos, has_gauss, gauss = np.random.get_state()
     return {
         "python": random.getstate(),
-        "numpy": np.random.get_state(),
+        "numpy": (name, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
         "torch": torch.get_rng_state(),
         "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
         "windows": windows.gen.get_state(),
@@ -148,7 +150,9 @@ def rng_state(windows: Windows) -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any], windows: Windows) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    name, key, *rest = state["numpy"]  # key: a tensor, or a numpy array in checkpoints written before
+    key = key.numpy() if isinstance(key, torch.Tensor) else key
+    np.random.set_state((name, np.asarray(key, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
