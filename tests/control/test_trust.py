@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from master.models import Experiment, Stage
 from master.service import ClientServicer, NodeServicer
 from protos import PROTOCOL_VERSION, infra_pb2, infra_pb2_grpc
 
+from .conftest import Cluster
 from .controller_kit import run_controller
 from .test_controller import _next
 
@@ -397,3 +399,46 @@ def test_rerun_of_a_finished_experiment_and_of_a_stage_keeps_the_old_attempts(tm
         assert exp["state"] == "succeeded" and exp["finished_at"]
 
     _run(tmp_path, db_url, scenario)
+
+
+# --- the same through the CLI, with a real master and agent ----------------------------------------------
+
+
+def test_operator_commands_through_the_cli(cluster: Cluster) -> None:
+    """cancel of a finished experiment, status --attempts, node list/drain/undrain, rerun."""
+    cluster.start_master()
+    cluster.start_node("w1")
+    cluster.wait_online("w1")
+    plan = {
+        "name": "ops",
+        "stages": [
+            {"name": "a", "kind": "probe", "params": {"exit_code": 3, "metrics": 0}},
+            {"name": "b", "kind": "probe", "after": ["a"], "params": {"metrics": 0}},
+        ],
+    }
+    key = cluster.submit(plan)
+    assert cluster.wait_finished(key)["state"] == "failed"
+    assert cluster.cli("cancel", key).stdout.strip() == f"{key}: already finished (failed); nothing to cancel"
+
+    text_out = cluster.cli("status", key, "--attempts").stdout
+    assert "attempts" in text_out and "error" in text_out
+    exp = json.loads(cluster.cli("status", key, "--attempts", "--json").stdout)["experiments"][0]
+    (a1,) = exp["stages"][0]["attempts"]
+    assert (a1["number"], a1["node"], a1["failure_class"], a1["exit_code"]) == (1, "w1", "error", 3)
+    assert a1["started_at"] and a1["finished_at"]
+
+    out = cluster.cli("node", "drain", "w1").stdout
+    assert out.startswith("node w1: drained: takes no new stages")
+    assert "drained" in cluster.cli("node", "list").stdout
+    assert json.loads(cluster.cli("node", "list", "--json").stdout)[0]["drained"] is True
+    assert cluster.cli("rerun", key).stdout.strip() == f"{key}: running again: a, b"
+    time.sleep(1.0)
+    exp = cluster.status(key)["experiments"][0]
+    assert exp["state"] == "pending" and exp["stages"][0]["state"] == "ready"  # nothing goes to a drained node
+    missing = cluster.cli("rerun", f"{key}/nope", check=False)
+    assert missing.returncode == 1 and f"no stage {key}/nope" in missing.stderr
+    cluster.cli("node", "undrain", "w1")
+    exp = cluster.wait_finished(key)
+    a = exp["stages"][0]
+    assert [x["number"] for x in a["attempts"]] == [1, 2] and exp["state"] == "failed"
+    assert not cluster.status()["nodes"][0]["drained"]
