@@ -486,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--lost-timeout",
         type=float,
         help="declare a node lost after this many seconds without a heartbeat "
-        "(default: 3 heartbeat intervals); its stages are retried",
+        "(default: 12 heartbeat intervals, 60 s); its stages are retried within their node_lost budget",
     )
     sp.add_argument(
         "--home-wait",
