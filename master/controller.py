@@ -268,6 +268,7 @@ class Controller:
             }
         )
         ch.stages.append({"id": st.id, "state": to, "reason": reason, "updated_at": now, "attempts": st.attempts})
+        ch.touched.add(st.exp)
         if st.state == READY:
             self.ready.discard(st)
         st.state, st.reason = to, reason
@@ -300,17 +301,30 @@ class Controller:
         except asyncio.CancelledError:
             raise  # the caller went away: the queued unit is still committed, and memory already says it
         except Exception:
-            if exp is not None:
-                log.exception("a change to experiment %s failed; reading it back from the database", exp.key)
-                await self._reload(exp.key)
+            log.exception("a change failed; reading what it touched back from the database")
+            await self._resync(ch, exp)
             raise
 
-    async def _reload(self, key: str) -> ExperimentRt | None:
+    async def _resync(self, ch: Changes, exp: ExperimentRt | None = None) -> None:
+        """Rebuild from the database every experiment a failed change touched (see :meth:`_apply`)."""
+        keys = {e.key for e in ch.touched} | ({exp.key} if exp is not None else set())
+        for key in sorted(keys):
+            try:
+                await self._reload(key, wake=False)
+            except Exception:
+                log.exception("could not read experiment %s back from the database", key)
+        # the next scheduling pass a little later: a database that refuses commits is not hammered
+        asyncio.get_running_loop().call_later(1.0, self.wake)
+
+    async def _reload(self, key: str, wake: bool = True) -> ExperimentRt | None:
         """Replace an experiment in memory (finished or not) with what the database holds."""
         old = self.experiments.get(key)
         if old is not None:
             self._drop(old)
         snap = await self.commit(lambda s: store.load_experiment(s, key))
+        current = self.experiments.get(key)
+        if current is not None:  # another reload, or a rerun, brought it back meanwhile
+            self._drop(current)
         if not snap.experiments:
             return None
         repairs = Changes()
@@ -321,18 +335,19 @@ class Controller:
         if exp is not None and all(st.state in TERMINAL for st in exp.stages):
             self._forget(exp)  # finished: memory holds unfinished experiments only
             return None
-        self.wake()
+        if wake:
+            self.wake()
         return exp
 
     def _drop(self, exp: ExperimentRt) -> None:
         """Forget an experiment and free what its attempts hold on the nodes."""
-        self._forget(exp)
         for st in exp.stages:
             for att_id in st.attempt_ids:
-                att = self.attempts.pop(att_id, None)
+                att = self.attempts.get(att_id)
                 node = self.nodes.get(att.node_id) if att is not None else None
                 if node is not None and att is not None:
                     node.release(att)
+        self._forget(exp)
 
     def _update_experiment(self, exp: ExperimentRt, ch: Changes, now: float) -> None:
         states = {s.state for s in exp.stages}
@@ -492,7 +507,8 @@ class Controller:
         try:
             await self.commit(ch)
         except Exception:
-            log.exception("could not record %s", what)
+            log.exception("could not record %s; reading it back from the database", what)
+            await self._resync(ch)
 
     async def _persist_loop(self) -> None:
         while True:
@@ -548,8 +564,20 @@ class Controller:
         experiments whose home node stayed lost past ``home_wait`` a new home."""
         now = time.time()
         ch = Changes()
+        try:
+            stops = self._check_nodes(ch, now)
+            if ch:
+                await self.commit(ch)
+        except Exception:
+            await self._resync(ch)
+            raise
+        for node, command in stops:  # after the commit: the attempt is already ended at the master
+            if node.queue is not None:
+                node.queue.put_nowait(command)
+
+    def _check_nodes(self, ch: Changes, now: float) -> list[tuple[NodeRt, infra_pb2.NodeCommand]]:
         for node in self.nodes.values():
-            if node.lost:
+            if node.lost and not node.attempts:  # attempts on a lost node: read back after a failed commit
                 continue
             # a node not heard from since this master started gets twice the timeout: after a master
             # restart every node must notice, reconnect (with backoff) and register again
@@ -565,11 +593,7 @@ class Controller:
             if exp.shared_workdir or home is None or not home.lost or now - (home.lost_at or now) < self.home_wait:
                 continue
             self._rehome(exp, home, ch, now)
-        if ch:
-            await self.commit(ch)
-        for node, command in stops:  # after the commit: the attempt is already ended at the master
-            if node.queue is not None:
-                node.queue.put_nowait(command)
+        return stops
 
     def _preempt(self, node: NodeRt, ch: Changes, now: float) -> list[tuple[NodeRt, infra_pb2.NodeCommand]]:
         """A drained node's deadline has passed: what still runs there ends as ``preempted`` (retried
@@ -662,7 +686,7 @@ class Controller:
     def _lose(self, node: NodeRt, silent: float, ch: Changes, now: float) -> None:
         if node.session or node.attempts:  # not the nodes of earlier days that never came back
             log.warning("node %s (%s) lost: no heartbeat for %.1fs", node.name, node.id, silent)
-        node.lost_at = now
+        node.lost_at = node.lost_at or now  # already lost: attempts read back after a failed commit
         node.session = 0  # its next call must re-register, which reconciles what it still runs
         if node.queue is not None:
             node.queue.put_nowait(None)  # ends its command stream
@@ -963,6 +987,15 @@ class Controller:
         now = time.time()
         ch = Changes()
         sent: list[tuple[NodeRt, AttemptRt]] = []
+        try:
+            self._place_ready(nodes, ch, sent, now)
+        except Exception:  # nothing of this pass was queued: memory goes back to what the database says
+            asyncio.ensure_future(self._resync(ch))
+            raise
+        if ch:  # queued now, so that a later change of the same stages (a cancel) is written after it
+            asyncio.ensure_future(self._deliver(asyncio.wrap_future(self.writer.submit(ch)), sent, ch))
+
+    def _place_ready(self, nodes: list[NodeRt], ch: Changes, sent: list[tuple[NodeRt, AttemptRt]], now: float) -> None:
         unplaceable: dict[tuple[Any, ...], str] = {}  # shape -> why ("": it depends on the experiment)
         waiting: WaitingReasons | None = None  # taken on the first stage that finds no node
         for st in sorted(self.ready, key=StageRt.sort_key):
@@ -1015,16 +1048,16 @@ class Controller:
                 ch.experiments.append({"id": st.exp.id, "home_node_id": node.id})
             self._update_experiment(st.exp, ch, now)
             sent.append((node, att))
-        if ch:  # queued now, so that a later change of the same stages (a cancel) is written after it
-            asyncio.ensure_future(self._deliver(asyncio.wrap_future(self.writer.submit(ch)), sent))
 
-    async def _deliver(self, committed: Awaitable[None], sent: list[tuple[NodeRt, AttemptRt]]) -> None:
+    async def _deliver(self, committed: Awaitable[None], sent: list[tuple[NodeRt, AttemptRt]], ch: Changes) -> None:
         """Send assignments once they are committed; one that cannot be sent now is re-sent when the
-        node's stream reopens (it stays 'assigned')."""
+        node's stream reopens (it stays 'assigned'). A pass that could not be recorded is undone in memory
+        by reading its experiments back: those stages are ready again and the nodes' resources free."""
         try:
             await committed
         except Exception:
             log.exception("could not record a scheduling pass (%d assignments)", len(sent))
+            await self._resync(ch)
             return
         for node, att in sent:
             if node.queue is not None and att.state == ASSIGNED:

@@ -32,6 +32,9 @@ class Changes:
     new_attempts: list[dict[str, Any]] = field(default_factory=list)
     attempts: list[dict[str, Any]] = field(default_factory=list)
     transitions: list[dict[str, Any]] = field(default_factory=list)
+    # the experiments (master.state.ExperimentRt) whose memory this change touches: read back from the
+    # database if it cannot be committed; not written, not merged
+    touched: set[Any] = field(default_factory=set, compare=False, repr=False)
 
     def __bool__(self) -> bool:
         return any((self.experiments, self.stages, self.new_attempts, self.attempts, self.transitions))

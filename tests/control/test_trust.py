@@ -442,3 +442,52 @@ def test_operator_commands_through_the_cli(cluster: Cluster) -> None:
     a = exp["stages"][0]
     assert [x["number"] for x in a["attempts"]] == [1, 2] and exp["state"] == "failed"
     assert not cluster.status()["nodes"][0]["drained"]
+
+
+def test_commits_that_fail_leave_memory_as_the_database_says(
+    tmp_path: Path, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A scheduling pass and a status report whose commits fail (the database refuses them) are undone in
+    memory: the stage is ready again and the node's resources free; the report is refused, then applies."""
+    failing = {"on": False, "count": 0}
+    real_apply = store.Changes.apply
+
+    def apply(self: store.Changes, s: Session) -> None:
+        if failing["on"]:
+            failing["count"] += 1
+            s.execute(text("SELECT * FROM no_such_table"))
+        real_apply(self, s)
+
+    async def scenario(c: Controller) -> None:
+        key = await c.submit(_plan("refused", _chain(2)))
+        monkeypatch.setattr(store.Changes, "apply", apply)
+        failing["on"] = True
+        _, stream = await _register(c, "n1")
+        first = asyncio.ensure_future(_next(stream))
+        st = c.experiments[key].stages[0]
+        for _ in range(100):
+            await asyncio.sleep(0.05)
+            now = c.experiments[key].stages[0]
+            if failing["count"] and now is not st and now.state == "ready":
+                break
+        exp = c.experiments[key]  # read back
+        assert failing["count"] >= 1 and exp.stages[0].state == "ready" and exp.stages[0].attempts == 0
+        assert c.nodes["n1"].used_cpus == 0.0 and not c.nodes["n1"].attempts and not first.done()
+        failing["on"] = False
+        a = await asyncio.wait_for(first, 5)
+        assert a.attempt == 1
+        failing["on"] = True
+        with pytest.raises(Exception, match="no_such_table"):
+            await _report(c, "n1", a, infra_pb2.RUNNING)
+        st = c.experiments[key].stages[0]
+        assert st.state == "assigned" and st.current is not None and st.current.state == "assigned"
+        assert c.nodes["n1"].used_cpus == 1.0
+        failing["on"] = False
+        await _run_then(c, "n1", a, infra_pb2.SUCCEEDED)
+        b = await _next(stream)
+        await _run_then(c, "n1", b, infra_pb2.SUCCEEDED)
+        stages = await _stages(c, key)
+        assert [len(s["attempt_rows"]) for s in stages.values()] == [1, 1]
+        assert await _exp_state(c, key) == "succeeded"
+
+    _run(tmp_path, db_url, scenario, lost_timeout=30)
