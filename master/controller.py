@@ -233,7 +233,8 @@ class Controller:
                     self._cascade_cancel(st, ended.state, ch, now)
                 elif st.deps and all(d.state == SUCCEEDED for d in st.deps):
                     self._move(st, READY, "dependencies succeeded (repaired at start)", ch, now)
-            if len(ch.transitions) != before:
+            ended = exp.state not in TERMINAL and all(st.state in TERMINAL for st in exp.stages)
+            if len(ch.transitions) != before or ended:  # an unfinished experiment whose stages all ended
                 self._update_experiment(exp, ch, now)
 
     # --- helpers -------------------------------------------------------------------------------
@@ -608,6 +609,31 @@ class Controller:
 
     # --- operator controls ---------------------------------------------------------------------
 
+    @staticmethod
+    def _rerun_targets(exp: ExperimentRt, stage: str) -> set[StageRt]:
+        """The stages a rerun runs again: ``stage`` or every failed and cancelled stage, and everything
+        after them (iterative, like the cascade); refused while one of them still runs."""
+        if stage:
+            start = next((st for st in exp.stages if st.name == stage), None)
+            if start is None:
+                raise NotFound(f"no stage {exp.key}/{stage}")
+            roots = [start]
+        else:
+            roots = [st for st in exp.stages if st.state in (FAILED, CANCELLED)]
+        targets: set[StageRt] = set()
+        todo = list(roots)
+        while todo:
+            st = todo.pop()
+            if st not in targets:
+                targets.add(st)
+                todo.extend(st.dependents)
+        busy = sorted(st.name for st in targets if st.state in ACTIVE)
+        if busy:
+            raise Refused(f"stage(s) {', '.join(busy)} of {exp.key} still run: cancel them or wait")
+        if not targets:
+            raise Refused(f"nothing to rerun: every stage of {exp.key} succeeded or still runs")
+        return targets
+
     def find_node(self, ref: str) -> NodeRt:
         node = self.nodes.get(ref) or next((n for n in self.nodes.values() if n.name == ref), None)
         if node is None:
@@ -640,27 +666,12 @@ class Controller:
             if exp is None:
                 self._restore(snap, Changes(), time.time())
                 exp = self.experiments[key]
-        if stage:
-            start = next((st for st in exp.stages if st.name == stage), None)
-            if start is None:
-                raise NotFound(f"no stage {key}/{stage}")
-            roots = [start]
-        else:
-            roots = [st for st in exp.stages if st.state in (FAILED, CANCELLED)]
-        targets: set[StageRt] = set()
-        todo = list(roots)
-        while todo:  # iterative, like the cascade
-            st = todo.pop()
-            if st not in targets:
-                targets.add(st)
-                todo.extend(st.dependents)
-        busy = sorted(st.name for st in targets if st.state in ACTIVE)
-        if busy or not targets:
+        try:
+            targets = self._rerun_targets(exp, stage)
+        except (NotFound, Refused):
             if all(st.state in TERMINAL for st in exp.stages):
-                self._forget(exp)
-            if busy:
-                raise Refused(f"stage(s) {', '.join(busy)} of {key} still run: cancel them or wait")
-            raise Refused(f"nothing to rerun: every stage of {key} succeeded or still runs")
+                self._forget(exp)  # memory holds unfinished experiments only
+            raise
         why = f"rerun requested by {who}" if who else "rerun requested"
 
         def build(ch: Changes, now: float) -> list[str]:

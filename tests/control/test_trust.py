@@ -16,7 +16,7 @@ from sqlalchemy.orm import Session
 
 from infra.plan import MAX_STAGES, PlanError, validate_plan
 from master import store
-from master.controller import Controller, Refused
+from master.controller import Controller, NotFound, Refused
 from master.db import make_engine, migrate
 from master.models import Experiment, Stage
 from master.service import ClientServicer, NodeServicer
@@ -397,6 +397,11 @@ def test_rerun_of_a_finished_experiment_and_of_a_stage_keeps_the_old_attempts(tm
         assert any(t["reason"] == "rerun requested by alice" for t in stages["s1"]["transitions"])
         exp = (await c.read(store.status, c.engine, key, 1))[0]
         assert exp["state"] == "succeeded" and exp["finished_at"]
+        with pytest.raises(NotFound, match=f"no stage {key}/nope"):
+            await c.rerun(key, "nope")
+        with pytest.raises(Refused, match="nothing to rerun"):
+            await c.rerun(key)
+        assert key not in c.experiments and not c.ready  # a refused rerun leaves a finished one out of memory
 
     _run(tmp_path, db_url, scenario)
 
