@@ -496,3 +496,24 @@ def test_commits_that_fail_leave_memory_as_the_database_says(
         assert await _exp_state(c, key) == "succeeded"
 
     _run(tmp_path, db_url, scenario, lost_timeout=30)
+
+
+def test_a_1000_stage_chain_through_a_real_master_and_agent(cluster: Cluster) -> None:
+    """The issue's reproduction: 1,000 stages, each after the previous, the first fails. Over gRPC, with a
+    real agent; then the master is restarted and nothing changes; cancel says it already failed."""
+    cluster.start_master()
+    cluster.start_node("w1")
+    cluster.wait_online("w1")
+    stages = [{"name": "s0", "kind": "probe", "params": {"exit_code": 5, "metrics": 0}}]
+    stages += [{"name": f"s{i}", "kind": "probe", "after": [f"s{i - 1}"]} for i in range(1, MAX_STAGES)]
+    key = cluster.submit({"name": "chain", "stages": stages})
+    exp = cluster.wait_finished(key)
+    assert exp["state"] == "failed"
+    first, rest = exp["stages"][0], exp["stages"][1:]
+    assert first["state"] == "failed" and first["attempts"][0]["exit_code"] == 5
+    assert len(rest) == MAX_STAGES - 1 and {s["state"] for s in rest} == {"cancelled"}
+    cluster.kill_master()
+    cluster.restart_master()
+    assert cluster.cli("cancel", key).stdout.strip() == f"{key}: already finished (failed); nothing to cancel"
+    again = cluster.status(key)["experiments"][0]
+    assert again["state"] == "failed" and {s["state"] for s in again["stages"][1:]} == {"cancelled"}
