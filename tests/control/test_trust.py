@@ -208,6 +208,16 @@ def test_a_database_error_reaches_the_client_as_a_short_internal_error(
                 assert "SELECT" not in detail and "no_such_table" not in detail and len(detail) < 100
                 assert not c.experiments and not c.ready
                 monkeypatch.setattr(store, "create_experiment", real)
+                # the input: a priority no column holds (PostgreSQL DataError, SQLite OverflowError);
+                # a named plan error once the plan bounds its numbers, else a short INTERNAL
+                huge = _plan("huge", [_stage("a")], priority=2**63)
+                try:
+                    resp = await client.Submit(infra_pb2.SubmitRequest(plan_json=huge))
+                    assert resp.errors and not resp.experiment
+                except grpc.aio.AioRpcError as e:
+                    assert e.code() == grpc.StatusCode.INTERNAL and "INSERT" not in (e.details() or "")
+                    assert len(e.details() or "") < 100
+                assert not c.experiments
                 ok = await client.Submit(infra_pb2.SubmitRequest(plan_json=_plan("fine", [_stage("a")])))
                 assert ok.experiment == "fine-1"  # the failed submit's id was given back
                 done = await client.Cancel(infra_pb2.CancelRequest(experiment="fine-1"))
