@@ -49,7 +49,7 @@ PG_DEFAULT = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 NODES_PER_CHANNEL = 50
 STAGES_PER_PLAN = 50
 HEARTBEAT_S = 1.0
-LOST_TIMEOUT_S = 5.0  # shorter than the default 15 s so that agents killed for longer move work within a run
+LOST_TIMEOUT_S = 5.0  # shorter than the default 60 s so that agents killed for longer move work within a run
 MASTER_FLAGS = ("--heartbeat", str(HEARTBEAT_S), "--lost-timeout", str(LOST_TIMEOUT_S))
 
 

@@ -185,7 +185,7 @@ def cmd_status(args: argparse.Namespace) -> int:
         gpu_use = " ".join(f"{g['index']}:{g['utilization_percent']:.0f}%" for g in usage.get("gpus", [])) or "-"
         nodes.add_row(
             f"{n['name']}\n[dim]{n['id'][:8]}[/dim]",
-            "[green]online[/green]" if n["online"] else "[red]offline[/red]",
+            _node_state(n),
             _age(n["heartbeat_age_s"]),
             f"{n['allocated']['cpus']:g}/{n['cpu_count']}",
             f"{_mib(n['allocated']['memory_mib'])}/{_mib(n['memory_mib'])}",
@@ -210,7 +210,44 @@ def cmd_status(args: argparse.Namespace) -> int:
                 s["reason"],
             )
         console.print(t)
+        if args.attempts:
+            _print_attempts(console, e)
     return 0
+
+
+def _node_state(n: dict[str, Any]) -> str:
+    state = "[green]online[/green]" if n["online"] else "[red]offline[/red]"
+    if n.get("drained"):
+        until = n.get("drain_deadline")
+        state += "\n[yellow]drained[/yellow]" + (f" (stops {_when(until)})" if until else "")
+    return state
+
+
+def _when(t: float | None) -> str:
+    return time.strftime("%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
+
+
+def _print_attempts(console: Any, e: dict[str, Any]) -> None:
+    """Every attempt of every stage: number, node, start and end, failure class, exit code, reason."""
+    from rich.table import Table
+
+    t = Table(title=f"{e['experiment']}  attempts", title_justify="left")
+    for col in ("stage", "#", "node", "state", "started", "finished", "class", "exit", "message"):
+        t.add_column(col)
+    for s in e["stages"]:
+        for a in s["attempts"]:
+            t.add_row(
+                s["name"],
+                str(a["number"]),
+                a["node"],
+                _styled(a["state"]),
+                _when(a["started_at"]),
+                _when(a["finished_at"]),
+                a["failure_class"] or "-",
+                str(a["exit_code"]) if a["finished_at"] else "-",
+                a["message"],
+            )
+    console.print(t)
 
 
 def cmd_logs(args: argparse.Namespace) -> int:
@@ -292,11 +329,49 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         result = client.cancel(args.experiment, args.reason)
     if args.json:
         _print_json(result)
+    elif result["finished"]:
+        print(f"{args.experiment}: already finished ({result['finished']}); nothing to cancel")
     else:
         print(
             f"{args.experiment}: {result['cancelled']} stage(s) cancelled, {result['signalled']} running stage(s) "
             "told to stop"
         )
+    return 0
+
+
+def cmd_node_admin(args: argparse.Namespace) -> int:
+    """``infra node list|drain|undrain``: operator controls (admin only with authentication)."""
+    with _client(args) as client:
+        if args.action == "list":
+            nodes = client.status(limit=1)["nodes"]
+        else:
+            nodes = [client.drain_node(args.name, args.action == "undrain", args.deadline or 0.0)]
+    if args.json:
+        _print_json(nodes if args.action == "list" else nodes[0])
+        return 0
+    if args.action != "list":
+        n = nodes[0]
+        what = "drained: takes no new stages" if n["drained"] else "undrained: takes new stages again"
+        if n["drained"] and n.get("drain_deadline"):
+            what += f"; what still runs there is stopped at {_when(n['drain_deadline'])}"
+        print(f"node {n['name']}: {what} ({n['running']} running now)")
+        return 0
+    for n in nodes:
+        flags = [n["state"]] + (["drained"] if n.get("drained") else [])
+        flags += [f"unavailable: {n['unavailable']}"] if n.get("unavailable") else []
+        used = f"cpus {n['allocated']['cpus']:g}/{n.get('cpu_count', 0)}"
+        print(f"{n['name']:<20} {n['id'][:8]}  {', '.join(flags):<24} {used}")
+    return 0
+
+
+def cmd_rerun(args: argparse.Namespace) -> int:
+    exp, _, stage = args.target.partition("/")
+    with _client(args) as client:
+        stages = client.rerun(exp, stage)
+    if args.json:
+        _print_json({"experiment": exp, "stages": stages})
+    else:
+        print(f"{exp}: running again: {', '.join(stages)}")
     return 0
 
 
@@ -378,23 +453,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # --- parser ----------------------------------------------------------------------------------
 
 
+def tls_flags(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--tls-ca", metavar="PEM", help="CA of the master's certificate: use TLS ($INFRA_TLS_CA)")
+    sp.add_argument("--tls-cert", metavar="PEM", help="this side's certificate, for mutual TLS ($INFRA_TLS_CERT)")
+    sp.add_argument("--tls-key", metavar="PEM", help="its private key, for mutual TLS ($INFRA_TLS_KEY)")
+
+
+def connection_flags(sp: argparse.ArgumentParser) -> None:
+    sp.add_argument("--master", metavar="HOST:PORT", help="master address (default: $INFRA_MASTER or 127.0.0.1:50051)")
+    sp.add_argument(
+        "--token-file", metavar="PATH", help="file holding your token (default: $INFRA_TOKEN, <config dir>/token)"
+    )
+    tls_flags(sp)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="infra", description="Run experiment plans on a cluster of GPU machines.")
     sub = p.add_subparsers(dest="verb", metavar="VERB", required=True)
-
-    def tls_flags(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument("--tls-ca", metavar="PEM", help="CA of the master's certificate: use TLS ($INFRA_TLS_CA)")
-        sp.add_argument("--tls-cert", metavar="PEM", help="this side's certificate, for mutual TLS ($INFRA_TLS_CERT)")
-        sp.add_argument("--tls-key", metavar="PEM", help="its private key, for mutual TLS ($INFRA_TLS_KEY)")
-
-    def connection_flags(sp: argparse.ArgumentParser) -> None:
-        sp.add_argument(
-            "--master", metavar="HOST:PORT", help="master address (default: $INFRA_MASTER or 127.0.0.1:50051)"
-        )
-        sp.add_argument(
-            "--token-file", metavar="PATH", help="file holding your token (default: $INFRA_TOKEN, <config dir>/token)"
-        )
-        tls_flags(sp)
 
     def client_verb(name: str, help_text: str, json_flag: bool = True) -> argparse.ArgumentParser:
         sp = sub.add_parser(name, help=help_text, description=help_text)
@@ -411,7 +486,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--lost-timeout",
         type=float,
         help="declare a node lost after this many seconds without a heartbeat "
-        "(default: 3 heartbeat intervals); its stages are retried",
+        "(default: 12 heartbeat intervals, 60 s); its stages are retried within their node_lost budget",
     )
     sp.add_argument(
         "--home-wait",
@@ -469,6 +544,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp = client_verb("status", "nodes and experiments")
     sp.add_argument("experiment", nargs="?", help="one experiment (with its state transitions)")
     sp.add_argument("--limit", type=int, default=0, help="most recent experiments to show (default 50)")
+    sp.add_argument(
+        "--attempts", action="store_true", help="list every attempt: node, start, end, failure class, exit, reason"
+    )
     sp.set_defaults(func=cmd_status)
 
     sp = client_verb("logs", "a stage's log lines")
@@ -495,6 +573,10 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("experiment")
     sp.add_argument("--reason", default="", help="recorded with the cancellation")
     sp.set_defaults(func=cmd_cancel)
+
+    sp = client_verb("rerun", "run an experiment's unfinished stages again, or a stage and every stage after it")
+    sp.add_argument("target", metavar="EXPERIMENT[/STAGE]")
+    sp.set_defaults(func=cmd_rerun)
 
     sp = sub.add_parser("token", help="create, list or revoke access tokens (admin)")
     token_sub = sp.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -532,8 +614,40 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+NODE_ACTIONS = ("list", "drain", "undrain")
+
+
+def node_admin_parser() -> argparse.ArgumentParser:
+    """``infra node list|drain|undrain``: a parser of its own, since ``infra node`` runs the agent."""
+    p = argparse.ArgumentParser(prog="infra node", description="operator controls for nodes (admin)")
+    sub = p.add_subparsers(dest="action", metavar="ACTION", required=True)
+    for name, help_text in (
+        ("list", "list the nodes, their state and whether they are drained"),
+        ("drain", "take no new stages on a node (running ones finish; persisted)"),
+        ("undrain", "let a drained node take new stages again"),
+    ):
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        if name != "list":
+            sp.add_argument("name", help="node name or id")
+        if name == "drain":
+            sp.add_argument(
+                "--deadline",
+                type=float,
+                metavar="SECONDS",
+                help="after this long, stop what still runs there (failure class preempted; retried elsewhere)",
+            )
+        connection_flags(sp)
+        sp.add_argument("--json", action="store_true", help="print JSON")
+        sp.set_defaults(func=cmd_node_admin, verb="node", deadline=None)
+    return p
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) >= 2 and argv[0] == "node" and argv[1] in NODE_ACTIONS:
+        args = node_admin_parser().parse_args(argv[1:])
+    else:
+        args = build_parser().parse_args(argv)
     from infra.client import ClientError
 
     try:

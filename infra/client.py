@@ -64,6 +64,8 @@ def node_dict(n: infra_pb2.NodeStatus) -> dict[str, Any]:
         "online": n.online,
         "state": n.state,
         "unavailable": n.unavailable or None,
+        "drained": n.drained,
+        "drain_deadline": n.drain_deadline or None,
         "heartbeat_age_s": round(n.heartbeat_age_s, 3) if n.heartbeat_age_s >= 0 else None,
         **facts,
         "usage": _dict(n.usage) if n.HasField("usage") else None,
@@ -85,6 +87,7 @@ def stage_dict(s: infra_pb2.StageStatus) -> dict[str, Any]:
             "assigned_at": a.assigned_at,
             "started_at": a.started_at or None,
             "finished_at": a.finished_at or None,
+            "failure_class": a.failure_class or None,
         }
         for a in s.attempts
     ]
@@ -231,7 +234,20 @@ class Client:
 
     def cancel(self, experiment: str, reason: str = "") -> dict[str, Any]:
         resp = self._call("Cancel", infra_pb2.CancelRequest(experiment=experiment, reason=reason))
-        return {"experiment": experiment, "cancelled": resp.cancelled, "signalled": resp.signalled}
+        return {
+            "experiment": experiment,
+            "cancelled": resp.cancelled,
+            "signalled": resp.signalled,
+            "finished": resp.finished or None,
+        }
+
+    def drain_node(self, node: str, undrain: bool = False, deadline_s: float = 0.0) -> dict[str, Any]:
+        req = infra_pb2.DrainNodeRequest(node=node, undrain=undrain, deadline_s=deadline_s)
+        resp = self._call("DrainNode", req)
+        return {**node_dict(resp.node), "running": resp.running}
+
+    def rerun(self, experiment: str, stage: str = "") -> list[str]:
+        return list(self._call("Rerun", infra_pb2.RerunRequest(experiment=experiment, stage=stage)).stages)
 
     def create_token(self, user: str, role: str) -> dict[str, Any]:
         resp = self._call("CreateToken", infra_pb2.CreateTokenRequest(user=user, role=role))

@@ -101,14 +101,21 @@ def run_plan(
             kind = get_stage_kind(stage.kind)
             params = kind.params.model_validate(stage.params)
             started = time.time()
-            for attempt in range(1, stage.max_retries + 2):
+            used: dict[str, int] = {}  # retries spent per failure class, as the master counts them
+            attempt = 0
+            while True:
+                attempt += 1
                 ctx = StageContext(exp_dir, stage.name, plan.smoke, attempt)
                 emit, metrics, artifacts = _printer(stage.name, quiet)
                 gpus = list(range(stage.resources.gpus))
                 run = StageRun(kind.build(params, ctx), exp_dir, stage.name, workdir, gpus, emit, attempt)
                 current[:] = [run]
                 result = run.run()
-                if result.state == "succeeded":
+                if result.state != "failed":
+                    break
+                cls = failure_class(result)
+                used[cls] = used.get(cls, 0) + 1
+                if cls not in LOCAL_CLASSES or used[cls] > stage.retries.get(cls, 0):
                     break
             done[stage.name] = result.state
             summary.append(
@@ -125,6 +132,24 @@ def run_plan(
     finally:
         signal.signal(signal.SIGINT, previous)
     return summary
+
+
+# The failure classes a local run can see: the stage's own error, and the platform failing to run it (the
+# runner's launch failure, a full disk). A machine that is lost or preempted is this one: nothing to retry on.
+LOCAL_CLASSES = ("error", "infra")
+_CLASS_NUMBERS = {1: "node_lost", 2: "preempted", 3: "cancelled", 4: "error", 5: "infra"}  # protos FailureClass
+
+
+def failure_class(result: Any) -> str:
+    """The class of a failed run: the runner's ``failure_class`` (a FailureClass number or name) if it says
+    one, else ``error``, as the master reads a node's FAILED without a class."""
+    value = getattr(result, "failure_class", None)
+    if isinstance(value, int):
+        return _CLASS_NUMBERS.get(value, "error")
+    if isinstance(value, str) and value:
+        name = value.lower().removeprefix("failure_")
+        return name if name in _CLASS_NUMBERS.values() else "error"
+    return "error"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """Experiment plans: JSON, validated on submit with every problem named by its field path.
 
-A plan is ``{name, priority, resources, smoke, shared_workdir, stages: [...]}``; each stage is
-``{name, kind, params, after, resources, max_retries}``. :func:`validate_plan` reports all
+A plan is ``{name, priority, resources, retries, smoke, shared_workdir, stages: [...]}``; each stage is
+``{name, kind, params, after, resources, retries, max_retries}``. :func:`validate_plan` reports all
 problems at once (``stages[2].after[0]: unknown stage 'trian'``), never the first only.
 
 Stage names become file names in the experiment record (``logs/<stage>.log``, ``work/<stage>/``, ...), so
@@ -19,7 +19,7 @@ import json
 import math
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -98,19 +98,37 @@ class ResourcesSpec(Spec):
     memory: Memory | None = None
 
 
+# Why an attempt ended badly (the master records one per attempt); each class but ``cancelled`` has its
+# own retry budget, so that a machine fault is never charged to the stage's own code (``error``).
+RETRY_CLASSES = ("node_lost", "preempted", "infra", "error")
+DEFAULT_RETRIES = {"node_lost": 3, "preempted": 3, "infra": 2, "error": 0}
+Budget = Annotated[int, Field(ge=0, le=100, strict=True)]
+
+
+class RetriesSpec(Spec):
+    """Retry budget per failure class (``cancelled`` is never retried)."""
+
+    node_lost: Budget | None = None
+    preempted: Budget | None = None
+    infra: Budget | None = None
+    error: Budget | None = None
+
+
 class StageSpec(Spec):
     name: StageName
     kind: str
     params: dict[str, Any] = {}
     after: list[str] = []
     resources: ResourcesSpec | None = None
-    max_retries: int = Field(0, ge=0, le=100)
+    max_retries: int | None = Field(None, ge=0, le=100)  # the `error` budget (kept for older plans)
+    retries: RetriesSpec | None = None
 
 
 class PlanHeader(Spec):
     name: Name
     priority: int = Field(0, ge=-MAX_PRIORITY, le=MAX_PRIORITY)
     resources: ResourcesSpec | None = None
+    retries: RetriesSpec | None = None  # the default of every stage
     smoke: bool = False
     shared_workdir: bool = False
     stages: list[Any] = Field(min_length=1)
@@ -140,7 +158,8 @@ class Stage:
     params: dict[str, Any]  # normalised when the kind is known here, as given otherwise
     after: tuple[str, ...]
     resources: Resources
-    max_retries: int
+    max_retries: int  # the `error` budget, == retries["error"]
+    retries: dict[str, int] = field(default_factory=lambda: dict(DEFAULT_RETRIES))
 
 
 @dataclass(frozen=True)
@@ -165,6 +184,7 @@ class Plan:
                     "after": list(s.after),
                     "resources": {"gpus": s.resources.gpus, "cpus": s.resources.cpus, "memory": s.resources.memory_mib},
                     "max_retries": s.max_retries,
+                    "retries": dict(s.retries),
                 }
                 for s in self.stages
             ],
@@ -360,6 +380,26 @@ def _text_problem(text: str) -> str | None:
     return None
 
 
+def _retries(s: StageSpec, default: RetriesSpec | None, i: int, issues: list[Issue]) -> dict[str, int]:
+    """The stage's budget per class: its own ``retries``, else the plan's, else :data:`DEFAULT_RETRIES`;
+    ``max_retries`` is the ``error`` budget (giving both, they must agree)."""
+    out = dict(DEFAULT_RETRIES)
+    for spec in (default, s.retries):
+        if spec is not None:
+            out.update({k: v for k, v in spec.model_dump().items() if v is not None})
+    if s.max_retries is not None:
+        own = s.retries.error if s.retries is not None else None
+        if own is not None and own != s.max_retries:
+            issues.append(
+                Issue(
+                    f"stages[{i}].max_retries",
+                    f"max_retries {s.max_retries} disagrees with retries.error {own}; give one of them",
+                )
+            )
+        out["error"] = s.max_retries
+    return out
+
+
 def validate_plan(data: Any, known_kinds: Iterable[str] | None = None) -> Plan:
     """Validate a parsed plan. ``known_kinds`` beyond the kinds registered here are accepted with
     their params unchecked (plugin kinds that only nodes know; the node validates them)."""
@@ -418,7 +458,8 @@ def validate_plan(data: Any, known_kinds: Iterable[str] | None = None) -> Plan:
             continue
         default = get_stage_kind(s.kind).resources if s.kind in local else Resources()
         resources = _merge(default, header.resources if header is not None else None, s.resources)
-        stages.append(Stage(s.name, s.kind, params, tuple(s.after), resources, s.max_retries))
+        retries = _retries(s, header.retries if header is not None else None, i, issues)
+        stages.append(Stage(s.name, s.kind, params, tuple(s.after), resources, retries["error"], retries))
     issues += _shared_outputs(stages, raw_index)
     for cycle in _cycles(deps):
         issues.append(Issue(f"stages[{raw_index[cycle[0]]}].after", "dependency cycle: " + " -> ".join(cycle)))

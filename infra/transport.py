@@ -27,7 +27,7 @@ KEEPALIVE = [
     ("grpc.keepalive_timeout_ms", 10_000),
     ("grpc.keepalive_permit_without_calls", 1),
 ]
-# A node must get through again well within the master's lost timeout (default 15 s) once the network is
+# A node must get through again well within the master's lost timeout (default 60 s) once the network is
 # back: gRPC's own reconnect backoff (1 s growing to 120 s) would let a flaky minute turn into a lost node.
 RECONNECT = [
     ("grpc.initial_reconnect_backoff_ms", 250),

@@ -35,7 +35,7 @@ USER_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.@-]{0,63}$")
 POSITIVE_TTL_S = 30.0  # a token revoked directly in the database stops working within this time
 NEGATIVE_TTL_S = 5.0  # unknown ids are not looked up again for this long (a flood of bad tokens is cheap)
 NODE_SERVICE = "infra.v1.NodeService"
-ADMIN_METHODS = frozenset({"CreateToken", "ListTokens", "RevokeToken"})
+ADMIN_METHODS = frozenset({"CreateToken", "ListTokens", "RevokeToken", "DrainNode"})
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,16 @@ that acknowledges a change is sent only once the change is committed.
 Stage states: pending -> ready -> assigned -> running -> succeeded | failed | cancelled, plus
 running/assigned -> ready when a failed attempt has retries left (a node declared lost fails its
 attempts), pending/ready -> cancelled (cancel, or a dependency failed), and succeeded -> ready/pending
-when an experiment without a shared workdir loses its home node for good and starts over elsewhere.
-Every change is a row in ``transitions`` with time and reason.
+when an experiment without a shared workdir loses its home node for good and starts over elsewhere, or
+an operator reruns it. Every change is a row in ``transitions`` with time and reason.
+
+Every attempt that does not succeed ends with a failure class (``node_lost``, ``preempted``,
+``cancelled``, ``error``, ``infra``) and is retried only while the stage's budget for that class lasts,
+so that a machine fault never spends the budget of the stage's own code (``error``).
+
+Memory and database never disagree for long: a handler changes memory and commits the change as one
+unit (:meth:`Controller._apply`); when building or committing it fails, the experiment is read back
+from the database (after everything queued before it) and memory is rebuilt from it.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from google.protobuf.json_format import MessageToDict
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from infra.plan import Plan, parse_plan_text, validate_plan
+from infra.plan import DEFAULT_RETRIES, Plan, parse_plan_text, validate_plan
 from infra.stages import Resources, get_stage_kind, stage_kinds
 from master import store
 from master.state import (
@@ -53,6 +61,15 @@ from protos import PROTOCOL_VERSION, infra_pb2
 T = TypeVar("T")
 log = logging.getLogger("infra.master")
 STATE_NAMES = {v: k.lower() for k, v in infra_pb2.StageState.items() if v}
+# failure classes as nodes report them; an older node's UNSPECIFIED (or ERROR) on FAILED is the stage's own error
+FAILURE_CLASSES = {
+    infra_pb2.FAILURE_NODE_LOST: "node_lost",
+    infra_pb2.FAILURE_PREEMPTED: "preempted",
+    infra_pb2.FAILURE_CANCELLED: "cancelled",
+    infra_pb2.FAILURE_INFRA: "infra",
+}
+NODE_LOST, PREEMPTED, CANCELLED_CLASS, ERROR, INFRA = "node_lost", "preempted", "cancelled", "error", "infra"
+LOST_HEARTBEATS = 12  # the default lost timeout, in heartbeat intervals (docs/RELIABILITY.md says why)
 MAX_PLACEMENTS = 500  # per scheduling pass
 
 
@@ -62,6 +79,16 @@ class ProtocolMismatch(Exception):
 
 class NotFound(Exception):
     pass
+
+
+class Refused(Exception):
+    """A request that cannot be done in the current state (the message says why)."""
+
+
+def _budgets(retries: dict[str, int] | None, max_retries: int) -> dict[str, int]:
+    """A stage's retry budget per class as stored; a stage stored before budgets existed gets the defaults
+    with ``max_retries`` as its ``error`` budget."""
+    return {**DEFAULT_RETRIES, "error": max_retries, **(retries or {})}
 
 
 def stage_extras(kind: str, params: dict[str, Any]) -> frozenset[str]:
@@ -86,7 +113,7 @@ class Controller:
         self.readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="db-read")
         self.heartbeat_interval = heartbeat_interval
         self.persist_interval = persist_interval
-        self.lost_timeout = lost_timeout if lost_timeout is not None else 3 * heartbeat_interval
+        self.lost_timeout = lost_timeout if lost_timeout is not None else LOST_HEARTBEATS * heartbeat_interval
         self.home_wait = home_wait
         self.started = time.time()  # nodes restored from the database get the lost timeout from here
         self.nodes: dict[str, NodeRt] = {}
@@ -106,8 +133,12 @@ class Controller:
         snap = await self.read(store.load_snapshot, self.engine)
         self._ids = dict(snap.max_ids)
         for n in snap.nodes:
-            self.nodes[n["id"]] = self._node_from_facts(n["id"], n["facts"])
-        self._restore(snap)
+            node = self.nodes[n["id"]] = self._node_from_facts(n["id"], n["facts"])
+            node.drained, node.drain_deadline = bool(n.get("drained")), n.get("drain_deadline")
+        repairs = Changes()
+        self._restore(snap, repairs, time.time())
+        if repairs:
+            await self.commit(repairs)
         self.started = time.time()
         self._tasks = [
             asyncio.create_task(self._schedule_loop()),
@@ -123,8 +154,12 @@ class Controller:
         self.writer.close()
         self.readers.shutdown(wait=False)
 
-    def _restore(self, snap: store.Snapshot) -> None:
-        """Rebuild unfinished experiments and their live attempts after a master restart."""
+    def _restore(self, snap: store.Snapshot, ch: Changes, now: float) -> None:
+        """Rebuild experiments and their live attempts from the database (after a master restart, or to
+        bring back one whose handler failed, or a finished one to run again). A stage left ``pending``
+        whose dependency ended failed or cancelled (a master of an older release stopped half-way
+        through a cascade) is cancelled now, and one whose dependencies all succeeded is made ready,
+        into ``ch``."""
         by_id: dict[int, ExperimentRt] = {}
         for e in snap.experiments:
             exp = ExperimentRt(
@@ -159,6 +194,9 @@ class Controller:
                 stage_extras(s["kind"], s["params"]),
                 s["reason"],
             )
+            st.retries = _budgets(s.get("retries"), s["max_retries"])
+            st.budget_from = s.get("budget_from") or 1
+            st.used = dict(snap.used.get(st.id, {}))
             exp.stages.append(st)
             stages[st.id] = st
             if st.state == READY:
@@ -177,12 +215,27 @@ class Controller:
                 tuple(a["gpu_indices"]),
                 a["state"],
                 a["started_at"] or 0.0,
+                a.get("failure_class") or "",
             )
             st.current = att
             st.attempt_ids.append(att.id)
             self.attempts[att.id] = att
             if att.state in ACTIVE and att.node_id in self.nodes:
                 self.nodes[att.node_id].allocate(att)
+        for exp in by_id.values():
+            before = len(ch.transitions)
+            for st in exp.stages:
+                if st.state != PENDING:
+                    continue
+                ended = next((d for d in st.deps if d.state in (FAILED, CANCELLED)), None)
+                if ended is not None:
+                    self._move(st, CANCELLED, f"dependency {ended.name!r} {ended.state} (repaired at start)", ch, now)
+                    self._cascade_cancel(st, ended.state, ch, now)
+                elif st.deps and all(d.state == SUCCEEDED for d in st.deps):
+                    self._move(st, READY, "dependencies succeeded (repaired at start)", ch, now)
+            ended = exp.state not in TERMINAL and all(st.state in TERMINAL for st in exp.stages)
+            if len(ch.transitions) != before or ended:  # an unfinished experiment whose stages all ended
+                self._update_experiment(exp, ch, now)
 
     # --- helpers -------------------------------------------------------------------------------
 
@@ -216,6 +269,7 @@ class Controller:
             }
         )
         ch.stages.append({"id": st.id, "state": to, "reason": reason, "updated_at": now, "attempts": st.attempts})
+        ch.touched.add(st.exp)
         if st.state == READY:
             self.ready.discard(st)
         st.state, st.reason = to, reason
@@ -223,10 +277,78 @@ class Controller:
             self.ready.add(st)
 
     def _cascade_cancel(self, st: StageRt, why: str, ch: Changes, now: float) -> None:
-        for d in st.dependents:
-            if d.state in (PENDING, READY):
-                self._move(d, CANCELLED, f"dependency {st.name!r} {why}", ch, now)
-                self._cascade_cancel(d, why, ch, now)
+        """Cancel every stage waiting on ``st``, transitively: iterative, so a chain as long as the plan
+        limit allows (1,000 stages) cannot exhaust the stack."""
+        todo = [st]
+        while todo:
+            s = todo.pop()
+            for d in s.dependents:
+                if d.state in (PENDING, READY):
+                    self._move(d, CANCELLED, f"dependency {s.name!r} {why}", ch, now)
+                    todo.append(d)
+
+    async def _apply(self, exp: ExperimentRt | None, build: Callable[[Changes, float], T]) -> T:
+        """Run ``build`` (which changes memory and fills a :class:`Changes`) and commit what it wrote, as one
+        unit. If ``build`` raises half-way or the commit fails, memory may say what the database does
+        not: the experiment is then read back in the writer thread (so after every unit queued before
+        this one) and rebuilt from it, and the error goes on to the caller. Nothing is awaited between
+        ``build`` and queueing the commit, so no other handler sees the half-made change."""
+        ch = Changes()
+        try:
+            result = build(ch, time.time())
+            if ch:
+                await self.commit(ch)
+            return result
+        except asyncio.CancelledError:
+            raise  # the caller went away: the queued unit is still committed, and memory already says it
+        except Exception:
+            log.exception("a change failed; reading what it touched back from the database")
+            await self._resync(ch, exp)
+            raise
+
+    async def _resync(self, ch: Changes, exp: ExperimentRt | None = None) -> None:
+        """Rebuild from the database every experiment a failed change touched (see :meth:`_apply`)."""
+        keys = {e.key for e in ch.touched} | ({exp.key} if exp is not None else set())
+        for key in sorted(keys):
+            try:
+                await self._reload(key, wake=False)
+            except Exception:
+                log.exception("could not read experiment %s back from the database", key)
+        # the next scheduling pass a little later: a database that refuses commits is not hammered
+        asyncio.get_running_loop().call_later(1.0, self.wake)
+
+    async def _reload(self, key: str, wake: bool = True) -> ExperimentRt | None:
+        """Replace an experiment in memory (finished or not) with what the database holds."""
+        old = self.experiments.get(key)
+        if old is not None:
+            self._drop(old)
+        snap = await self.commit(lambda s: store.load_experiment(s, key))
+        current = self.experiments.get(key)
+        if current is not None:  # another reload, or a rerun, brought it back meanwhile
+            self._drop(current)
+        if not snap.experiments:
+            return None
+        repairs = Changes()
+        self._restore(snap, repairs, time.time())
+        if repairs:
+            await self.commit(repairs)
+        exp = self.experiments.get(key)
+        if exp is not None and all(st.state in TERMINAL for st in exp.stages):
+            self._forget(exp)  # finished: memory holds unfinished experiments only
+            return None
+        if wake:
+            self.wake()
+        return exp
+
+    def _drop(self, exp: ExperimentRt) -> None:
+        """Forget an experiment and free what its attempts hold on the nodes."""
+        for st in exp.stages:
+            for att_id in st.attempt_ids:
+                att = self.attempts.get(att_id)
+                node = self.nodes.get(att.node_id) if att is not None else None
+                if node is not None and att is not None:
+                    node.release(att)
+        self._forget(exp)
 
     def _update_experiment(self, exp: ExperimentRt, ch: Changes, now: float) -> None:
         states = {s.state for s in exp.stages}
@@ -239,6 +361,8 @@ class Controller:
             new = RUNNING
         else:
             new = PENDING
+        if new not in TERMINAL:
+            row["finished_at"] = None  # running again (rerun)
         if new != exp.state:
             exp.state = new
             ch.experiments.append({**row, "state": new})
@@ -303,8 +427,9 @@ class Controller:
         # The session is given, and the lost clock starts, only once the row is committed: under a burst of
         # registrations the commit takes seconds, and a node cannot heartbeat before it has its session.
         old = self.nodes.get(node.id)
-        if old is not None:  # keep allocations and the open stream
+        if old is not None:  # keep allocations, the open stream and an operator's drain
             node.attempts, node.queue = old.attempts, old.queue
+            node.drained, node.drain_deadline = old.drained, old.drain_deadline
             for att in old.attempts.values():
                 node.allocate(att)
             if old.lost:
@@ -369,7 +494,13 @@ class Controller:
         ch = Changes()
         for att in gone:
             self._finish(
-                att, FAILED, -1, "the node no longer runs this attempt (its agent restarted without it)", ch, now
+                att,
+                FAILED,
+                -1,
+                "the node no longer runs this attempt (its agent restarted without it)",
+                ch,
+                now,
+                NODE_LOST,
             )
         asyncio.ensure_future(self._commit_logged(ch, f"failing {len(gone)} attempt(s) gone from {node.name}"))
 
@@ -377,7 +508,8 @@ class Controller:
         try:
             await self.commit(ch)
         except Exception:
-            log.exception("could not record %s", what)
+            log.exception("could not record %s; reading it back from the database", what)
+            await self._resync(ch)
 
     async def _persist_loop(self) -> None:
         while True:
@@ -433,32 +565,145 @@ class Controller:
         experiments whose home node stayed lost past ``home_wait`` a new home."""
         now = time.time()
         ch = Changes()
+        try:
+            stops = self._check_nodes(ch, now)
+            if ch:
+                await self.commit(ch)
+        except Exception:
+            await self._resync(ch)
+            raise
+        for node, command in stops:  # after the commit: the attempt is already ended at the master
+            if node.queue is not None:
+                node.queue.put_nowait(command)
+
+    def _check_nodes(self, ch: Changes, now: float) -> list[tuple[NodeRt, infra_pb2.NodeCommand]]:
         for node in self.nodes.values():
-            if node.lost:
+            if node.lost and not node.attempts:  # attempts on a lost node: read back after a failed commit
                 continue
             # a node not heard from since this master started gets twice the timeout: after a master
             # restart every node must notice, reconnect (with backoff) and register again
             silent = now - (node.last_heartbeat or self.started)
             if silent > (self.lost_timeout if node.last_heartbeat else 2 * self.lost_timeout):
                 self._lose(node, silent, ch, now)
+        stops: list[tuple[NodeRt, infra_pb2.NodeCommand]] = []
+        for node in self.nodes.values():
+            if node.drained and node.drain_deadline is not None and now >= node.drain_deadline and node.attempts:
+                stops += self._preempt(node, ch, now)
         for exp in list(self.experiments.values()):
             home = self.nodes.get(exp.home_node) if exp.home_node else None
             if exp.shared_workdir or home is None or not home.lost or now - (home.lost_at or now) < self.home_wait:
                 continue
             self._rehome(exp, home, ch, now)
-        if ch:
-            await self.commit(ch)
+        return stops
+
+    def _preempt(self, node: NodeRt, ch: Changes, now: float) -> list[tuple[NodeRt, infra_pb2.NodeCommand]]:
+        """A drained node's deadline has passed: what still runs there ends as ``preempted`` (retried
+        elsewhere within that budget) and the node is told to stop its copy, whose lease is then gone."""
+        why = f"node {node.name} drained: its deadline passed before the attempt ended"
+        log.warning("node %s: drain deadline passed; preempting %d attempt(s)", node.name, len(node.attempts))
+        stops = []
+        for att in list(node.attempts.values()):
+            stops.append((node, self._cancel_command(att.id, att.lease, why)))
+            self._finish(att, FAILED, -1, why, ch, now, PREEMPTED)
+        return stops
+
+    # --- operator controls ---------------------------------------------------------------------
+
+    @staticmethod
+    def _rerun_targets(exp: ExperimentRt, stage: str) -> set[StageRt]:
+        """The stages a rerun runs again: ``stage`` or every failed and cancelled stage, and everything
+        after them (iterative, like the cascade); refused while one of them still runs."""
+        if stage:
+            start = next((st for st in exp.stages if st.name == stage), None)
+            if start is None:
+                raise NotFound(f"no stage {exp.key}/{stage}")
+            roots = [start]
+        else:
+            roots = [st for st in exp.stages if st.state in (FAILED, CANCELLED)]
+        targets: set[StageRt] = set()
+        todo = list(roots)
+        while todo:
+            st = todo.pop()
+            if st not in targets:
+                targets.add(st)
+                todo.extend(st.dependents)
+        busy = sorted(st.name for st in targets if st.state in ACTIVE)
+        if busy:
+            raise Refused(f"stage(s) {', '.join(busy)} of {exp.key} still run: cancel them or wait")
+        if not targets:
+            raise Refused(f"nothing to rerun: every stage of {exp.key} succeeded or still runs")
+        return targets
+
+    def find_node(self, ref: str) -> NodeRt:
+        node = self.nodes.get(ref) or next((n for n in self.nodes.values() if n.name == ref), None)
+        if node is None:
+            raise NotFound(f"no node {ref!r} (infra node list shows them)")
+        return node
+
+    async def drain(self, ref: str, undrain: bool = False, deadline_s: float = 0.0) -> NodeRt:
+        """Drain a node (no new stages; running ones finish, or after ``deadline_s`` are preempted) or take
+        it back. Persisted before memory changes, so a master restart keeps it."""
+        node = self.find_node(ref)
+        drained = not undrain
+        deadline = time.time() + deadline_s if drained and deadline_s > 0 else None
+        await self.commit(lambda s: store.set_drain(s, node.id, drained, deadline))
+        node.drained, node.drain_deadline = drained, deadline
+        log.info("node %s %s", node.name, "drained" if drained else "undrained")
+        self.wake()
+        return node
+
+    async def rerun(self, key: str, stage: str = "", who: str = "") -> list[str]:
+        """New attempts for an experiment's stages (the old attempts are kept): with ``stage``, that stage
+        and every stage after it; without, every stage that did not succeed and every stage after those.
+        A finished experiment is read back into memory. Budgets start afresh for the stages that run
+        again (attempts from the next number on count)."""
+        exp = self.experiments.get(key)
+        if exp is None:
+            snap = await self.commit(lambda s: store.load_experiment(s, key))
+            if not snap.experiments:
+                raise NotFound(f"no experiment {key!r}")
+            exp = self.experiments.get(key)  # a handler may have loaded it meanwhile
+            if exp is None:
+                self._restore(snap, Changes(), time.time())
+                exp = self.experiments[key]
+        try:
+            targets = self._rerun_targets(exp, stage)
+        except (NotFound, Refused):
+            if all(st.state in TERMINAL for st in exp.stages):
+                self._forget(exp)  # memory holds unfinished experiments only
+            raise
+        why = f"rerun requested by {who}" if who else "rerun requested"
+
+        def build(ch: Changes, now: float) -> list[str]:
+            if exp.cancel_requested:
+                exp.cancel_requested = False
+                ch.experiments.append({"id": exp.id, "cancel_requested": False})
+            ordered = sorted(targets, key=lambda st: st.position)
+            for st in ordered:
+                st.budget_from, st.used = st.attempts + 1, {}
+                ch.stages.append({"id": st.id, "budget_from": st.budget_from})
+            for st in ordered:
+                ready = all(d.state == SUCCEEDED and d not in targets for d in st.deps)
+                self._move(st, READY if ready else PENDING, why, ch, now)
+            self.experiments[exp.key] = exp
+            self._update_experiment(exp, ch, now)
+            return [st.name for st in ordered]
+
+        names = await self._apply(exp, build)
+        log.info("experiment %s: rerun of %s", key, ", ".join(names))
+        self.wake()
+        return names
 
     def _lose(self, node: NodeRt, silent: float, ch: Changes, now: float) -> None:
         if node.session or node.attempts:  # not the nodes of earlier days that never came back
             log.warning("node %s (%s) lost: no heartbeat for %.1fs", node.name, node.id, silent)
-        node.lost_at = now
+        node.lost_at = node.lost_at or now  # already lost: attempts read back after a failed commit
         node.session = 0  # its next call must re-register, which reconciles what it still runs
         if node.queue is not None:
             node.queue.put_nowait(None)  # ends its command stream
         why = f"node {node.name} lost: no heartbeat for {silent:.1f}s"
         for att in list(node.attempts.values()):
-            self._finish(att, FAILED, -1, why, ch, now)
+            self._finish(att, FAILED, -1, why, ch, now, NODE_LOST)
 
     def _rehome(self, exp: ExperimentRt, home: NodeRt, ch: Changes, now: float) -> None:
         """The files of an experiment without a shared workdir are on its home node: when that node stays
@@ -531,6 +776,7 @@ class Controller:
         kinds = self.known_kinds()
         plan = await self.read(lambda: validate_plan(parse_plan_text(plan_json), known_kinds=kinds))
         now = time.time()
+        ids_before = dict(self._ids)
         exp = ExperimentRt(
             self._next_id("experiment"), "", plan.name, plan.priority, plan.smoke, plan.shared_workdir, PENDING
         )
@@ -550,6 +796,7 @@ class Controller:
                 s.max_retries,
                 PENDING,
                 extras=stage_extras(s.kind, s.params),
+                retries=dict(s.retries),
             )
             exp.stages.append(st)
             by_name[s.name] = st
@@ -559,7 +806,14 @@ class Controller:
                 by_name[dep].dependents.append(by_name[s.name])
         rows, transitions = self._experiment_rows(exp, plan, now)
         deps = [{"stage_id": st.id, "depends_on_id": d.id} for st in exp.stages for d in st.deps]
-        await self.commit(lambda s: store.create_experiment(s, rows[0], rows[1], deps, transitions))
+        ids_after = dict(self._ids)
+        try:
+            await self.commit(lambda s: store.create_experiment(s, rows[0], rows[1], deps, transitions))
+        except Exception:
+            # nothing of it is in memory yet; its ids are given back unless another submit took ids since
+            if self._ids == ids_after:
+                self._ids = ids_before
+            raise
         self.experiments[exp.key] = exp
         self.ready.update(st for st in exp.stages if st.state == READY)
         self.wake()
@@ -619,6 +873,8 @@ class Controller:
                 "cpus": st.resources.cpus,
                 "memory_mib": st.resources.memory_mib,
                 "max_retries": st.max_retries,
+                "retries": st.retries,
+                "budget_from": 1,
                 "state": st.state,
                 "reason": st.reason,
                 "attempts": 0,
@@ -628,30 +884,39 @@ class Controller:
         ]
         return (exp_row, stage_rows), transitions
 
-    async def cancel(self, key: str, reason: str) -> tuple[int, int]:
+    async def cancel(self, key: str, reason: str) -> tuple[int, int, str]:
+        """(stages cancelled at once, running attempts told to stop, "" or the state of an experiment that
+        had already finished, to which nothing is done)."""
         exp = self.experiments.get(key)
         if exp is None:
-            if await self.read(store.experiment_exists, self.engine, key):
-                return 0, 0  # already finished
-            raise NotFound(f"no experiment {key!r}")
-        now = time.time()
-        ch = Changes()
+            state = await self.read(store.experiment_state, self.engine, key)
+            if state is None:
+                raise NotFound(f"no experiment {key!r}")
+            return 0, 0, state
         why = f"cancelled: {reason}" if reason else "cancelled"
-        exp.cancel_requested = True
-        ch.experiments.append({"id": exp.id, "cancel_requested": True})
-        cancelled = signalled = 0
-        for st in exp.stages:
-            if st.state in (PENDING, READY):
-                self._move(st, CANCELLED, why, ch, now)
-                cancelled += 1
-            elif st.state in ACTIVE and st.current is not None:
-                node = self.nodes.get(st.current.node_id)
-                if node is not None and node.queue is not None:
-                    node.queue.put_nowait(self._cancel_command(st.current.id, st.current.lease, why))
-                signalled += 1  # a node that is away gets the cancel when its stream reopens
-        self._update_experiment(exp, ch, now)
-        await self.commit(ch)
-        return cancelled, signalled
+        stops: list[tuple[NodeRt, infra_pb2.NodeCommand]] = []
+
+        def build(ch: Changes, now: float) -> tuple[int, int]:
+            exp.cancel_requested = True
+            ch.experiments.append({"id": exp.id, "cancel_requested": True})
+            cancelled = signalled = 0
+            for st in exp.stages:
+                if st.state in (PENDING, READY):
+                    self._move(st, CANCELLED, why, ch, now)
+                    cancelled += 1
+                elif st.state in ACTIVE and st.current is not None:
+                    node = self.nodes.get(st.current.node_id)
+                    if node is not None and node.queue is not None:
+                        stops.append((node, self._cancel_command(st.current.id, st.current.lease, why)))
+                    signalled += 1  # a node that is away gets the cancel when its stream reopens
+            self._update_experiment(exp, ch, now)
+            return cancelled, signalled
+
+        cancelled, signalled = await self._apply(exp, build)
+        for node, command in stops:
+            if node.queue is not None:
+                node.queue.put_nowait(command)
+        return cancelled, signalled, ""
 
     # --- scheduling ----------------------------------------------------------------------------
 
@@ -716,7 +981,8 @@ class Controller:
         """The last pass's explainer, as long as the same nodes are online with the same facts (a node that
         registers again is a new object) and the same ones take no new stages: what it keeps depends on
         nothing else."""
-        fleet = [(n, bool(n.unavailable)) for n in self.nodes.values() if n.queue is not None and not n.lost]
+        online = [n for n in self.nodes.values() if n.queue is not None and not n.lost]
+        fleet = [(n, bool(n.unavailable or n.drained)) for n in online]
         if self._waiting is None or self._waiting.fleet != fleet:
             self._waiting = WaitingReasons(self.nodes, fleet)
         return self._waiting
@@ -732,6 +998,15 @@ class Controller:
         now = time.time()
         ch = Changes()
         sent: list[tuple[NodeRt, AttemptRt]] = []
+        try:
+            self._place_ready(nodes, ch, sent, now)
+        except Exception:  # nothing of this pass was queued: memory goes back to what the database says
+            asyncio.ensure_future(self._resync(ch))
+            raise
+        if ch:  # queued now, so that a later change of the same stages (a cancel) is written after it
+            asyncio.ensure_future(self._deliver(asyncio.wrap_future(self.writer.submit(ch)), sent, ch))
+
+    def _place_ready(self, nodes: list[NodeRt], ch: Changes, sent: list[tuple[NodeRt, AttemptRt]], now: float) -> None:
         unplaceable: dict[tuple[Any, ...], str] = {}  # shape -> why ("": it depends on the experiment)
         waiting: WaitingReasons | None = None  # taken on the first stage that finds no node
         for st in sorted(self.ready, key=StageRt.sort_key):
@@ -772,6 +1047,7 @@ class Controller:
                     "state": ASSIGNED,
                     "exit_code": None,
                     "message": "",
+                    "failure_class": "",
                     "assigned_at": now,
                     "started_at": None,
                     "finished_at": None,
@@ -783,16 +1059,16 @@ class Controller:
                 ch.experiments.append({"id": st.exp.id, "home_node_id": node.id})
             self._update_experiment(st.exp, ch, now)
             sent.append((node, att))
-        if ch:  # queued now, so that a later change of the same stages (a cancel) is written after it
-            asyncio.ensure_future(self._deliver(asyncio.wrap_future(self.writer.submit(ch)), sent))
 
-    async def _deliver(self, committed: Awaitable[None], sent: list[tuple[NodeRt, AttemptRt]]) -> None:
+    async def _deliver(self, committed: Awaitable[None], sent: list[tuple[NodeRt, AttemptRt]], ch: Changes) -> None:
         """Send assignments once they are committed; one that cannot be sent now is re-sent when the
-        node's stream reopens (it stays 'assigned')."""
+        node's stream reopens (it stays 'assigned'). A pass that could not be recorded is undone in memory
+        by reading its experiments back: those stages are ready again and the nodes' resources free."""
         try:
             await committed
         except Exception:
             log.exception("could not record a scheduling pass (%d assignments)", len(sent))
+            await self._resync(ch)
             return
         for node, att in sent:
             if node.queue is not None and att.state == ASSIGNED:
@@ -829,49 +1105,74 @@ class Controller:
             return False, f"attempt already {att.state}"
         if state not in (RUNNING, SUCCEEDED, FAILED, CANCELLED) or (state == RUNNING and att.state != ASSIGNED):
             return False, f"invalid report {state or rep.state!r} for an attempt that is {att.state}"
-        now = time.time()
-        ch = Changes()
-        if state == RUNNING:
-            att.state, att.started_at = RUNNING, now
-            ch.attempts.append({"id": att.id, "state": RUNNING, "started_at": now})
-            node = self.nodes.get(att.node_id)
-            self._move(
-                att.stage,
-                RUNNING,
-                f"attempt {att.number} started on {node.name if node else att.node_id}",
-                ch,
-                now,
-                att,
-            )
-            self._update_experiment(att.stage.exp, ch, now)
-        else:
-            self._finish(att, state, rep.exit_code, rep.message, ch, now)
-        await self.commit(ch)
+        cls = ""
+        if state == CANCELLED:
+            cls = CANCELLED_CLASS
+        elif state == FAILED:
+            cls = FAILURE_CLASSES.get(rep.failure_class, ERROR)
+
+        def build(ch: Changes, now: float) -> None:
+            if state == RUNNING:
+                att.state, att.started_at = RUNNING, now
+                ch.attempts.append({"id": att.id, "state": RUNNING, "started_at": now})
+                node = self.nodes.get(att.node_id)
+                where = node.name if node else att.node_id
+                self._move(att.stage, RUNNING, f"attempt {att.number} started on {where}", ch, now, att)
+                self._update_experiment(att.stage.exp, ch, now)
+            else:
+                self._finish(att, state, rep.exit_code, rep.message, ch, now, cls)
+
+        await self._apply(att.stage.exp, build)
         return True, ""
 
-    def _finish(self, att: AttemptRt, state: str, exit_code: int, message: str, ch: Changes, now: float) -> None:
+    def _finish(
+        self, att: AttemptRt, state: str, exit_code: int, message: str, ch: Changes, now: float, cls: str = ""
+    ) -> None:
+        """End an attempt. A failed one is retried while its class's budget lasts (``cancelled`` never is,
+        nor anything of an experiment being cancelled); otherwise the stage ends and what waits on it is
+        cancelled."""
         st, exp = att.stage, att.stage.exp
-        att.state = state
+        if state != SUCCEEDED and not cls:
+            cls = CANCELLED_CLASS if state == CANCELLED else ERROR
+        if state == SUCCEEDED:
+            cls = ""
+        att.state, att.failure_class = state, cls
         ch.attempts.append(
-            {"id": att.id, "state": state, "exit_code": exit_code, "message": message[:4000], "finished_at": now}
+            {
+                "id": att.id,
+                "state": state,
+                "exit_code": exit_code,
+                "message": message[:4000],
+                "finished_at": now,
+                "failure_class": cls,
+            }
         )
         node = self.nodes.get(att.node_id)
         if node is not None:
             node.release(att)
-        detail = f"attempt {att.number} {state} (exit {exit_code})" + (f": {message}" if message else "")
+        detail = f"attempt {att.number} {state} (exit {exit_code}" + (f", {cls})" if cls else ")")
+        detail += f": {message}" if message else ""
+        if state == FAILED and cls != CANCELLED_CLASS and not exp.cancel_requested and att.number >= st.budget_from:
+            st.used[cls] = st.used.get(cls, 0) + 1
         if state == SUCCEEDED:
             self._move(st, SUCCEEDED, detail, ch, now, att)
             for d in st.dependents:
                 if d.state == PENDING and all(x.state == SUCCEEDED for x in d.deps):
                     self._move(d, READY, "dependencies succeeded", ch, now)
-        elif state == FAILED and not exp.cancel_requested and st.attempts <= st.max_retries:
-            self._move(st, READY, f"{detail}; retry {st.attempts} of {st.max_retries}", ch, now, att)
+        elif state == FAILED and not exp.cancel_requested and cls != CANCELLED_CLASS and self._budget_left(st, cls):
+            budget = st.retries.get(cls, 0)
+            self._move(st, READY, f"{detail}; retry {st.used[cls]} of {budget} ({cls})", ch, now, att)
         else:
             final = CANCELLED if state == CANCELLED or exp.cancel_requested else FAILED
             self._move(st, final, detail, ch, now, att)
             self._cascade_cancel(st, final, ch, now)
         self._update_experiment(exp, ch, now)
         self.wake()
+
+    @staticmethod
+    def _budget_left(st: StageRt, cls: str) -> bool:
+        """The retries spent in ``cls`` (this failure included) are within the stage's budget for it."""
+        return st.used.get(cls, 0) <= st.retries.get(cls, 0)
 
     async def report_events(self, batch: infra_pb2.EventBatch) -> tuple[int, list[int]]:
         """Fencing on the loop (a dict lookup per event); turning events into rows in the writer thread."""
@@ -934,7 +1235,7 @@ class WaitingReasons:
             able = [n for n in self.online if _can_ever_run(n, exp.kinds(), exp.extras(), exp.need())]
             if not able:
                 return ""
-        if all(n.unavailable for n in able):
+        if all(n.unavailable or n.drained for n in able):
             names = ", ".join(sorted(n.name for n in able)[:3]) + (", ..." if len(able) > 3 else "")
             return f"waiting: the nodes that can run it take no new stages now ({names}; see infra status)"
         return f"waiting for resources: needs {_amounts(r)}"
@@ -950,6 +1251,8 @@ class WaitingReasons:
         problem = _cannot_run([node], st.kind, st.extras, st.resources)
         if problem:
             return f"{where}: it cannot run this stage ({problem})"
+        if node.drained:
+            return f"{where}: it is drained by an operator (infra node undrain {node.name})"
         if node.unavailable:
             return f"{where}: it takes no new stages now (see infra status)"
         free = Resources(

@@ -35,6 +35,8 @@ class Node(Base):
     registered_at: Mapped[float] = mapped_column(Float)
     last_seen_at: Mapped[float] = mapped_column(Float)  # persisted periodically, not per heartbeat
     usage: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    drained: Mapped[bool] = mapped_column(Boolean, default=False)  # by an operator: no new stages
+    drain_deadline: Mapped[float | None] = mapped_column(Float, nullable=True)  # then what runs is preempted
 
 
 class Gpu(Base):
@@ -81,7 +83,9 @@ class Stage(Base):
     gpus: Mapped[int] = mapped_column(Integer)
     cpus: Mapped[float] = mapped_column(Float)
     memory_mib: Mapped[int] = mapped_column(BigInteger)
-    max_retries: Mapped[int] = mapped_column(Integer)
+    max_retries: Mapped[int] = mapped_column(Integer)  # the `error` budget (also in retries)
+    retries: Mapped[dict[str, int] | None] = mapped_column(JSON, nullable=True)  # budget per failure class
+    budget_from: Mapped[int] = mapped_column(Integer, default=1)  # attempts from this number count (rerun)
     state: Mapped[str] = mapped_column(String(16), index=True)
     reason: Mapped[str] = mapped_column(Text, default="")
     attempts: Mapped[int] = mapped_column(Integer, default=0)
@@ -108,6 +112,7 @@ class Attempt(Base):
     state: Mapped[str] = mapped_column(String(16))
     exit_code: Mapped[int | None] = mapped_column(Integer, nullable=True)
     message: Mapped[str] = mapped_column(Text, default="")
+    failure_class: Mapped[str] = mapped_column(String(16), default="")  # node_lost | preempted | ... ; "" if ok
     assigned_at: Mapped[float] = mapped_column(Float)
     started_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)

@@ -37,7 +37,7 @@ class Settings:
     db_url: str
     bind: str = "127.0.0.1:50051"
     heartbeat_interval: float = 5.0
-    lost_timeout: float | None = None  # default: 3 heartbeat intervals
+    lost_timeout: float | None = None  # default: 12 heartbeat intervals (docs/RELIABILITY.md)
     home_wait: float = 600.0
     persist_interval: float = 10.0
     auth: bool = False

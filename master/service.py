@@ -2,32 +2,86 @@
 
 Who may do what is decided here (the interceptor in ``master/auth.py`` has already authenticated the
 caller): a user reads and cancels only their own experiments, an admin any, and only an admin manages
-tokens. Another user's experiment is PERMISSION_DENIED, named.
+tokens and drains nodes. Another user's experiment is PERMISSION_DENIED, named.
+
+No database or SQL text reaches a client: an unexpected exception in a handler (a database error, an
+overflow) is logged with its detail and a reference number, and the caller gets ``INTERNAL`` with a
+short message naming only that number (:func:`shielded`).
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import itertools
+import logging
 import time
-from collections.abc import AsyncIterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 import grpc
 
 from infra.plan import PlanError
 from master import auth, store
 from master.auth import Identity
-from master.controller import Controller, NotFound, ProtocolMismatch
+from master.controller import Controller, NotFound, ProtocolMismatch, Refused
 from protos import MAX_MESSAGE_BYTES, infra_pb2, infra_pb2_grpc
 
 STATES = {k.lower(): v for k, v in infra_pb2.StageState.items()}
 DEFAULT_STATUS_LIMIT = 50
 UNPAGED_METRICS_BYTES = MAX_MESSAGE_BYTES - (1 << 20)  # an answer to a client that asks for no page
+log = logging.getLogger("infra.master")
+_refs = itertools.count(1)
+C = TypeVar("C", bound=type)
+
+
+async def _internal(context: grpc.aio.ServicerContext, method: str) -> None:
+    ref = next(_refs)
+    log.exception("%s failed (error ref %d)", method, ref)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in the master (ref {ref}); its log has the detail")
+
+
+def _shield(method: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+    if inspect.isasyncgenfunction(fn):
+
+        @functools.wraps(fn)
+        async def stream(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                async for item in fn(self, request, context):
+                    yield item
+            except grpc.aio.AbortError:
+                raise
+            except Exception:
+                await _internal(context, method)
+
+        return stream
+
+    @functools.wraps(fn)
+    async def unary(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await fn(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception:
+            await _internal(context, method)
+
+    return unary
+
+
+def shielded(cls: C) -> C:
+    """Wrap every RPC method of a servicer so that an unexpected exception becomes a short ``INTERNAL``
+    error (grpc's own default sends ``Unexpected <type>: <message>``, e.g. a whole SQL statement)."""
+    for name, fn in list(vars(cls).items()):
+        if name[:1].isupper() and inspect.isfunction(fn):
+            setattr(cls, name, _shield(name, fn))
+    return cls
 
 
 def _state(name: str) -> int:
     return STATES.get(name, 0)
 
 
+@shielded
 class NodeServicer(infra_pb2_grpc.NodeServiceServicer):
     def __init__(self, controller: Controller) -> None:
         self.c = controller
@@ -63,6 +117,7 @@ class NodeServicer(infra_pb2_grpc.NodeServiceServicer):
         return infra_pb2.StageStatusAck(accepted=accepted, reason=reason)
 
 
+@shielded
 class ClientServicer(infra_pb2_grpc.ClientServiceServicer):
     def __init__(self, controller: Controller, authenticator: auth.Authenticator | None = None) -> None:
         self.c = controller
@@ -130,6 +185,8 @@ class ClientServicer(infra_pb2_grpc.ClientServiceServicer):
                     allocated_gpus=sorted(n.used_gpus),
                     state=self.c.node_state(n),
                     unavailable=n.unavailable,
+                    drained=n.drained,
+                    drain_deadline=n.drain_deadline or 0,
                 )
             )
         return out
@@ -232,10 +289,32 @@ class ClientServicer(infra_pb2_grpc.ClientServiceServicer):
     async def Cancel(self, request: infra_pb2.CancelRequest, context: grpc.aio.ServicerContext) -> Any:
         await self._experiment_owner(context, request.experiment)
         try:
-            cancelled, signalled = await self.c.cancel(request.experiment, request.reason)
+            cancelled, signalled, finished = await self.c.cancel(request.experiment, request.reason)
         except NotFound as e:
             await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
-        return infra_pb2.CancelResponse(cancelled=cancelled, signalled=signalled)
+        return infra_pb2.CancelResponse(cancelled=cancelled, signalled=signalled, finished=finished)
+
+    async def DrainNode(self, request: infra_pb2.DrainNodeRequest, context: grpc.aio.ServicerContext) -> Any:
+        if not self._me().admin:  # the interceptor refuses users already; no-auth callers are admins
+            await context.abort(grpc.StatusCode.PERMISSION_DENIED, "draining a node needs an admin token")
+        if request.deadline_s < 0 or request.deadline_s > 365 * 86400:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "deadline must be 0 to 31536000 seconds")
+        try:
+            node = await self.c.drain(request.node, request.undrain, request.deadline_s)
+        except NotFound as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        status = next(n for n in self._nodes() if n.node_id == node.id)
+        return infra_pb2.DrainNodeResponse(node=status, running=len(node.attempts))
+
+    async def Rerun(self, request: infra_pb2.RerunRequest, context: grpc.aio.ServicerContext) -> Any:
+        await self._experiment_owner(context, request.experiment)
+        try:
+            stages = await self.c.rerun(request.experiment, request.stage, self._me().user)
+        except NotFound as e:
+            await context.abort(grpc.StatusCode.NOT_FOUND, str(e))
+        except Refused as e:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
+        return infra_pb2.RerunResponse(stages=stages)
 
     async def CreateToken(self, request: infra_pb2.CreateTokenRequest, context: grpc.aio.ServicerContext) -> Any:
         try:
@@ -327,6 +406,7 @@ def _stage(s: dict[str, Any]) -> infra_pb2.StageStatus:
                 assigned_at=a["assigned_at"],
                 started_at=a["started_at"] or 0,
                 finished_at=a["finished_at"] or 0,
+                failure_class=a.get("failure_class") or "",
             )
             for a in s["attempt_rows"]
         ],

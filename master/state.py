@@ -36,6 +36,8 @@ class NodeRt:
     heartbeat_dirty: bool = False
     lost_at: float | None = None  # set when heartbeats stopped for the lost timeout; cleared on re-registration
     unavailable: str = ""  # the node's own reason to take no new stages (e.g. low disk)
+    drained: bool = False  # by an operator (persisted): no new stages, running ones finish
+    drain_deadline: float | None = None  # after it, what still runs here is stopped (preempted)
     facts_message: Any = None  # infra_pb2.NodeFacts, built once for status replies
     used_cpus: float = 0.0
     used_memory_mib: int = 0
@@ -48,7 +50,7 @@ class NodeRt:
         return self.lost_at is not None
 
     def schedulable(self) -> bool:
-        return self.queue is not None and self.lost_at is None and not self.unavailable
+        return self.queue is not None and self.lost_at is None and not self.unavailable and not self.drained
 
     def free_gpus(self) -> list[int]:
         return [g for g in self.gpus if g not in self.used_gpus]
@@ -90,6 +92,7 @@ class AttemptRt:
     gpus: tuple[int, ...]
     state: str
     started_at: float = 0.0  # when the node reported RUNNING
+    failure_class: str = ""  # once ended badly: node_lost | preempted | cancelled | error | infra
 
 
 @dataclass(eq=False)
@@ -110,6 +113,9 @@ class StageRt:
     dependents: list[StageRt] = field(default_factory=list)
     current: AttemptRt | None = None
     attempt_ids: list[int] = field(default_factory=list)  # those in the master's memory
+    retries: dict[str, int] = field(default_factory=dict)  # budget per failure class (infra.plan.RETRY_CLASSES)
+    used: dict[str, int] = field(default_factory=dict)  # retries spent per class since budget_from
+    budget_from: int = 1  # attempts numbered from here count against the budgets (a rerun starts afresh)
 
     def sort_key(self) -> tuple[int, int, int]:
         """Priority first (higher first), then submission order."""

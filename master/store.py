@@ -32,6 +32,9 @@ class Changes:
     new_attempts: list[dict[str, Any]] = field(default_factory=list)
     attempts: list[dict[str, Any]] = field(default_factory=list)
     transitions: list[dict[str, Any]] = field(default_factory=list)
+    # the experiments (master.state.ExperimentRt) whose memory this change touches: read back from the
+    # database if it cannot be committed; not written, not merged
+    touched: set[Any] = field(default_factory=set, compare=False, repr=False)
 
     def __bool__(self) -> bool:
         return any((self.experiments, self.stages, self.new_attempts, self.attempts, self.transitions))
@@ -86,6 +89,10 @@ def upsert_node(s: Session, node: dict[str, Any], gpus: list[dict[str, Any]]) ->
         s.execute(insert(Gpu), [{**g, "node_id": node["id"]} for g in gpus])
 
 
+def set_drain(s: Session, node_id: str, drained: bool, deadline: float | None) -> None:
+    s.execute(update(Node).where(Node.id == node_id).values(drained=drained, drain_deadline=deadline))
+
+
 def save_heartbeats(s: Session, rows: list[dict[str, Any]]) -> None:
     if rows:
         s.execute(update(Node), rows)
@@ -112,6 +119,7 @@ class Snapshot:
     stages: list[dict[str, Any]]
     deps: list[tuple[int, int]]
     attempts: list[dict[str, Any]]  # the latest attempt of each stage of those experiments
+    used: dict[int, dict[str, int]] = field(default_factory=dict)  # stage id -> retries spent per class
 
 
 def _rows(s: Session, stmt: Any) -> list[dict[str, Any]]:
@@ -133,20 +141,45 @@ def load_snapshot(engine: Engine) -> Snapshot:
         for n in nodes:
             n["gpus"] = [g for g in gpus if g["node_id"] == n["id"]]
         exps = _rows(s, select(*_cols(Experiment)).where(Experiment.state.not_in(TERMINAL)))
-        ids = [e["id"] for e in exps]
-        stages = _rows(s, select(*_cols(Stage)).where(Stage.experiment_id.in_(ids)).order_by(Stage.id))
-        sids = [st["id"] for st in stages]
-        dep_q = select(StageDependency.stage_id, StageDependency.depends_on_id)
-        deps = [(a, b) for a, b in s.execute(dep_q.where(StageDependency.stage_id.in_(sids)))]
-        latest = select(Attempt.stage_id, func.max(Attempt.number).label("n")).where(Attempt.stage_id.in_(sids))
-        latest = latest.group_by(Attempt.stage_id).subquery()
-        attempts = _rows(
-            s,
-            select(*_cols(Attempt)).join(
-                latest, (Attempt.stage_id == latest.c.stage_id) & (Attempt.number == latest.c.n)
-            ),
+        stages, deps, attempts, used = _experiment_rows(s, [e["id"] for e in exps])
+    return Snapshot(max_ids, nodes, exps, stages, deps, attempts, used)  # type: ignore[arg-type]
+
+
+def load_experiment(s: Session, key: str) -> Snapshot:
+    """One experiment, finished or not, as a :class:`Snapshot` (read in the writer's session, so after
+    every change queued before it)."""
+    exps = _rows(s, select(*_cols(Experiment)).where(Experiment.key == key))
+    stages, deps, attempts, used = _experiment_rows(s, [e["id"] for e in exps])
+    return Snapshot({}, [], exps, stages, deps, attempts, used)
+
+
+def _experiment_rows(s: Session, ids: list[int]) -> tuple[Any, Any, Any, Any]:
+    """Stages, dependencies, the latest attempt of each stage, and the retries each stage has spent per
+    failure class (attempts from its ``budget_from`` on; ``cancelled`` is never retried)."""
+    stages = _rows(s, select(*_cols(Stage)).where(Stage.experiment_id.in_(ids)).order_by(Stage.id))
+    sids = [st["id"] for st in stages]
+    dep_q = select(StageDependency.stage_id, StageDependency.depends_on_id)
+    deps = [(a, b) for a, b in s.execute(dep_q.where(StageDependency.stage_id.in_(sids)))]
+    latest = select(Attempt.stage_id, func.max(Attempt.number).label("n")).where(Attempt.stage_id.in_(sids))
+    latest = latest.group_by(Attempt.stage_id).subquery()
+    attempts = _rows(
+        s,
+        select(*_cols(Attempt)).join(latest, (Attempt.stage_id == latest.c.stage_id) & (Attempt.number == latest.c.n)),
+    )
+    spent = (
+        select(Attempt.stage_id, Attempt.failure_class, func.count())
+        .join(Stage, Stage.id == Attempt.stage_id)
+        .where(
+            Attempt.stage_id.in_(sids),
+            Attempt.failure_class.not_in(("", "cancelled")),
+            Attempt.number >= Stage.budget_from,
         )
-    return Snapshot(max_ids, nodes, exps, stages, deps, attempts)  # type: ignore[arg-type]
+        .group_by(Attempt.stage_id, Attempt.failure_class)
+    )
+    used: dict[int, dict[str, int]] = {}
+    for sid, cls, n in s.execute(spent):
+        used.setdefault(sid, {})[cls] = n
+    return stages, deps, attempts, used
 
 
 def attempt_brief(engine: Engine, attempt_id: int) -> tuple[str, str, str] | None:
@@ -156,6 +189,11 @@ def attempt_brief(engine: Engine, attempt_id: int) -> tuple[str, str, str] | Non
             select(Attempt.lease_token, Attempt.node_id, Attempt.state).where(Attempt.id == attempt_id)
         ).first()
         return (row[0], row[1], row[2]) if row else None
+
+
+def experiment_state(engine: Engine, key: str) -> str | None:
+    with Session(engine) as s:
+        return s.scalar(select(Experiment.state).where(Experiment.key == key))
 
 
 def experiment_owner(engine: Engine, key: str) -> tuple[bool, str | None]:

@@ -403,7 +403,7 @@ class StatusRequest(_message.Message):
     def __init__(self, experiment: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
 
 class NodeStatus(_message.Message):
-    __slots__ = ("node_id", "facts", "online", "heartbeat_age_s", "usage", "allocated", "allocated_gpus", "state", "unavailable")
+    __slots__ = ("node_id", "facts", "online", "heartbeat_age_s", "usage", "allocated", "allocated_gpus", "state", "unavailable", "drained", "drain_deadline")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     FACTS_FIELD_NUMBER: _ClassVar[int]
     ONLINE_FIELD_NUMBER: _ClassVar[int]
@@ -413,6 +413,8 @@ class NodeStatus(_message.Message):
     ALLOCATED_GPUS_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    DRAINED_FIELD_NUMBER: _ClassVar[int]
+    DRAIN_DEADLINE_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     facts: NodeFacts
     online: bool
@@ -422,7 +424,9 @@ class NodeStatus(_message.Message):
     allocated_gpus: _containers.RepeatedScalarFieldContainer[int]
     state: str
     unavailable: str
-    def __init__(self, node_id: _Optional[str] = ..., facts: _Optional[_Union[NodeFacts, _Mapping]] = ..., online: _Optional[bool] = ..., heartbeat_age_s: _Optional[float] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., allocated: _Optional[_Union[Resources, _Mapping]] = ..., allocated_gpus: _Optional[_Iterable[int]] = ..., state: _Optional[str] = ..., unavailable: _Optional[str] = ...) -> None: ...
+    drained: bool
+    drain_deadline: float
+    def __init__(self, node_id: _Optional[str] = ..., facts: _Optional[_Union[NodeFacts, _Mapping]] = ..., online: _Optional[bool] = ..., heartbeat_age_s: _Optional[float] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., allocated: _Optional[_Union[Resources, _Mapping]] = ..., allocated_gpus: _Optional[_Iterable[int]] = ..., state: _Optional[str] = ..., unavailable: _Optional[str] = ..., drained: _Optional[bool] = ..., drain_deadline: _Optional[float] = ...) -> None: ...
 
 class Transition(_message.Message):
     __slots__ = ("from_state", "to_state", "time", "reason")
@@ -627,12 +631,46 @@ class CancelRequest(_message.Message):
     def __init__(self, experiment: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class CancelResponse(_message.Message):
-    __slots__ = ("cancelled", "signalled")
+    __slots__ = ("cancelled", "signalled", "finished")
     CANCELLED_FIELD_NUMBER: _ClassVar[int]
     SIGNALLED_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
     cancelled: int
     signalled: int
-    def __init__(self, cancelled: _Optional[int] = ..., signalled: _Optional[int] = ...) -> None: ...
+    finished: str
+    def __init__(self, cancelled: _Optional[int] = ..., signalled: _Optional[int] = ..., finished: _Optional[str] = ...) -> None: ...
+
+class DrainNodeRequest(_message.Message):
+    __slots__ = ("node", "undrain", "deadline_s")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    UNDRAIN_FIELD_NUMBER: _ClassVar[int]
+    DEADLINE_S_FIELD_NUMBER: _ClassVar[int]
+    node: str
+    undrain: bool
+    deadline_s: float
+    def __init__(self, node: _Optional[str] = ..., undrain: _Optional[bool] = ..., deadline_s: _Optional[float] = ...) -> None: ...
+
+class DrainNodeResponse(_message.Message):
+    __slots__ = ("node", "running")
+    NODE_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    node: NodeStatus
+    running: int
+    def __init__(self, node: _Optional[_Union[NodeStatus, _Mapping]] = ..., running: _Optional[int] = ...) -> None: ...
+
+class RerunRequest(_message.Message):
+    __slots__ = ("experiment", "stage")
+    EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
+    experiment: str
+    stage: str
+    def __init__(self, experiment: _Optional[str] = ..., stage: _Optional[str] = ...) -> None: ...
+
+class RerunResponse(_message.Message):
+    __slots__ = ("stages",)
+    STAGES_FIELD_NUMBER: _ClassVar[int]
+    stages: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, stages: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class TokenInfo(_message.Message):
     __slots__ = ("id", "user", "role", "created_at", "revoked")

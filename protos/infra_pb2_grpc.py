@@ -324,6 +324,16 @@ class ClientServiceStub:
                 request_serializer=protos_dot_infra__pb2.RevokeTokenRequest.SerializeToString,
                 response_deserializer=protos_dot_infra__pb2.RevokeTokenResponse.FromString,
                 _registered_method=True)
+        self.DrainNode = channel.unary_unary(
+                '/infra.v1.ClientService/DrainNode',
+                request_serializer=protos_dot_infra__pb2.DrainNodeRequest.SerializeToString,
+                response_deserializer=protos_dot_infra__pb2.DrainNodeResponse.FromString,
+                _registered_method=True)
+        self.Rerun = channel.unary_unary(
+                '/infra.v1.ClientService/Rerun',
+                request_serializer=protos_dot_infra__pb2.RerunRequest.SerializeToString,
+                response_deserializer=protos_dot_infra__pb2.RerunResponse.FromString,
+                _registered_method=True)
 
 
 class ClientServiceServicer:
@@ -383,6 +393,18 @@ class ClientServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DrainNode(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rerun(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClientServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -430,6 +452,16 @@ def add_ClientServiceServicer_to_server(servicer, server):
                     servicer.RevokeToken,
                     request_deserializer=protos_dot_infra__pb2.RevokeTokenRequest.FromString,
                     response_serializer=protos_dot_infra__pb2.RevokeTokenResponse.SerializeToString,
+            ),
+            'DrainNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrainNode,
+                    request_deserializer=protos_dot_infra__pb2.DrainNodeRequest.FromString,
+                    response_serializer=protos_dot_infra__pb2.DrainNodeResponse.SerializeToString,
+            ),
+            'Rerun': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rerun,
+                    request_deserializer=protos_dot_infra__pb2.RerunRequest.FromString,
+                    response_serializer=protos_dot_infra__pb2.RerunResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -675,6 +707,60 @@ class ClientService:
             '/infra.v1.ClientService/RevokeToken',
             protos_dot_infra__pb2.RevokeTokenRequest.SerializeToString,
             protos_dot_infra__pb2.RevokeTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrainNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/infra.v1.ClientService/DrainNode',
+            protos_dot_infra__pb2.DrainNodeRequest.SerializeToString,
+            protos_dot_infra__pb2.DrainNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rerun(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/infra.v1.ClientService/Rerun',
+            protos_dot_infra__pb2.RerunRequest.SerializeToString,
+            protos_dot_infra__pb2.RerunResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -11,11 +11,14 @@ from master.controller import Controller
 from master.db import make_engine, migrate
 
 
-def run_controller(tmp_path: Path, scenario: Callable[[Controller], Awaitable[None]], **kw: Any) -> None:
-    """Start a Controller (``kw`` overrides its intervals), run ``scenario`` with it, stop it."""
+def run_controller(
+    tmp_path: Path, scenario: Callable[[Controller], Awaitable[None]], url: str | None = None, **kw: Any
+) -> None:
+    """Start a Controller (``kw`` overrides its intervals) on ``url`` (default: a SQLite file in
+    ``tmp_path``), run ``scenario`` with it, stop it."""
 
     async def main() -> None:
-        engine = make_engine(f"sqlite:///{tmp_path / 'm.db'}")
+        engine = make_engine(url or f"sqlite:///{tmp_path / 'm.db'}")
         migrate(engine)
         c = Controller(engine, **{"heartbeat_interval": 1, "persist_interval": 10, **kw})
         await c.start()

@@ -77,7 +77,14 @@ def test_tokens_roles_and_mutual_tls(cluster: Cluster) -> None:
     # alice sees and reads her experiment; bob neither sees nor reads nor cancels it; the admin does all
     assert [e["experiment"] for e in json.loads(as_(alice, "status", "--json").stdout)["experiments"]] == [key]
     assert json.loads(as_(bob, "status", "--json").stdout)["experiments"] == []
-    for args in (("status", key), ("logs", f"{key}/s"), ("metrics", f"{key}/s"), ("artifacts", key), ("cancel", key)):
+    for args in (
+        ("status", key),
+        ("logs", f"{key}/s"),
+        ("metrics", f"{key}/s"),
+        ("artifacts", key),
+        ("cancel", key),
+        ("rerun", key),
+    ):
         out = as_(bob, *args, check=False)
         assert out.returncode == 1 and f"permission denied: experiment '{key}' belongs to 'alice'" in out.stderr, out
     exp = json.loads(as_(admin_file, "status", key, "--json").stdout)["experiments"][0]
@@ -88,6 +95,10 @@ def test_tokens_roles_and_mutual_tls(cluster: Cluster) -> None:
         "alice's experiment to succeed",
     )
     assert json.loads(as_(alice, "metrics", f"{key}/s", "--json").stdout)[0]["values"]["loss"] == 1.0
+    assert "nothing to rerun" in as_(alice, "rerun", key, check=False).stderr  # her own: allowed, refused as done
+    assert "needs an admin token" in as_(alice, "node", "drain", "secure", check=False).stderr
+    assert as_(admin_file, "node", "drain", "secure").stdout.startswith("node secure: drained")
+    assert as_(admin_file, "node", "undrain", "secure").stdout.startswith("node secure: undrained")
 
     # no token, a wrong one, a revoked one; a user managing tokens; a node token on client calls
     out = cluster.cli("status", check=False)

@@ -177,7 +177,7 @@ def _cancel_kills_the_process_tree(cluster: Any) -> None:
     )
     started = time.monotonic()
     out = json.loads(cluster.cli("cancel", key, "--json").stdout)
-    assert out == {"experiment": key, "cancelled": 0, "signalled": 1}
+    assert out == {"experiment": key, "cancelled": 0, "signalled": 1, "finished": None}
     cluster.wait_for(lambda: not any(_alive(p) for p in pids), 5, "the stage's process tree to end")
     assert time.monotonic() - started < 5
     exp = cluster.wait_finished(key, timeout=20)

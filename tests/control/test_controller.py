@@ -87,7 +87,7 @@ def test_retry_fencing_and_cascade(tmp_path: Path) -> None:
         assert states["a"][0] == "failed" and states["b"] == ("cancelled", "dependency 'a' failed")
         assert states["c"] == ("cancelled", "dependency 'b' failed")
         reasons = [t["reason"] for t in exp["stages"][0]["transitions"]]
-        assert "attempt 1 failed (exit 0); retry 1 of 1" in reasons
+        assert "attempt 1 failed (exit 0, error); retry 1 of 1 (error)" in reasons
 
     _run(tmp_path, scenario)
 

@@ -115,3 +115,25 @@ def test_a_plan_run_by_infra_train_is_exactly_the_experiment_layout(tmp_path: Pa
     assert {"plan.json", "env.json", "ckpts/best.pt", "data/selection.json", "logs/train.log"} <= listed
     assert not any(path.startswith("work/") for path in listed)
     assert time.monotonic() - started < 120
+
+
+def test_infra_train_retries_within_the_budget_of_each_failure_class() -> None:
+    """The classes a local run sees: the stage's own error (budget ``error``) and the platform's (``infra``)."""
+    from dataclasses import dataclass
+
+    from infra.local import failure_class
+
+    @dataclass
+    class R:
+        failure_class: object = None
+
+    assert [failure_class(R(v)) for v in (None, 0, 4, 5, "infra", "FAILURE_INFRA", "preempted", "nonsense")] == [
+        "error",
+        "error",
+        "error",
+        "infra",
+        "infra",
+        "infra",
+        "preempted",
+        "error",
+    ]

@@ -48,7 +48,7 @@ def _beat(c: Controller, node: str, session: int, running: list[infra_pb2.Assign
 
 
 def _run(tmp_path: Path, scenario: Any, **kw: Any) -> None:
-    run_controller(tmp_path, scenario, heartbeat_interval=0.1, persist_interval=10, **kw)
+    run_controller(tmp_path, scenario, **{"heartbeat_interval": 0.1, "persist_interval": 10, "lost_timeout": 0.3, **kw})
 
 
 async def _stages(c: Controller, key: str) -> dict[str, dict[str, Any]]:
@@ -58,7 +58,8 @@ async def _stages(c: Controller, key: str) -> dict[str, dict[str, Any]]:
 
 def test_a_silent_node_is_lost_its_stages_retried_and_its_copy_revoked(tmp_path: Path) -> None:
     async def scenario(c: Controller) -> None:
-        key = await c.submit(_plan("lost", [_stage("a", max_retries=1), _stage("b")]))
+        stages = [_stage("a", retries={"node_lost": 1}), _stage("b", retries={"node_lost": 0})]
+        key = await c.submit(_plan("lost", stages))
         s1, stream1 = await _register(c, "n1")
         a1, b1 = await _next(stream1), await _next(stream1)
         for x in (a1, b1):
@@ -72,7 +73,7 @@ def test_a_silent_node_is_lost_its_stages_retried_and_its_copy_revoked(tmp_path:
         while not c.nodes["n1"].lost:  # silence: 3 intervals (0.3 s)
             _beat(c, "n2", s2)
             await asyncio.sleep(0.05)
-        a2 = await _next(stream2)  # a retries elsewhere; b (no retries left) failed with the reason
+        a2 = await _next(stream2)  # a retries elsewhere; b (no node_lost budget) failed with the reason
         assert (a2.stage, a2.attempt) == ("a", 2)
         stages = await _stages(c, key)
         assert stages["b"]["state"] == "failed" and "node n1 lost: no heartbeat" in stages["b"]["reason"]
@@ -130,7 +131,7 @@ def test_a_lost_home_node_is_waited_for_then_the_experiment_starts_over(tmp_path
 
 def test_an_attempt_the_node_no_longer_holds_fails_after_two_heartbeats(tmp_path: Path) -> None:
     async def scenario(c: Controller) -> None:
-        key = await c.submit(_plan("gone", [_stage("a")]))
+        key = await c.submit(_plan("gone", [_stage("a", retries={"node_lost": 0})]))
         s1, stream = await _register(c, "n1")
         a = await _next(stream)
         _beat(c, "n1", s1)  # sent before the RUNNING report below: must not fail it

@@ -148,7 +148,7 @@ def test_all_errors_at_once_with_field_paths() -> None:
                 "after": ["prep", "trian"],
                 "params": {"data_dir": "prep/data"},
                 "resources": {"memory": "4GB"},
-                "retries": 1,
+                "retry": 1,
             },
             smoke="yes",
         )
@@ -159,7 +159,7 @@ def test_all_errors_at_once_with_field_paths() -> None:
         "stages[1].params.splt: unknown field (not allowed here)",
         "stages[2].after[1]: unknown stage 'trian'",
         'stages[2].resources.memory: invalid memory size \'4GB\'; use e.g. "4GiB", "512MiB" or a whole number of MiB',
-        "stages[2].retries: unknown field (not allowed here)",
+        "stages[2].retry: unknown field (not allowed here)",
     ]
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +55,24 @@ def test_a_killed_agent_comes_back_and_adopts_its_stage(cluster: Cluster) -> Non
     assert_stream_exactly_once(events, STREAM)
 
 
+def test_an_agent_restarted_within_seconds_keeps_its_stage_with_the_default_lost_timeout(cluster: Cluster) -> None:
+    """Issue 14.7: kill -9 of an agent and a restart seconds later (longer than the old 3-heartbeat lost
+    timeout) must not lose the stage: the default timeout (12 heartbeats) tolerates an agent restart."""
+    cluster.start_master()  # --heartbeat 1: the default lost timeout is 12 s (it was 3 s)
+    cluster.start_node("quick", heartbeat=1.0)
+    cluster.wait_online("quick")
+    params = {**STREAM, "interval": 0.05}
+    key = cluster.submit({"name": "quick", "stages": [{"name": "s", "kind": "stream", "params": params}]})
+    cluster.wait_for(lambda: stored_count(cluster.db_url, key, "s") > 20, 60, "some events to be stored")
+    cluster.kill_node("quick")
+    time.sleep(4)  # past the old lost timeout, before the new one
+    cluster.start_node("quick", heartbeat=1.0)
+    exp = cluster.wait_finished(key, timeout=90)
+    s = stage(exp, "s")
+    assert exp["state"] == "succeeded" and [a["state"] for a in s["attempts"]] == ["succeeded"], json.dumps(exp)
+    assert_stream_exactly_once(stored_events(cluster.db_url, key, "s")[1], params)
+
+
 def test_an_agent_that_stays_away_loses_its_stage_to_another_node(cluster: Cluster) -> None:
     cluster.start_master("--lost-timeout", "2")
     cluster.start_node("gone", heartbeat=0.3)
@@ -63,8 +82,8 @@ def test_an_agent_that_stays_away_loses_its_stage_to_another_node(cluster: Clust
         "name": "moves",
         "shared_workdir": True,
         "stages": [
-            {"name": "s", "kind": "stream", "params": slow, "max_retries": 1},
-            {"name": "once", "kind": "stream", "params": slow, "max_retries": 0},
+            {"name": "s", "kind": "stream", "params": slow, "retries": {"node_lost": 1}},
+            {"name": "once", "kind": "stream", "params": slow, "retries": {"node_lost": 0}},
         ],
     }
     key = cluster.submit(plan)
