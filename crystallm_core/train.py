@@ -637,7 +637,8 @@ def _run(args: argparse.Namespace) -> int:
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     try:
         if not main:  # rank 0 alone writes events
-            result = trainer.run(_NullSink())  # type: ignore[arg-type]
+            trainer.run(_NullSink())  # type: ignore[arg-type]
+            distributed.barrier(trainer.dist)  # leave together: rank 0 may still be writing
             return 0
         with JsonlSink(os.environ.get(ENV_VAR) or trainer.layout.metrics_file("train")) as sink:
             if sys.stderr.isatty():
@@ -650,6 +651,7 @@ def _run(args: argparse.Namespace) -> int:
                 result = trainer.run(sink)
     except CaptureWriteError as e:
         print(f"crystallm train: {e}", file=sys.stderr)
-        return 1
+        return 1  # torchrun stops the other ranks when one fails
+    distributed.barrier(trainer.dist)
     print(f"done: {result}", flush=True)
     return 0
