@@ -14,11 +14,12 @@ from crystallm_core.config import ConfigError
 from crystallm_core.events import JsonlSink, read_events
 from crystallm_core.train import TrainConfig, Trainer
 
-# The same global batch at every world size: 2 micro-batches of 2 windows per step, over all ranks.
+# The same global batch at every world size: 4 micro-batches of 2 windows per step over all ranks
+# (2 per rank at world size 2, so DDP's no_sync micro-step is exercised).
 BASE = dict(
     model="tiny",
     batch_size=2,
-    grad_accum=2,
+    grad_accum=4,
     block_size=64,
     max_steps=4,
     warmup_steps=1,
