@@ -89,19 +89,23 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
-def shard(model: nn.Module, compile_blocks: bool) -> None:
-    """FSDP2 in place: each transformer block is its own unit (compiled first, in place, so parameter
-    names do not change), then the root holds the embeddings, final norm and tied head."""
+def shard(model: nn.Module, device: torch.device, d: Dist, compile_blocks: bool) -> None:
+    """FSDP2 in place over all ranks: each transformer block is its own unit (compiled first, in place,
+    so parameter names do not change), then the root holds the embeddings, final norm and tied head.
+    ``model`` may still be on the CPU: each unit's parameters move to ``device`` as they are sharded, so
+    the whole model never sits on one GPU."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, nn.ModuleList):
         raise ValueError("parallel fsdp: the model has no `blocks` list to shard")
+    mesh = init_device_mesh(device.type, (d.world,))
     for block in blocks:
         if compile_blocks:
             block.compile()
-        fully_shard(block)
-    fully_shard(model)
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
 
 
 def wrap_ddp(model: nn.Module, device: torch.device) -> nn.Module:
@@ -137,15 +141,6 @@ def all_gather_objects(obj: Any, d: Dist) -> list[Any]:
 def barrier(d: Dist) -> None:
     if d.active and d.world > 1:
         dist.barrier()
-
-
-def broadcast_object(obj: Any, d: Dist) -> Any:
-    """Rank 0's ``obj`` on every rank."""
-    if not d.active or d.world == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
 
 
 # Full state dicts of an FSDP2 model, in the single-process format.

@@ -245,10 +245,12 @@ class Trainer:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        self.model = GPT(self.model_cfg).to(self.device)  # the same initial weights on every rank
+        self.model = GPT(self.model_cfg)  # built on the CPU: the same initial weights on every rank
         use_compile = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
-        if self.parallel == "fsdp":
-            distributed.shard(self.model, compile_blocks=use_compile)
+        if self.parallel == "fsdp":  # moved to the device one sharded unit at a time
+            distributed.shard(self.model, self.device, self.dist, compile_blocks=use_compile)
+        else:
+            self.model.to(self.device)
         limit = cfg.smoke_cifs if cfg.smoke else None
         train_data = TokenData(cfg.data_dir, "train", self.vocab)
         self.train_windows = Windows(train_data, self.context + 1, cfg.seed, limit)
