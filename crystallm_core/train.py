@@ -10,6 +10,14 @@ RNG state (including the batch sampler's), config and vocabulary id.
 ``out_dir`` is an experiment root (crystallm_core/layout.py): checkpoints go to ``ckpts/``,
 activation probes (crystallm_core/probes.py) to ``probes/``, curves to ``plots/`` at the end of
 every run, and events to ``$CRYSTALLM_EVENTS``, else ``metrics/train.jsonl``.
+
+Data parallelism (docs/DISTRIBUTED.md): launched by ``python -m torch.distributed.run``, every rank runs
+this same code; crystallm_core/distributed.py reads the torchrun environment, starts the process group and
+wraps the model (``parallel``: ``ddp`` or ``fsdp``). The global batch is ``batch_size * grad_accum``
+sequences whatever the world size: ``grad_accum`` counts micro-batches over all ranks, and each rank runs
+``grad_accum / world`` of them. Every rank draws the whole step's windows from the same seeded sampler and
+keeps its own slice, so the sampler state is the same on every rank and a run continues identically at
+another world size. Rank 0 alone writes checkpoints, events, plots and probe captures.
 """
 
 from __future__ import annotations
@@ -28,7 +36,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from crystallm_core import checkpoint
+from crystallm_core import checkpoint, distributed
 from crystallm_core.config import ConfigError, apply_overrides, build, load_file
 from crystallm_core.events import ENV_VAR, JsonlSink
 from crystallm_core.layout import ExperimentLayout
@@ -45,8 +53,8 @@ class TrainConfig:
     model: str = "small"
     dropout: float = 0.0
     block_size: int | None = None  # default: the model's context
-    batch_size: int = 32  # sequences per micro-batch
-    grad_accum: int = 1
+    batch_size: int = 32  # sequences per micro-batch on one rank
+    grad_accum: int = 1  # micro-batches per step over all ranks: a multiple of the world size
     max_steps: int = 5000
     warmup_steps: int = 100
     lr: float = 6e-4
@@ -64,6 +72,7 @@ class TrainConfig:
     smoke: bool = False
     smoke_cifs: int = 64  # data subset in smoke mode
     probes: list[dict] = field(default_factory=list)  # activation probes (crystallm_core/probes.py)
+    parallel: str = "ddp"  # ddp | fsdp: how the model is wrapped under torchrun (ignored in one process)
 
     def __post_init__(self) -> None:
         positive = ("batch_size", "grad_accum", "max_steps", "eval_interval", "eval_batches", "log_interval")
@@ -72,6 +81,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.warmup_steps < 0 or self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
             raise ValueError("need warmup_steps >= 0 and 0 <= min_lr <= lr > 0")
+        if self.parallel not in distributed.PARALLEL:
+            raise ValueError(f"parallel must be one of {', '.join(distributed.PARALLEL)}, got {self.parallel!r}")
         # Checked key by key now; stored with their defaults filled in, so checkpoints record what ran.
         object.__setattr__(self, "probes", [spec.to_dict() for spec in parse_probes(self.probes)])
 
@@ -86,7 +97,7 @@ class TrainConfig:
             eval_batches=1,
             log_interval=1,
             batch_size=min(self.batch_size, 2),
-            grad_accum=1,
+            grad_accum=distributed.from_env().world,  # one micro-batch per rank
             block_size=min(self.block_size or 256, 256),
             compile=False,
             probes=[{**p, "subset_size": min(p["subset_size"], SMOKE_SUBSET)} for p in self.probes],
@@ -100,7 +111,10 @@ def resolve_device(name: str) -> torch.device:
 
 
 class Windows:
-    """CIF-aligned training windows drawn by a seeded generator whose state is checkpointed."""
+    """CIF-aligned training windows drawn by a seeded generator whose state is checkpointed.
+
+    :meth:`pick` draws the CIFs of a batch (advancing the generator), :meth:`load` reads their tokens:
+    every rank picks every micro-batch of a step, in the same order, and loads only its own."""
 
     def __init__(self, data: TokenData, length: int, seed: int, limit: int | None = None) -> None:
         self.tokens = data.tokens
@@ -110,7 +124,12 @@ class Windows:
         self.gen = torch.Generator().manual_seed(seed)
 
     def batch(self, size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        pick = torch.randint(len(self.starts), (size,), generator=self.gen).numpy()
+        return self.load(self.pick(size), device)
+
+    def pick(self, size: int) -> np.ndarray:
+        return torch.randint(len(self.starts), (size,), generator=self.gen).numpy()
+
+    def load(self, pick: np.ndarray, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         # Windows running past the end of the stream wrap to its beginning (another CIF start).
         idx = (self.starts[pick][:, None] + self.offsets[None, :]) % len(self.tokens)
         chunk = torch.from_numpy(self.tokens[idx].astype(np.int64))
@@ -136,27 +155,58 @@ def make_optimizer(model: GPT, cfg: TrainConfig, device: torch.device) -> torch.
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), **extra)
 
 
-def rng_state(windows: Windows) -> dict[str, Any]:
+def cuda_rng_state(device: torch.device | None = None) -> list[torch.Tensor]:
+    """Every GPU's generator state in one process; only ``device``'s under torchrun (one GPU per rank:
+    asking for the others would open a context on each)."""
+    if not torch.cuda.is_available():
+        return []
+    return [torch.cuda.get_rng_state(device)] if device is not None else torch.cuda.get_rng_state_all()
+
+
+def rng_state(windows: Windows, device: torch.device | None = None) -> dict[str, Any]:
     """Every RNG state, as tensors and plain values only (checkpoints are loaded with ``weights_only``)."""
     name, key, pos, has_gauss, gauss = np.random.get_state()
     return {
         "python": random.getstate(),
         "numpy": (name, torch.from_numpy(key.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "cuda": cuda_rng_state(device),
         "windows": windows.gen.get_state(),
     }
 
 
-def set_rng_state(state: dict[str, Any], windows: Windows) -> None:
+def set_rng_state(state: dict[str, Any], windows: Windows, device: torch.device | None = None) -> None:
     random.setstate(state["python"])
     name, key, *rest = state["numpy"]  # key: a tensor, or a numpy array in checkpoints written before
     key = key.numpy() if isinstance(key, torch.Tensor) else key
     np.random.set_state((name, np.asarray(key, dtype=np.uint32), *rest))
     torch.set_rng_state(state["torch"])
     if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
+        if device is not None:
+            torch.cuda.set_rng_state(state["cuda"][0], device)
+        else:
+            torch.cuda.set_rng_state_all(state["cuda"])
     windows.gen.set_state(state["windows"])
+
+
+def rank_seed(seed: int, rank: int, step: int) -> int:
+    """Dropout seed of a rank other than 0 (rank 0 keeps the single-process stream)."""
+    return (seed * 1_000_003 + rank * 7_919 + step) % 2**63
+
+
+class _NullSink:
+    """What ranks other than 0 report to: nothing."""
+
+    path = None
+
+    def metric(self, step: int, **values: float) -> None:
+        pass
+
+    def artifact(self, path: str | Path, kind: str) -> None:
+        pass
+
+    def progress(self, what: str, done: int, total: int | None) -> None:
+        pass
 
 
 def measure_matmul_peak(device: torch.device, n: int = 8192, reps: int = 10) -> float | None:
@@ -181,7 +231,17 @@ class Trainer:
         # Absolute, so that artifact events name the same files from any events file.
         self.layout = ExperimentLayout(Path(cfg.out_dir).absolute())
         self.ckpt_dir = self.layout.ckpts_dir
-        self.device = resolve_device(cfg.device)
+        self.dist, self.device = distributed.setup(cfg.device)
+        d = self.dist
+        if cfg.grad_accum % d.world:
+            raise ConfigError(
+                f"grad_accum ({cfg.grad_accum}) counts micro-batches per step over all ranks and must be "
+                f"a multiple of the world size ({d.world})"
+            )
+        self.local_accum = cfg.grad_accum // d.world  # micro-batches per step on this rank
+        self.parallel = cfg.parallel if d.active else None
+        if self.parallel == "fsdp" and cfg.probes:
+            raise ConfigError("probes need the whole model on rank 0: use parallel ddp (or one process)")
         torch.set_float32_matmul_precision("high")  # TF32 for any float32 matmul left outside autocast
         meta = read_meta(cfg.data_dir)
         self.vocab = vocab_for_id(meta.get("vocab_id", "<none>"))
@@ -189,7 +249,12 @@ class Trainer:
         random.seed(cfg.seed)
         np.random.seed(cfg.seed)
         torch.manual_seed(cfg.seed)
-        self.model = GPT(self.model_cfg).to(self.device)
+        self.model = GPT(self.model_cfg)  # built on the CPU: the same initial weights on every rank
+        use_compile = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
+        if self.parallel == "fsdp":  # moved to the device one sharded unit at a time
+            distributed.shard(self.model, self.device, self.dist, compile_blocks=use_compile)
+        else:
+            self.model.to(self.device)
         limit = cfg.smoke_cifs if cfg.smoke else None
         train_data = TokenData(cfg.data_dir, "train", self.vocab)
         self.train_windows = Windows(train_data, self.context + 1, cfg.seed, limit)
@@ -204,18 +269,27 @@ class Trainer:
         self.step = 0
         self.best_val = math.inf
         self.resumed_step: int | None = None  # the checkpoint's step, when resumed
+        own_rng = False
         if resume:
-            self._resume()
-        use_compile = cfg.compile if cfg.compile is not None else self.device.type == "cuda"
-        self.forward = torch.compile(self.model) if use_compile else self.model
+            own_rng = self._resume()
+        if d.rank > 0 and not own_rng:  # dropout masks of their own, not rank 0's
+            torch.manual_seed(rank_seed(cfg.seed, d.rank, self.step))
+        # ``model`` stays the plain GPT (state dicts, probes); ``wrapped`` is what training calls.
+        self.wrapped: torch.nn.Module = (
+            distributed.wrap_ddp(self.model, self.device) if self.parallel == "ddp" else self.model
+        )
+        # FSDP blocks are compiled in place by shard(); the hooks between them stay eager.
+        self.forward = torch.compile(self.wrapped) if use_compile and self.parallel != "fsdp" else self.wrapped
         self.autocast = (
             torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else contextlib.nullcontext()
         )
-        self.prober = self._prober() if cfg.probes else None  # unknown modules fail here, before any step
+        # Rank 0 alone captures probes, on the plain model; unknown modules fail here, before any step.
+        self.prober = self._prober() if cfg.probes and d.is_main else None
         self.peak = measure_matmul_peak(self.device)
         self.tokens_per_step = cfg.batch_size * cfg.grad_accum * self.context
         self.seconds = {"validation": 0.0, "probes": 0.0, "checkpoints": 0.0}  # time training waited for each
         self.probe_write_seconds = 0.0  # writing captures in the background, alongside training
+        self.say = print if d.is_main else (lambda *args, **kw: None)  # rank 0 alone logs
 
     def _prober(self) -> Prober:
         cfg = self.cfg
@@ -241,66 +315,133 @@ class Trainer:
             cfg.smoke,
         )
 
+    def _ranks(self) -> str:
+        d = self.dist
+        if not d.active:
+            return ""
+        return f" ({self.parallel}, rank {d.rank} of {d.world}; {self.local_accum} micro-batches per rank and step)"
+
     @property
     def context(self) -> int:
         return self.model_cfg.block_size
 
-    def _resume(self) -> None:
+    def _resume(self) -> bool:
+        """Load ``last.pt`` (every rank reads the same file, written at any world size). Returns whether
+        this rank got back its own dropout generator (same world size as when it was written)."""
         path = self.ckpt_dir / "last.pt"
-        ckpt = checkpoint.read(path, map_location=self.device)
+        fsdp = self.parallel == "fsdp"
+        ckpt = checkpoint.read(path, map_location="cpu" if fsdp else self.device)
         if ckpt["vocab_id"] != self.vocab.id:
             raise ConfigError(f"{path} was trained with vocabulary {ckpt['vocab_id']}, data set uses {self.vocab.id}")
         if ckpt["model_config"] != self.model_cfg.to_dict():
             raise ConfigError(f"{path} holds a model {ckpt['model_config']}, config asks for {self.model_cfg}")
-        self.model.load_state_dict(ckpt["model"])
-        self.opt.load_state_dict(ckpt["optimizer"])
+        if fsdp:
+            distributed.load_model_state(self.model, ckpt["model"])
+            distributed.load_optimizer_state(self.model, self.opt, ckpt["optimizer"])
+        else:
+            self.model.load_state_dict(ckpt["model"])
+            self.opt.load_state_dict(ckpt["optimizer"])
         self.sched.load_state_dict(ckpt["scheduler"])
         self.step = self.resumed_step = ckpt["step"]
         self.best_val = ckpt["best_val_loss"]
-        set_rng_state(ckpt["rng"], self.train_windows)
+        # The windows' generator is the same on every rank; python/numpy/torch are rank 0's.
+        set_rng_state(ckpt["rng"], self.train_windows, self.device if self.dist.active else None)
+        ranks = ckpt["rng"].get("ranks")
+        if self.dist.rank > 0 and ranks is not None and len(ranks) == self.dist.world:
+            own = ranks[self.dist.rank]
+            torch.set_rng_state(own["torch"])
+            if own["cuda"] is not None and self.device.type == "cuda":
+                torch.cuda.set_rng_state(own["cuda"], self.device)
+            return True
+        return False
 
     def save(self, name: str, sink: JsonlSink) -> None:
+        """Called on every rank (FSDP gathers the full state to rank 0); rank 0 alone writes, in the
+        single-process format."""
+        d = self.dist
+        rng = rng_state(self.train_windows, self.device if d.active else None)
+        if d.world > 1:  # each rank's dropout generator, restored when resumed at the same world size
+            own = {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            }
+            rng["ranks"] = distributed.all_gather_objects(own, d)
+        if self.parallel == "fsdp":
+            model_state = distributed.model_state(self.model)
+            opt_state = distributed.optimizer_state(self.model, self.opt)
+        elif d.is_main:
+            model_state, opt_state = self.model.state_dict(), self.opt.state_dict()
+        if not d.is_main:
+            return
         path = checkpoint.save(
             self.ckpt_dir / f"{name}.pt",
             {
-                "model": self.model.state_dict(),
-                "optimizer": self.opt.state_dict(),
+                "model": model_state,
+                "optimizer": opt_state,
                 "scheduler": self.sched.state_dict(),
                 "step": self.step,
-                "rng": rng_state(self.train_windows),
+                "rng": rng,
                 "config": asdict(self.cfg),
                 "model_config": self.model_cfg.to_dict(),
                 "vocab_id": self.vocab.id,
                 "n_params": self.model.num_params(),
                 "best_val_loss": self.best_val,
+                "world_size": d.world,
             },
         )
         sink.artifact(path, "checkpoint")
 
     @torch.no_grad()
     def evaluate(self) -> float | None:
-        """Mean loss over the same validation windows every time (their own fixed-seed generator)."""
+        """Mean loss over the same validation windows every time (their own fixed-seed generator).
+
+        Under torchrun, batch ``i`` is computed by rank ``i % world``; the per-batch losses are summed
+        into one vector (each slot from one rank, the others adding 0) and added up in order, as one
+        process does: the value is the single-process one."""
         if self.val_data is None:
             return None
+        d, n = self.dist, self.cfg.eval_batches
         self.model.eval()
         windows = Windows(self.val_data, self.context + 1, seed=self.cfg.seed + 1)
-        total = 0.0
-        for _ in range(self.cfg.eval_batches):
-            x, y = windows.batch(self.cfg.batch_size, self.device)
+        picks = [windows.pick(self.cfg.batch_size) for _ in range(n)]  # every rank draws them all
+        mine: list[int | None] = list(range(d.rank, n, d.world))
+        if self.parallel == "fsdp":  # every rank must run as many forwards (their all-gathers pair up)
+            mine += [None] * (-(-n // d.world) - len(mine))
+        losses = torch.zeros(n, dtype=torch.float64)
+        for i in mine:
+            x, y = windows.load(picks[0 if i is None else i], self.device)
             with self.autocast:
-                total += float(self.forward(x, y)[1])
+                loss = float(self.forward(x, y)[1])
+            if i is not None:
+                losses[i] = loss
         self.model.train()
-        return total / self.cfg.eval_batches
+        if d.world > 1:
+            losses = distributed.all_sum_(losses.to(self.device), d).cpu()
+        total = 0.0
+        for v in losses.tolist():
+            total += v
+        return total / n
 
     def train_step(self) -> float:
-        cfg = self.cfg
+        """One optimizer step over ``grad_accum`` micro-batches; returns their mean loss (over all ranks).
+
+        Every rank draws the step's ``grad_accum`` micro-batches from the one sampler, in order, and runs
+        its own contiguous slice of ``grad_accum / world``. Gradients are averaged over the ranks (DDP's
+        all-reduce, FSDP's reduce-scatter), so each rank scales its losses by its own count: the step's
+        gradient is the mean over all micro-batches, as in one process. DDP all-reduces only after the
+        last micro-batch (``no_sync`` before); FSDP reduce-scatters each one, keeping gradients sharded."""
+        cfg, d, k = self.cfg, self.dist, self.local_accum
+        picks = [self.train_windows.pick(cfg.batch_size) for _ in range(cfg.grad_accum)]
         total = 0.0
-        for _ in range(cfg.grad_accum):
-            x, y = self.train_windows.batch(cfg.batch_size, self.device)
-            with self.autocast:
-                _, loss = self.forward(x, y)
-            (loss / cfg.grad_accum).backward()
-            total += float(loss.detach()) / cfg.grad_accum
+        for j, pick in enumerate(picks[d.rank * k : (d.rank + 1) * k]):
+            x, y = self.train_windows.load(pick, self.device)
+            skip_sync = self.parallel == "ddp" and j < k - 1
+            with self.wrapped.no_sync() if skip_sync else contextlib.nullcontext():  # type: ignore[operator]
+                with self.autocast:
+                    _, loss = self.forward(x, y)
+                (loss / k).backward()
+            total += float(loss.detach()) / k
+        total = distributed.all_mean(total, d, self.device)
         if cfg.grad_clip > 0:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), cfg.grad_clip)
         self.opt.step()
@@ -313,9 +454,9 @@ class Trainer:
         cfg = self.cfg
         last = min(cfg.max_steps, stop_at or cfg.max_steps)
         self.model.train()
-        print(
+        self.say(
             f"training {cfg.model} ({self.model.num_params() / 1e6:.2f} M parameters, context {self.context}) "
-            f"on {self.device} from step {self.step} to {cfg.max_steps}",
+            f"on {self.device}{self._ranks()} from step {self.step} to {cfg.max_steps}",
             flush=True,
         )
         losses: list[float] = []
@@ -336,11 +477,12 @@ class Trainer:
                 tps = steps_since * self.tokens_per_step / dt
                 values = {"loss": loss, "lr": lr, "tokens_per_s": tps}
                 if self.peak:
-                    values["mfu"] = tps * self.model.flops_per_token(self.context) / self.peak
+                    # tokens/s are the whole world's, the peak is one device's
+                    values["mfu"] = tps * self.model.flops_per_token(self.context) / (self.peak * self.dist.world)
                     values["gpu_mem_gb"] = torch.cuda.max_memory_allocated(self.device) / 2**30
                 sink.metric(self.step, **values)
                 sink.progress("train", self.step, cfg.max_steps)
-                print(f"step {self.step}: loss {loss:.4f} lr {lr:.2e} {tps:,.0f} tok/s", flush=True)
+                self.say(f"step {self.step}: loss {loss:.4f} lr {lr:.2e} {tps:,.0f} tok/s", flush=True)
                 t_last, steps_since = time.perf_counter(), 0
             if self.prober is not None:
                 self._report_captures(sink)
@@ -364,7 +506,7 @@ class Trainer:
         val = self.evaluate()
         if val is not None:
             sink.metric(self.step, val_loss=val)
-            print(f"step {self.step}: val loss {val:.4f}", flush=True)
+            self.say(f"step {self.step}: val loss {val:.4f}", flush=True)
         self.seconds["validation"] += time.perf_counter() - t0
         probing = self._capture(sink) if self.prober is not None else None
         t0 = time.perf_counter()
@@ -404,7 +546,7 @@ class Trainer:
         weights and windows), and wait for them, before training goes on."""
         spent = self._capture(sink, missing=True)
         if spent is not None:
-            print(f"step {self.step}: probe captures of the checkpoint were missing; taken again", flush=True)
+            self.say(f"step {self.step}: probe captures of the checkpoint were missing; taken again", flush=True)
             self._charge_probes(sink, spent + self._wait_for_captures(sink))
 
     def _wait_for_captures(self, sink: JsonlSink) -> float:
@@ -422,7 +564,7 @@ class Trainer:
         for cap in self.prober.written():
             sink.artifact(cap.path, "probe")
             self.probe_write_seconds += cap.write_seconds
-            print(
+            self.say(
                 f"step {cap.step}: probe {cap.probe.spec.name}: {cap.shape[0]} windows x {cap.shape[1]} positions x "
                 f"{len(cap.probe.spec.modules)} modules -> {self.layout.relative(cap.path)} "
                 f"({cap.bytes / 2**20:.1f} MiB, {cap.seconds:.2f} s; written in {cap.write_seconds:.2f} s "
@@ -439,11 +581,11 @@ class Trainer:
         """Where this run's time went; with probes, what capturing cost against training."""
         training = total - sum(self.seconds.values())
         parts = ", ".join(f"{v:.1f} s {k}" for k, v in self.seconds.items() if k != "probes" or self.prober)
-        print(f"time: {training:.1f} s training, {parts}", flush=True)
+        self.say(f"time: {training:.1f} s training, {parts}", flush=True)
         if self.prober is not None:
             spent = self.seconds["probes"]
             share = spent / training if training > 0 else math.inf
-            print(
+            self.say(
                 f"probes: {spent:.1f} s capturing vs {training:.1f} s training ({share:.1%}); "
                 f"{self.probe_write_seconds:.1f} s writing in the background",
                 flush=True,
@@ -457,7 +599,9 @@ class Trainer:
 
     def _plot(self, sink: JsonlSink) -> None:
         """Training curves into plots/. They are derived from the events file and can be redrawn with
-        ``crystallm plot``, so a failure here is reported and does not fail the run."""
+        ``crystallm plot``, so a failure here is reported and does not fail the run. Rank 0 alone."""
+        if not self.dist.is_main:
+            return
         from crystallm_core.plots import plot_training
 
         try:
@@ -483,13 +627,25 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
+        return _run(args)
+    finally:
+        distributed.shutdown()
+
+
+def _run(args: argparse.Namespace) -> int:
+    try:
         cfg = load_config(args.config, args.overrides, args.smoke)
         trainer = Trainer(cfg, resume=args.resume)
     except (ConfigError, FileNotFoundError, ValueError) as e:
         print(f"crystallm train: {e}", file=sys.stderr)
         return 2
+    main = trainer.dist.is_main
     Path(cfg.out_dir).mkdir(parents=True, exist_ok=True)
     try:
+        if not main:  # rank 0 alone writes events
+            trainer.run(_NullSink())  # type: ignore[arg-type]
+            distributed.barrier(trainer.dist)  # leave together: rank 0 may still be writing
+            return 0
         with JsonlSink(os.environ.get(ENV_VAR) or trainer.layout.metrics_file("train")) as sink:
             if sys.stderr.isatty():
                 from rich.progress import Progress
@@ -501,6 +657,7 @@ def run(args: argparse.Namespace) -> int:
                 result = trainer.run(sink)
     except CaptureWriteError as e:
         print(f"crystallm train: {e}", file=sys.stderr)
-        return 1
+        return 1  # torchrun stops the other ranks when one fails
+    distributed.barrier(trainer.dist)
     print(f"done: {result}", flush=True)
     return 0
