@@ -4,7 +4,8 @@ The node agent starts every step through this small parent so that the step's ex
 agent: if the agent is killed, the step keeps running (its output goes to files, not pipes) and a
 restarted agent reads the status from EXIT_FILE. The launcher shares the step's process group, so a
 cancel's SIGTERM reaches both; it ignores that signal itself (a handler, not SIG_IGN, which the step
-would inherit) to outlive the step and record ``-15``. Only the standard library is used.
+would inherit) to outlive the step and record ``-15``. EXIT_FILE holds the exit status, or ``127 launch-failed``
+when the command could not be started at all (not found, not executable). Only the standard library is used.
 """
 
 from __future__ import annotations
@@ -26,12 +27,12 @@ def main(argv: list[str]) -> int:
         proc = subprocess.Popen(command, restore_signals=True)
     except OSError as e:
         print(f"cannot start {command[0]}: {e}", file=sys.stderr, flush=True)
-        code = 127
+        status = "127 launch-failed"  # the platform could not start the step: not the stage's own exit
     else:
-        code = proc.wait()
+        status = str(proc.wait())
     tmp = f"{exit_file}.tmp"
     with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(f"{code}\n")
+        fh.write(f"{status}\n")
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, exit_file)
