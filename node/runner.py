@@ -109,19 +109,41 @@ def process_start(pid: int) -> float | None:
         return None
 
 
-def same_process(pid: int, started: float) -> bool:
-    """Whether ``pid`` is still the process that started at ``started`` (not a later one reusing the pid)."""
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text(encoding="ascii").strip()
+    except OSError:
+        return ""
+
+
+BOOT_ID = _boot_id()
+
+
+def process_ident(pid: int) -> str | None:
+    """``<boot id>:<start time in clock ticks since boot>`` of a live process, from ``/proc`` (None: no such
+    process, a zombie, or no ``/proc``). Unlike the wall-clock start time (boot time read from the clock
+    *now* plus ticks), it never changes when the clock is stepped (NTP, a VM resumed), so a step is still
+    recognised as itself after one; and no process of another boot can match it."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text(encoding="ascii", errors="replace").rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] in ("Z", "X") else f"{BOOT_ID}:{fields[19]}"
+
+
+def same_process(pid: int, started: float, ident: str | None = None) -> bool:
+    """Whether ``pid`` is still the process that started at ``started`` (not a later one reusing the pid).
+    With ``ident`` (:func:`process_ident`, recorded at launch) the comparison ignores clock steps."""
+    if ident and BOOT_ID:
+        return process_ident(pid) == ident
     now = process_start(pid)
     return now is not None and abs(now - started) < 0.05
 
 
-def _descendants(pid: int, started: float) -> list[psutil.Process]:
+def _descendants(pid: int, started: float, ident: str | None) -> list[psutil.Process]:
     """The processes below the step's launcher, also those that left its process group (``setsid``)."""
     try:
-        p = psutil.Process(pid)
-        if abs(p.create_time() - started) >= 0.05:
-            return []
-        return p.children(recursive=True)
+        return psutil.Process(pid).children(recursive=True) if same_process(pid, started, ident) else []
     except psutil.Error:
         return []
 
@@ -140,8 +162,18 @@ def _size(path: Path) -> int:
         return 0
 
 
-def _group_members(pgid: int, since: float) -> bool:
+def _group_members(pgid: int, since: float, ident: str | None = None) -> bool:
     """Whether any process of group ``pgid`` started at or after ``since`` (the group's leader may be gone)."""
+    if ident and BOOT_ID:  # since the leader's start, in ticks since this boot (immune to clock steps)
+        boot, ticks = ident.rsplit(":", 1)
+        if boot != BOOT_ID:
+            return False  # another boot: nothing of that group runs any more
+        for p in psutil.process_iter():
+            with contextlib.suppress(ProcessLookupError, psutil.Error, ValueError):
+                mine = process_ident(p.pid)
+                if os.getpgid(p.pid) == pgid and mine is not None and int(mine.rsplit(":", 1)[1]) >= int(ticks):
+                    return True
+        return False
     for p in psutil.process_iter(["create_time"]):
         with contextlib.suppress(ProcessLookupError, psutil.Error):
             if os.getpgid(p.pid) == pgid and p.info["create_time"] >= since - 0.05:
@@ -232,6 +264,7 @@ class StageRun:
         self._lock = threading.Lock()
         self._pgid: int | None = None  # the running step's process group (its launcher's pid)
         self._started = 0.0
+        self._ident: str | None = None
         self._log_fd: int | None = None
 
     @property
@@ -250,11 +283,11 @@ class StageRun:
         self._halted.set()
         self._signal_step()
 
-    def stop(self, reason: str, failure: str) -> None:
+    def stop(self, reason: str, failure: str, grace: float | None = None) -> None:
         """The node stops the attempt (e.g. the agent is shutting down: ``preempted``; the disk is full:
         ``infra``): like a cancel, but the attempt ends ``failed`` with ``reason`` and that class."""
         self._set_stop(reason, failure)
-        self._signal_step()
+        self._signal_step(grace)
 
     def _set_stop(self, reason: str, failure: str) -> None:
         with self._lock:
@@ -262,16 +295,16 @@ class StageRun:
                 self._stop_reason, self._stop_class = reason, failure
         self._halted.set()
 
-    def _signal_step(self) -> None:
+    def _signal_step(self, grace: float | None = None) -> None:
         with self._lock:
-            pgid, started = self._pgid, self._started
-        if pgid is None or not same_process(pgid, started):
+            pgid, started, ident = self._pgid, self._started, self._ident
+        if pgid is None or not same_process(pgid, started, ident):
             return
-        escaped = _descendants(pgid, started)  # taken now: once the launcher is gone they cannot be found
+        escaped = _descendants(pgid, started, ident)  # taken now: once the launcher is gone they cannot be found
         _kill_group(pgid, signal.SIGTERM)
         _signal_all(escaped, pgid, signal.SIGTERM)
-        deadline = time.monotonic() + TERM_GRACE_S
-        while time.monotonic() < deadline and same_process(pgid, started):
+        deadline = time.monotonic() + (TERM_GRACE_S if grace is None else grace)
+        while time.monotonic() < deadline and same_process(pgid, started, ident):
             time.sleep(0.05)
         _kill_group(pgid, signal.SIGKILL)
         _signal_all(escaped, pgid, signal.SIGKILL)
@@ -416,14 +449,20 @@ class StageRun:
                 self._agent(f"cannot start {argv[0]}: {e}")
                 self._failure = "infra"
                 return 127
-            record = {"step": i, "pid": proc.pid, "start_time": process_start(proc.pid) or time.time(), "argv": argv}
+            record = {
+                "step": i,
+                "pid": proc.pid,
+                "start_time": process_start(proc.pid) or time.time(),
+                "ident": process_ident(proc.pid),
+                "argv": argv,
+            }
             tmp = self.records / "run.json.tmp"
             tmp.write_text(json.dumps(record), encoding="utf-8")
             tmp.replace(self.records / "run.json")
-        elif same_process(record["pid"], record["start_time"]):
+        elif same_process(record["pid"], record["start_time"], record.get("ident")):
             self._agent(f"adopted step {i} (pid {record['pid']}), still running after an agent restart")
         with self._lock:
-            self._pgid, self._started = record["pid"], record["start_time"]
+            self._pgid, self._started, self._ident = record["pid"], record["start_time"], record.get("ident")
         if self.halted:
             self._signal_step()
         outs = (Tail(out, self.position["out"]), "stdout", "out"), (Tail(err, self.position["err"]), "stderr", "err")
@@ -437,7 +476,7 @@ class StageRun:
             if not more:
                 time.sleep(POLL_S)
         pgid, started = record["pid"], record["start_time"]
-        if proc is not None or _group_members(pgid, started):
+        if proc is not None or _group_members(pgid, started, record.get("ident")):
             _kill_group(pgid, signal.SIGKILL)  # leftovers of the step die with it
         with self._lock:
             self._pgid = None
@@ -464,7 +503,7 @@ class StageRun:
     def _alive(proc: subprocess.Popen[bytes] | None, record: dict[str, Any]) -> bool:
         if proc is not None:
             return proc.poll() is None
-        return same_process(record["pid"], record["start_time"])
+        return same_process(record["pid"], record["start_time"], record.get("ident"))
 
     def _exit_code(self, exit_file: Path, proc: subprocess.Popen[bytes] | None, i: int) -> int:
         with contextlib.suppress(FileNotFoundError, ValueError, IndexError):

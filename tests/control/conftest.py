@@ -158,7 +158,9 @@ def kill_leftover_stages(tmp: Path) -> None:
     for record in tmp.glob("work-*/experiments/*/work/*/.infra/attempt-*/run.json"):
         try:
             run = json.loads(record.read_text())
-            if same_process(run["pid"], run["start_time"]):  # never a later process that reuses the pid
+            if same_process(
+                run["pid"], run["start_time"], run.get("ident")
+            ):  # never a later process that reuses the pid
                 os.killpg(run["pid"], signal.SIGKILL)
         except (ValueError, KeyError, ProcessLookupError, PermissionError):
             continue

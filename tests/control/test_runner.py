@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -14,7 +15,19 @@ from typing import Any
 import pytest
 
 from infra.stages import Command, StageContext, TrainParams, get_stage_kind
-from node.runner import CANCEL_READ, DRAIN_BYTES, MAX_CHUNK, READ_SIZE, StageRun, Tail, artifact_path
+from node.runner import (
+    BOOT_ID,
+    CANCEL_READ,
+    DRAIN_BYTES,
+    MAX_CHUNK,
+    READ_SIZE,
+    StageRun,
+    Tail,
+    artifact_path,
+    process_ident,
+    process_start,
+    same_process,
+)
 
 PY = sys.executable
 
@@ -380,3 +393,19 @@ def test_an_adopted_step_gone_without_an_exit_status_is_node_lost(tmp_path: Path
     again = StageRun(cmd, exp, "s", tmp_path / "w", [], lambda t, b: None, resume_from=position)
     lost = again.run()
     assert (lost.state, lost.failure) == ("failed", "node_lost") and "left no exit status" not in lost.message
+
+
+def test_a_step_is_recognised_after_a_clock_step(tmp_path: Path) -> None:
+    # the wall-clock start time (psutil: boot time read from the clock now + ticks) moves when the clock is
+    # stepped; a step must still be recognised (to be cancelled, adopted), and a reused pid must not be
+    proc = subprocess.Popen([PY, "-c", "import time; time.sleep(30)"])
+    try:
+        started, ident = process_start(proc.pid), process_ident(proc.pid)
+        assert started is not None and ident is not None and ident.startswith(BOOT_ID)
+        assert same_process(proc.pid, started + 5.0, ident)  # as after a 5 s clock step
+        assert not same_process(proc.pid, started, ident.rsplit(":", 1)[0] + ":1")  # another process, that pid
+        assert same_process(proc.pid, started) and not same_process(proc.pid, started + 5.0)  # old records
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not same_process(proc.pid, started, ident) and process_ident(proc.pid) is None
