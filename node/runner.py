@@ -42,8 +42,8 @@ RECORDS = ".infra"
 MAX_LINE = 8192  # longer log lines are cut (a progress bar without newlines must not exhaust the master)
 MAX_CHUNK = 4 * MAX_LINE  # a "line" without a newline this long is taken as it is
 EVENT_LINE_LIMIT = 1 << 20  # an events.jsonl line longer than this is unreadable, not a reason to wait
-READ_SIZE = 1 << 20  # a file is read in pieces this big: a flood of output never sits in memory whole
-DRAIN_BYTES = 8 << 20  # read at most this much of each file before looking at cancel and the watchdog again
+READ_SIZE = 256 << 10  # a file is read in pieces this big: a flood of output never sits in memory whole
+DRAIN_BYTES = 2 << 20  # read at most this much of each file before looking at cancel and the watchdog again
 CANCEL_READ = 1 << 20  # after a cancel, at most this much more of each output file is read
 TERM_GRACE_S = 3.0
 POLL_S = 0.2
@@ -532,8 +532,8 @@ class StageRun:
                         text = text[:MAX_LINE] + f" ... [{len(text) - MAX_LINE} characters cut]"
                     self.position[key] = offset
                     self._log(stream, text)
-                if not tail.more or tail.offset - start >= budget:
-                    break
+                if not tail.more or tail.offset - start >= budget or (self.halted and not final):
+                    break  # told to stop: the step is being signalled; what is left is read after it ends
             more = more or tail.more
         start = events.offset
         while True:
@@ -541,7 +541,7 @@ class StageRun:
                 self.position["events"] = offset
                 if raw.strip():
                     self._event(raw)
-            if not events.more or events.offset - start >= budget:
+            if not events.more or events.offset - start >= budget or (self.halted and not final):
                 break
         return more or events.more
 

@@ -9,7 +9,7 @@ sent. Each line is one record::
     {"x": seq, "m": marker}                                       event seq dropped into the marker at seq marker
     {"h": {"seq": n, "acked": n, "p": position}}                  header written by compaction
     {"M": {...}}                                                  a drop marker, as written by compaction
-    {"f": {"state": s, "exit_code": n, "message": m}}             the attempt's final report
+    {"f": {"state": s, "exit_code": n, "message": m, "failure": c}}  the final report (c: failure class, if any)
 
 An event's sequence number is given once, when it is spooled; a restarted agent reads the last seq and the
 position after it, and continues from there (re-sending what was not acknowledged: the master stores each
@@ -201,13 +201,16 @@ class Spool:
             self._cond.notify_all()
             return a.seq
 
-    def finish(self, attempt_id: int, state: str, exit_code: int, message: str) -> None:
-        """Record the attempt's final report; it is sent once every event before it is acknowledged."""
+    def finish(self, attempt_id: int, state: str, exit_code: int, message: str, failure: str = "") -> None:
+        """Record the attempt's final report (``failure``: its failure class when it failed or was cancelled);
+        it is sent once every event before it is acknowledged."""
         with self._cond:
             a = self._attempts.get(attempt_id)
             if a is None:
                 return
             a.final = {"state": state, "exit_code": exit_code, "message": message}
+            if failure:
+                a.final["failure"] = failure
             assert a.fh is not None
             a.fh.write(_line({"f": a.final}))
             a.fh.flush()
