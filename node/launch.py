@@ -10,10 +10,29 @@ when the command could not be started at all (not found, not executable). Only t
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
 import sys
+
+
+def _started(path: str) -> None:
+    """Say who runs the step (pid, and boot id:start ticks as node/runner.py's ``process_ident``) before it
+    starts, so that an agent that died between starting this launcher and recording it does not start the
+    step a second time: its successor finds this file and adopts the step."""
+    ident = None
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as fh:
+            boot = fh.read().strip()
+        with open("/proc/self/stat", encoding="ascii", errors="replace") as fh:
+            ident = f"{boot}:{fh.read().rsplit(')', 1)[1].split()[19]}"
+    except (OSError, IndexError):
+        pass
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump({"pid": os.getpid(), "ident": ident}, fh)
+    os.replace(tmp, path)
 
 
 def main(argv: list[str]) -> int:
@@ -23,6 +42,7 @@ def main(argv: list[str]) -> int:
     exit_file, command = argv[0], argv[2:]
     signal.signal(signal.SIGTERM, lambda *_: None)
     signal.signal(signal.SIGINT, lambda *_: None)
+    _started(f"{exit_file}.started")
     try:
         proc = subprocess.Popen(command, restore_signals=True)
     except OSError as e:

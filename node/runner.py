@@ -436,6 +436,8 @@ class StageRun:
         out, err = self.records / f"step-{i}.out", self.records / f"step-{i}.err"
         exit_file = self.records / f"exit-{i}"
         record = self._record() if self.position["step"] == i else None
+        if self.position["step"] == i and (record is None or record.get("step") != i):
+            record = self._launched_record(i, exit_file, argv)  # launched by an agent that died before recording it
         proc: subprocess.Popen[bytes] | None = None
         if record is None or record.get("step") != i:  # not launched yet
             if self.halted:
@@ -486,6 +488,23 @@ class StageRun:
                 self._agent(f"{skipped} bytes of the step's output not read: the attempt was told to stop")
                 break
         return self._exit_code(exit_file, proc, i)
+
+    def _launched_record(self, i: int, exit_file: Path, argv: list[str]) -> dict[str, Any] | None:
+        """The record of step ``i`` from what its launcher wrote at its start (``exit-<i>.started``), if it
+        was started; it becomes ``run.json``."""
+        try:
+            started = json.loads(exit_file.with_name(exit_file.name + ".started").read_text(encoding="utf-8"))
+            pid = int(started["pid"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+        ident = started.get("ident")
+        live = same_process(pid, 0.0, ident) if ident else False
+        record = {"step": i, "pid": pid, "start_time": (process_start(pid) if live else None) or 0.0, "ident": ident}
+        record["argv"] = argv
+        tmp = self.records / "run.json.tmp"
+        tmp.write_text(json.dumps(record), encoding="utf-8")
+        tmp.replace(self.records / "run.json")
+        return record
 
     def _launch(self, argv: list[str], out: Path, err: Path, exit_file: Path) -> subprocess.Popen[bytes]:
         with open(out, "ab") as fo, open(err, "ab") as fe:

@@ -409,3 +409,29 @@ def test_a_step_is_recognised_after_a_clock_step(tmp_path: Path) -> None:
         proc.kill()
         proc.wait()
     assert not same_process(proc.pid, started, ident) and process_ident(proc.pid) is None
+
+
+def test_a_step_launched_by_an_agent_that_died_before_recording_it_is_adopted_not_started_again(
+    tmp_path: Path,
+) -> None:
+    # the agent spooled "$ argv" (position step 1), started the launcher, and died before writing run.json
+    script = "import time; open('starts', 'a').write('x'); time.sleep(1.5); print('done')"
+    cmd = Command([[PY, "-c", script]])
+    exp = tmp_path / "w" / "experiments" / "e"
+    first = StageRun(cmd, exp, "s", tmp_path / "w", [], lambda t, b: None)
+    first._prepare_dir()
+    first.records.mkdir(parents=True)
+    exit_file = first.records / "exit-1"
+    launcher = first._launch(cmd.steps[0], first.records / "step-1.out", first.records / "step-1.err", exit_file)
+    deadline = time.monotonic() + 30
+    while not (exit_file.parent / "exit-1.started").exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    events: list = []
+    position = {"step": 1, "out": 0, "err": 0, "events": 0, "log": 0}
+    again = StageRun(cmd, exp, "s", tmp_path / "w", [], lambda t, b: events.append((t, b)), resume_from=position)
+    assert again.run().state == "succeeded"
+    launcher.wait(10)
+    assert (exp / "work" / "s" / "starts").read_text() == "x"  # started once
+    assert _logs(events, "stdout") == ["done"]
+    assert any(t.startswith("adopted step 1") for t in _logs(events, "agent"))
