@@ -11,6 +11,11 @@ still run (``node/runner.py`` records pid and start time), and registers listing
 the master cancels those it no longer wants. While the master is away the stages keep running, events
 wait in the spool, and every call is retried with jittered exponential backoff.
 
+Stopping: SIGTERM/SIGINT begins a graceful stop (no new work, heartbeats say ``stopping``, running stages
+get ``--stop-deadline`` seconds, then are stopped and reported failed, class ``preempted``); a second
+signal stops them at once. Every FAILED/CANCELLED report carries its failure class (docs/RELIABILITY.md).
+A user's cancel is written to ``attempts/<id>.cancel``, so a restarted agent honours it too.
+
 Leases: each report carries the attempt's lease. When the master says a lease is gone (a refused
 report, ``EventAck.rejected_attempts``, ``HeartbeatResponse.revoked`` or a cancel after re-registering),
 the agent kills its copy and forgets it, so a stage never has two live copies that the master listens to.

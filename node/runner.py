@@ -3,19 +3,26 @@
 Paths follow the experiment record (``crystallm_core/layout.py``): each step runs in ``work/<stage>/``, in
 its own process group (``start_new_session``), with ``CUDA_VISIBLE_DEVICES`` set to exactly the assigned GPU
 indices (empty: no GPU), ``CRYSTALLM_EVENTS`` pointing at ``metrics/<stage>.jsonl`` and ``INFRA_WKDIR`` at the
-workdir (so ``crystallm`` finds the workdir's plugins). Cancel sends SIGTERM to the whole group, then SIGKILL
-after a short grace; when a step ends, whatever it left in its group is killed.
+workdir (so ``crystallm`` finds the workdir's plugins). Cancel sends SIGTERM to the whole group (and to the
+step's processes that left it), then SIGKILL after a short grace; a cancelled attempt ends ``cancelled``
+whatever the step's exit status; when a step ends, whatever it left in its group is killed. The node's own
+stops (:meth:`StageRun.stop`: the agent stopping, the disk watchdog) end it ``failed`` with a failure class.
 
-A step's stdout and stderr go to files, not pipes, and the step is started by ``node/launch.py``, which
-writes its exit status to a file: so a step outlives its agent. Everything about an attempt lives in
-``work/<stage>/.infra/attempt-<n>/``: ``step-<i>.out``/``.err``, ``exit-<i>`` and ``run.json`` (the running
-step's pid and process start time, so that a reused pid is never taken for the step). The runner turns the
-files into events (log lines, also appended to ``logs/<stage>.log``, and metric/artifact/progress lines tailed
-from the metrics file) from a single thread; before each event it updates :attr:`StageRun.position` (the step
-and the offsets just after that event). A restarted agent passes the last position it recorded to
-``resume_from`` and the run continues exactly there: it adopts the step if its process still runs, reads its
-exit status if it ended, then goes on with the next steps. No output is read twice or skipped, and the log
-file is cut back to the recorded offset first, so it holds every line once too.
+Output is read in bounded pieces (:class:`Tail`), each byte scanned once, so a stage printing as fast as it
+can neither stall nor bloat the agent; once told to stop, at most ``CANCEL_READ`` more bytes of each
+output file are read.
+
+A step's stdout and stderr go to files, not pipes, and the step is started by ``node/launch.py``, which writes
+its exit status to a file: so a step outlives its agent. Everything about an attempt lives in
+``work/<stage>/.infra/attempt-<n>/``: ``step-<i>.out``/``.err``, ``exit-<i>``, ``exit-<i>.started`` (written
+by the launcher before the step starts) and ``run.json`` (the running step's pid, process start time and
+identity, boot id and start ticks, so that a reused pid is never taken for the step, whatever the clock does).
+The runner turns the files into events (log lines, also appended to ``logs/<stage>.log``, and
+metric/artifact/progress lines tailed from the metrics file) from a single thread; before each event it
+updates :attr:`StageRun.position` (the step and the offsets just after that event). A restarted agent passes
+the last position it recorded to ``resume_from`` and the run continues exactly there: it adopts the step if
+its process still runs, reads its exit status if it ended, then goes on with the next steps. No output is read
+twice or skipped, and the log file is cut back to the recorded offset first, so it holds every line once too.
 """
 
 from __future__ import annotations
