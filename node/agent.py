@@ -212,6 +212,7 @@ class Agent:
         self._wake = threading.Event()  # run() waits on this: a signal or a fatal error
         self._beat_now = threading.Event()  # send a heartbeat at once (e.g. to say that the node stops)
         self._preempt: str | None = None  # set at the stop deadline: every attempt is stopped with this
+        self._serving = False  # registered and running its loops (before that a signal just ends the agent)
         self.session: int | None = None
         self.interval = opts.heartbeat
         self._reg_lock = threading.Lock()
@@ -636,6 +637,7 @@ class Agent:
         ]
         for t in threads:
             t.start()
+        self._serving = True
         self._wake.wait()
         if not self.stop.is_set():
             self.graceful_stop()
@@ -649,6 +651,8 @@ class Agent:
         if self.stopping.is_set():
             self.stop_now.set()
         self.stopping.set()
+        if not self._serving:  # still registering: nothing runs for this process yet, stop trying
+            self.stop.set()
         self._wake.set()
 
     def graceful_stop(self) -> None:
