@@ -155,3 +155,27 @@ def test_a_cancel_during_a_flood_of_output_ends_the_stage_cancelled(cluster: Clu
     exp = cluster.wait_finished(key, timeout=90)
     s = stage(exp, "s")
     assert exp["state"] == "cancelled" and [a["state"] for a in s["attempts"]] == ["cancelled"], json.dumps(exp)
+
+
+def test_a_second_signal_stops_the_stages_at_once(cluster: Cluster) -> None:
+    cluster.start_master("--lost-timeout", "20")
+    agent = cluster.start_node("hurry", "--stop-deadline", "600", heartbeat=0.3)
+    cluster.wait_online("hurry")
+    plan = {"name": "hurry", "stages": [{"name": "s", "kind": "probe", "params": {"seconds": 120}}]}
+    key = cluster.submit(plan)
+    pid = _pid(cluster, "hurry", key, "s")
+    agent.send_signal(signal.SIGTERM)
+    cluster.wait_for(
+        lambda: any(n["name"] == "hurry" and n["unavailable"] for n in cluster.status()["nodes"]), 20, "stopping"
+    )
+    assert agent.poll() is None and _alive(pid)  # the first signal waits for the stage (deadline 600 s)
+    agent.send_signal(signal.SIGINT)
+    assert agent.wait(40) == 0
+    assert not _alive(pid)
+    exp = cluster.wait_finished(key, timeout=60)
+    attempt = stage(exp, "s")["attempts"][0]
+    assert (
+        attempt["state"] == "failed"
+        and "the node agent of hurry was stopped: run again elsewhere" in attempt["message"]
+    )
+    assert "ended failed (preempted)" in (cluster.tmp / "hurry.log").read_text()
