@@ -45,3 +45,23 @@ def test_a_cancel_outlives_the_agent_process(tmp_path: Path, monkeypatch: pytest
     again._forget(5)
     assert not (again.attempts_dir / "5.cancel").exists()
     again.conn.close()
+
+
+def test_what_the_plan_got_wrong_is_an_error_and_what_the_node_lacks_is_infra(tmp_path: Path) -> None:
+    agent = Agent(Options(master="127.0.0.1:1", workdir=tmp_path, name="n", fake_gpus=0, min_free_disk_mib=0))
+
+    def build(**fields: str) -> tuple[str, str]:
+        a = infra_pb2.Assignment(
+            attempt_id=1, lease_token="l", attempt=1, **{"experiment": "e", "stage": "s", **fields}
+        )
+        command, problem, failure = agent._build(a)
+        assert command is None
+        return problem, failure
+
+    assert build(kind="no-such-kind")[1] == "infra"  # e.g. its plugin failed to load on this node
+    problem, failure = build(kind="train", params_json='{"no_such_param": 1}')
+    assert failure == "error" and problem.startswith("invalid params")
+    assert build(kind="train", experiment="../x")[1] == "error"
+    agent.disk.min_free_mib = 1 << 40  # the node is short of disk
+    assert build(kind="train")[1] == "infra"
+    agent.conn.close()
