@@ -672,14 +672,19 @@ class Agent:
                 break
             self.stop_now.wait(min(left, 0.2))
         self._preempt_all()
+        hurried = self.stop_now.is_set()
         until = time.monotonic() + STOP_GRACE_S
         while time.monotonic() < until and not self.stop.is_set() and (self._any_active() or not self.spool.idle()):
+            if self.stop_now.is_set() and not hurried:  # a second signal: no TERM grace for what still runs
+                hurried = True
+                self._preempt_all()
             time.sleep(0.1)
 
-    def _preempt_all(self) -> None:
-        """Stop every attempt this agent still runs: each ends failed, ``preempted``."""
+    def _preempt_all(self, reason: str | None = None) -> None:
+        """Stop every attempt this agent still runs: each ends failed, ``preempted`` (after a second signal
+        without the TERM grace)."""
         now = self.stop_now.is_set()
-        reason = (
+        reason = reason or (
             f"the node agent of {self.opts.name} was stopped"
             + ("" if now else f" and its stop deadline ({self.opts.stop_deadline:g} s) passed")
             + ": run again elsewhere"
@@ -692,7 +697,7 @@ class Agent:
 
     def shutdown(self, sender: threading.Thread | None = None) -> None:
         """Stop the stages that still run (each reports itself failed, preempted), deliver what can be, close."""
-        self._preempt_all()
+        self._preempt_all(f"the node agent of {self.opts.name} stopped: {self.fatal}" if self.fatal else None)
         self.stop.set()
         self._wake.set()
         self._beat_now.set()
