@@ -48,6 +48,11 @@ def _age(seconds: float | None) -> str:
 
 
 def cmd_master(args: argparse.Namespace) -> int:
+    if args.print_systemd_unit:
+        from infra.systemd import master_unit
+
+        print(master_unit(args.parser, args), end="")
+        return 0
     from master.db import default_db_url
     from master.server import Settings, main
 
@@ -85,6 +90,13 @@ def cmd_node(args: argparse.Namespace) -> int:
             min_free = parse_memory(int(args.min_free_disk) if args.min_free_disk.isdigit() else args.min_free_disk)
         if args.stop_free_disk is not None:
             stop_free = parse_memory(int(args.stop_free_disk) if args.stop_free_disk.isdigit() else args.stop_free_disk)
+        if args.stop_deadline < 0:
+            raise ValueError(f"--stop-deadline must be 0 or more seconds, not {args.stop_deadline:g}")
+        if args.print_systemd_unit:
+            from infra.systemd import node_unit
+
+            print(node_unit(args.parser, args, master_address(args.master), workdir), end="")
+            return 0
         tls = ClientTls.from_settings(args.tls_ca, args.tls_cert, args.tls_key)
         token = read_token(args.join_token_file, "INFRA_JOIN_TOKEN")
     except (WorkdirError, TransportError) as e:
@@ -107,6 +119,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         min_free_disk_mib=min_free if min_free is not None else Options.min_free_disk_mib,
         stop_free_disk_mib=stop_free,
         plugin_timeout=args.plugin_timeout,
+        stop_deadline=args.stop_deadline,
     )
     return main(opts)
 
@@ -500,7 +513,12 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate (chain)")
     sp.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
     sp.add_argument("--tls-ca", metavar="PEM", help="require client certificates signed by this CA (mutual TLS)")
-    sp.set_defaults(func=cmd_master)
+    sp.add_argument(
+        "--print-systemd-unit",
+        action="store_true",
+        help="print a systemd unit running the master with the other options given here, and exit",
+    )
+    sp.set_defaults(func=cmd_master, parser=sp)
 
     sp = sub.add_parser("node", help="run a node agent on this machine")
     sp.add_argument("--master", metavar="HOST:PORT", help="master address (default: $INFRA_MASTER or 127.0.0.1:50051)")
@@ -534,7 +552,20 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--plugin-timeout", type=float, default=30.0, help="seconds a stage-kind plugin may take to import (default 30)"
     )
-    sp.set_defaults(func=cmd_node)
+    sp.add_argument(
+        "--stop-deadline",
+        type=float,
+        default=60.0,
+        metavar="SECONDS",
+        help="on SIGTERM/SIGINT take no new stages and give running ones this long to finish, then stop them "
+        "(failed, preempted: retried elsewhere); 0: stop them at once; a second signal stops them now (default 60)",
+    )
+    sp.add_argument(
+        "--print-systemd-unit",
+        action="store_true",
+        help="print a systemd unit running this node agent with the other options given here, and exit",
+    )
+    sp.set_defaults(func=cmd_node, parser=sp)
 
     sp = client_verb("submit", "submit a plan; prints the experiment id")
     sp.add_argument("plan", help="plan JSON file")

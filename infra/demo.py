@@ -164,7 +164,17 @@ def run_demo(keep: bool = False, as_json: bool = False) -> int:
         console.print(f"master on {address} (database {tmp / 'master.db'})")
         node_log = (tmp / "node.log").open("w")
         node_cmd = _python(
-            "node", "--master", address, "--workdir", str(tmp / "work"), "--name", "demo-node", "--heartbeat", "1"
+            "node",
+            "--master",
+            address,
+            "--workdir",
+            str(tmp / "work"),
+            "--name",
+            "demo-node",
+            "--heartbeat",
+            "1",
+            "--stop-deadline",
+            "0",  # a demo that is stopped stops its stages at once
         )
         procs.append(subprocess.Popen(node_cmd, stdout=node_log, stderr=subprocess.STDOUT, env=env))
         with Client(address) as client:

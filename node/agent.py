@@ -11,6 +11,11 @@ still run (``node/runner.py`` records pid and start time), and registers listing
 the master cancels those it no longer wants. While the master is away the stages keep running, events
 wait in the spool, and every call is retried with jittered exponential backoff.
 
+Stopping: SIGTERM/SIGINT begins a graceful stop (no new work, heartbeats say ``stopping``, running stages
+get ``--stop-deadline`` seconds, then are stopped and reported failed, class ``preempted``); a second
+signal stops them at once. Every FAILED/CANCELLED report carries its failure class (docs/RELIABILITY.md).
+A user's cancel is written to ``attempts/<id>.cancel``, so a restarted agent honours it too.
+
 Leases: each report carries the attempt's lease. When the master says a lease is gone (a refused
 report, ``EventAck.rejected_attempts``, ``HeartbeatResponse.revoked`` or a cancel after re-registering),
 the agent kills its copy and forgets it, so a stage never has two live copies that the master listens to.
@@ -59,10 +64,39 @@ BATCH = 1000
 SAFE_DIR = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")  # experiment keys and stage names from the master
 REFUSED = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT)
 DENIED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
+FAILURE_CLASSES = {
+    "cancelled": infra_pb2.FAILURE_CANCELLED,
+    "error": infra_pb2.FAILURE_ERROR,
+    "infra": infra_pb2.FAILURE_INFRA,
+    "preempted": infra_pb2.FAILURE_PREEMPTED,
+    "node_lost": infra_pb2.FAILURE_NODE_LOST,
+}
+STOP_GRACE_S = 15.0  # after the stop deadline: for the stopped stages to end and their reports to go
 
 
 class FatalError(Exception):
     pass
+
+
+def final_report(
+    node_id: str, attempt_id: int, lease: str, final: dict[str, Any], last_seq: int
+) -> infra_pb2.StageStatusReport:
+    """The final status report of an attempt; every FAILED or CANCELLED one carries its failure class (a
+    final recorded by an older agent has none: cancelled for a cancel, error otherwise)."""
+    state = final["state"]
+    rep = infra_pb2.StageStatusReport(
+        node_id=node_id,
+        attempt_id=attempt_id,
+        lease_token=lease,
+        state=infra_pb2.StageState.Value(state.upper()),
+        exit_code=final["exit_code"],
+        message=final["message"],
+        last_seq=last_seq,
+    )
+    if state in ("failed", "cancelled"):
+        failure = final.get("failure") or ("cancelled" if state == "cancelled" else "error")
+        rep.failure_class = FAILURE_CLASSES.get(failure, infra_pb2.FAILURE_ERROR)
+    return rep
 
 
 def _event(it: Item) -> infra_pb2.Event:
@@ -107,6 +141,7 @@ class Options:
     min_free_disk_mib: int = 1024
     stop_free_disk_mib: int | None = None  # default: half of min_free_disk_mib
     plugin_timeout: float = 30.0
+    stop_deadline: float = 60.0  # on SIGTERM/SIGINT, how long running stages may take to finish
 
 
 @dataclass(eq=False)
@@ -171,7 +206,13 @@ class Agent:
         self.facts["extras"] = sorted({*self.facts["extras"], *plugin_extras})  # e.g. scorer:NAME
         self.conn = Connection(opts.master, opts.token, opts.tls, KEEPALIVE + RECONNECT)
         self.stub = infra_pb2_grpc.NodeServiceStub(self.conn.channel)
-        self.stop = threading.Event()
+        self.stop = threading.Event()  # the loops end (after the graceful stop, or at once when fatal)
+        self.stopping = threading.Event()  # a graceful stop began: no new work, stages get the deadline
+        self.stop_now = threading.Event()  # a second signal: stop the stages now
+        self._wake = threading.Event()  # run() waits on this: a signal or a fatal error
+        self._beat_now = threading.Event()  # send a heartbeat at once (e.g. to say that the node stops)
+        self._preempt: str | None = None  # set at the stop deadline: every attempt is stopped with this
+        self._serving = False  # registered and running its loops (before that a signal just ends the agent)
         self.session: int | None = None
         self.interval = opts.heartbeat
         self._reg_lock = threading.Lock()
@@ -195,6 +236,8 @@ class Agent:
                 path.unlink()
                 continue
             rec = self.spool.open(a.attempt_id, a.lease_token)
+            if self._cancel_marker(a.attempt_id).exists():  # a cancel the previous agent process received
+                self.cancelled.add(a.attempt_id)
             self.held[a.attempt_id] = Held(a, active=rec.final is None)
             if rec.final is None:
                 command = Command(**saved["command"]) if "command" in saved else None
@@ -209,6 +252,9 @@ class Agent:
         for attempt_id in self.spool.on_disk():
             if attempt_id not in self.held:
                 self.spool.remove_file(attempt_id)
+        for marker in self.attempts_dir.glob("*.cancel"):
+            if not marker.stem.isdigit() or int(marker.stem) not in self.held:
+                marker.unlink()
         return len(self.held)
 
     def _save(self, a: infra_pb2.Assignment, command: Command | None = None) -> None:
@@ -225,10 +271,15 @@ class Agent:
         tmp.write_text(json.dumps(data), encoding="utf-8")
         tmp.replace(path)
 
+    def _cancel_marker(self, attempt_id: int) -> Path:
+        return self.attempts_dir / f"{attempt_id}.cancel"
+
     def _forget(self, attempt_id: int) -> None:
         """Done with an attempt (the master has its final report, or no longer wants it)."""
         with contextlib.suppress(FileNotFoundError):
             (self.attempts_dir / f"{attempt_id}.json").unlink()
+        with contextlib.suppress(FileNotFoundError):
+            self._cancel_marker(attempt_id).unlink()
         self.spool.discard(attempt_id)
         with self._lock:
             self.held.pop(attempt_id, None)
@@ -287,6 +338,7 @@ class Agent:
             except FatalError as e:
                 self.fatal = str(e)
                 self.stop.set()
+                self._wake.set()
             except grpc.RpcError as e:
                 log.warning("%s: %s; retrying", what, e.details() or e.code())
                 delay = self._backoff(delay)
@@ -294,16 +346,29 @@ class Agent:
 
     # --- loops ---------------------------------------------------------------------------------
 
+    def unavailable(self) -> str:
+        """Why the node takes no new stages now ("" when it does)."""
+        if self.stopping.is_set():
+            return (
+                "stopping: the node agent was told to stop; running stages get "
+                f"{self.opts.stop_deadline:g} s to finish (--stop-deadline)"
+            )
+        return self.disk.unavailable()
+
     def heartbeat_loop(self) -> None:
         node_facts.usage(self.workdir, self.gpus)  # prime psutil's CPU counter
-        while not self.stop.wait(self.interval):
+        while True:
+            self._beat_now.wait(self.interval)
+            self._beat_now.clear()
+            if self.stop.is_set():
+                return
             session = self._retrying("register", self.ensure_registered)
             if session is None:
                 return
             req = infra_pb2.HeartbeatRequest(node_id=self.node_id, session=session, running=self._held_attempts())
             try:
                 ParseDict(node_facts.usage(self.workdir, self.gpus), req.usage)
-                req.unavailable = self.disk.unavailable()
+                req.unavailable = self.unavailable()
             except Exception as e:  # a usage probe that fails must not stop the heartbeats (the node would be lost)
                 log.warning("could not read usage: %s", e)
             try:
@@ -381,15 +446,7 @@ class Agent:
 
     def _send_finals(self) -> None:
         for attempt_id, lease, final in self.spool.finals():
-            rep = infra_pb2.StageStatusReport(
-                node_id=self.node_id,
-                attempt_id=attempt_id,
-                lease_token=lease,
-                state=infra_pb2.StageState.Value(final["state"].upper()),
-                exit_code=final["exit_code"],
-                message=final["message"],
-                last_seq=self.spool.last_seq(attempt_id),
-            )
+            rep = final_report(self.node_id, attempt_id, lease, final, self.spool.last_seq(attempt_id))
             ack = self.stub.ReportStatus(rep, timeout=10)
             if not ack.accepted:
                 log.warning("master refused attempt %s's final report: %s", attempt_id, ack.reason)
@@ -407,6 +464,14 @@ class Agent:
                 self.held[a.attempt_id] = Held(a, active=True)
             self._save(a)
             self.spool.open(a.attempt_id, a.lease_token)
+            if self.stopping.is_set():  # sent before the master heard that this node stops: run it elsewhere
+                why = f"node {self.opts.name} is stopping (its agent was told to stop): not started"
+                self.spool.add(a.attempt_id, "log", {"stream": "agent", "text": why}, None)
+                self._final(a, "failed", -1, why, "preempted")
+                with self._lock:
+                    if (held := self.held.get(a.attempt_id)) is not None:
+                        held.active = False
+                return
             self._start(a, None, None)
         elif which == "cancel":
             self._revoke(command.cancel.attempt_id, command.cancel.reason or "cancelled", stale=False)
@@ -419,6 +484,10 @@ class Agent:
             held = self.held.get(attempt_id)
             if held is None:
                 return
+        if not stale:  # a user's cancel outlives this agent process: a restarted one honours it too
+            with contextlib.suppress(OSError):
+                self._cancel_marker(attempt_id).write_text(why, encoding="utf-8")
+        with self._lock:
             held.stale = held.stale or stale
             run, active = held.run, held.active
         log.info("stopping attempt %s: %s", attempt_id, why)
@@ -450,14 +519,14 @@ class Agent:
             return ack.accepted
         return None
 
-    def _final(self, a: infra_pb2.Assignment, state: str, exit_code: int, message: str) -> None:
+    def _final(self, a: infra_pb2.Assignment, state: str, exit_code: int, message: str, failure: str = "") -> None:
         with self._lock:
             held = self.held.get(a.attempt_id)
             stale = held is None or held.stale
         if stale:
             self._forget(a.attempt_id)
         else:
-            self.spool.finish(a.attempt_id, state, exit_code, message)
+            self.spool.finish(a.attempt_id, state, exit_code, message, failure)
 
     def _run_attempt(self, a: infra_pb2.Assignment, command: Command | None, position: dict[str, int] | None) -> None:
         box: list[StageRun] = []
@@ -467,10 +536,10 @@ class Agent:
 
         try:
             if command is None:
-                command, problem = self._build(a)
+                command, problem, failure = self._build(a)
                 if command is None:
                     emit("log", {"stream": "agent", "text": problem})
-                    self._final(a, "failed", -1, problem)
+                    self._final(a, "failed", -1, problem, failure)
                     return
                 self._save(a, command)
             exp_dir = self.workdir / "experiments" / a.experiment
@@ -495,6 +564,9 @@ class Agent:
                 if held is not None:
                     held.run = run
                 cancelled = a.attempt_id in self.cancelled or held is None or held.stale
+                preempt = self._preempt
+            if preempt is not None:  # the stop deadline passed while it was being prepared
+                run.stop(preempt, "preempted", 0.0 if self.stop_now.is_set() else None)
             if not accepted:  # a stale copy: a recovered step that still runs is adopted only to be stopped
                 with self._lock:
                     if held is not None:
@@ -503,35 +575,47 @@ class Agent:
             if cancelled:
                 run.cancel()
             result = run.run()
-            state, message = result.state, result.message
-            if state == "cancelled" and self.stop.is_set() and a.attempt_id not in self.cancelled:
-                state, message = "failed", "the node agent was stopped"
-            self._final(a, state, result.exit_code, message)
+            log.info(
+                "attempt %s ended %s%s: %s",
+                a.attempt_id,
+                result.state,
+                f" ({result.failure})" if result.failure else "",
+                result.message or f"exit {result.exit_code}",
+            )
+            self._final(a, result.state, result.exit_code, result.message, result.failure)
         except Exception as e:  # a bug here must not leave the attempt hanging at the master
             log.exception("attempt %s", a.attempt_id)
-            self._final(a, "failed", -1, f"node agent error: {type(e).__name__}: {e}")
+            self._final(a, "failed", -1, f"node agent error: {type(e).__name__}: {e}", "infra")
         finally:
             with self._lock:
                 if (held := self.held.get(a.attempt_id)) is not None:
                     held.active = False
 
-    def _build(self, a: infra_pb2.Assignment) -> tuple[Command | None, str]:
-        """The attempt's commands; a kind, params or disk this node cannot use fails the attempt, named."""
+    def _build(self, a: infra_pb2.Assignment) -> tuple[Command | None, str, str]:
+        """The attempt's commands, or why not and the failure class: what the plan asks for (names, params)
+        is the stage's ``error`` (a retry elsewhere would fail alike); what this node lacks (disk, the kind,
+        e.g. a plugin that failed to load) is ``infra``."""
         if not SAFE_DIR.match(a.experiment) or not SAFE_DIR.match(a.stage):
-            return None, f"refusing unsafe directory names {a.experiment!r}/{a.stage!r}"
+            return None, f"refusing unsafe directory names {a.experiment!r}/{a.stage!r}", "error"
         unavailable = self.disk.unavailable()
         if unavailable:
-            return None, f"node {self.opts.name}: {unavailable}"
+            return None, f"node {self.opts.name}: {unavailable}", "infra"
         exp_dir = self.workdir / "experiments" / a.experiment
         try:
             check_stage_name(a.stage)
+        except ValueError as e:
+            return None, str(e), "error"
+        try:
             kind = get_stage_kind(a.kind)
+        except KeyError as e:
+            return None, f"node {self.opts.name}: " + str(e).strip("'\""), "infra"
+        try:
             params = kind.params.model_validate(json.loads(a.params_json or "{}"))
-            return kind.build(params, StageContext(exp_dir, a.stage, a.smoke, a.attempt)), ""
+            return kind.build(params, StageContext(exp_dir, a.stage, a.smoke, a.attempt)), "", ""
         except ValidationError as e:
-            return None, "invalid params: " + "; ".join(str(i) for i in validation_issues(e, "params"))
+            return None, "invalid params: " + "; ".join(str(i) for i in validation_issues(e, "params")), "error"
         except (KeyError, ValueError) as e:
-            return None, str(e).strip("'\"")
+            return None, str(e).strip("'\""), "error"
 
     # --- main ----------------------------------------------------------------------------------
 
@@ -553,21 +637,72 @@ class Agent:
         ]
         for t in threads:
             t.start()
-        self.stop.wait()
+        self._serving = True
+        self._wake.wait()
+        if not self.stop.is_set():
+            self.graceful_stop()
         self.shutdown(threads[2])
         if self.fatal:
             print(f"infra node: {self.fatal}", file=sys.stderr)
         return 2 if self.fatal else 0
 
+    def signal(self) -> None:
+        """SIGTERM/SIGINT: the first begins a graceful stop, a second one stops the stages now."""
+        if self.stopping.is_set():
+            self.stop_now.set()
+        self.stopping.set()
+        if not self._serving:  # still registering: nothing runs for this process yet, stop trying
+            self.stop.set()
+        self._wake.set()
+
+    def graceful_stop(self) -> None:
+        """Take no new work (heartbeats say ``stopping``), let the running stages finish within
+        ``--stop-deadline``, then stop the rest (failed, ``preempted``: the master runs them elsewhere) and
+        deliver their reports while heartbeats still go."""
+        deadline = time.monotonic() + self.opts.stop_deadline
+        with self._lock:
+            running = sum(h.active for h in self.held.values())
+        log.info(
+            "stopping: no new stages; %d running get %g s to finish (--stop-deadline)", running, self.opts.stop_deadline
+        )
+        self._beat_now.set()
+        while self._any_active() and not self.stop_now.is_set() and not self.stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            self.stop_now.wait(min(left, 0.2))
+        self._preempt_all()
+        hurried = self.stop_now.is_set()
+        until = time.monotonic() + STOP_GRACE_S
+        while time.monotonic() < until and not self.stop.is_set() and (self._any_active() or not self.spool.idle()):
+            if self.stop_now.is_set() and not hurried:  # a second signal: no TERM grace for what still runs
+                hurried = True
+                self._preempt_all()
+            time.sleep(0.1)
+
+    def _preempt_all(self, reason: str | None = None) -> None:
+        """Stop every attempt this agent still runs: each ends failed, ``preempted`` (after a second signal
+        without the TERM grace)."""
+        now = self.stop_now.is_set()
+        reason = reason or (
+            f"the node agent of {self.opts.name} was stopped"
+            + ("" if now else f" and its stop deadline ({self.opts.stop_deadline:g} s) passed")
+            + ": run again elsewhere"
+        )
+        with self._lock:
+            self._preempt = self._preempt or reason
+            runs = [h.run for h in self.held.values() if h.run is not None and h.active]
+        for r in runs:
+            threading.Thread(target=r.stop, args=(reason, "preempted", 0.0 if now else None), daemon=True).start()
+
     def shutdown(self, sender: threading.Thread | None = None) -> None:
-        """Stop the stages (each reports itself failed: the agent went away), deliver what can be, close."""
+        """Stop the stages that still run (each reports itself failed, preempted), deliver what can be, close."""
+        self._preempt_all(f"the node agent of {self.opts.name} stopped: {self.fatal}" if self.fatal else None)
         self.stop.set()
+        self._wake.set()
+        self._beat_now.set()
         if self._stream is not None:
             self._stream.cancel()
-        with self._lock:
-            runs = [h.run for h in self.held.values() if h.run is not None]
-        for r in runs:
-            threading.Thread(target=r.cancel, daemon=True).start()
         deadline = time.monotonic() + 20
         while time.monotonic() < deadline and self._any_active():
             time.sleep(0.1)
@@ -593,5 +728,5 @@ def main(opts: Options) -> int:
         log.error("%s", problem)
     agent = Agent(opts, problems + plugin_problems, plugin_extras)
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: agent.stop.set())
+        signal.signal(sig, lambda *_: agent.signal())
     return agent.run()

@@ -9,7 +9,7 @@ sent. Each line is one record::
     {"x": seq, "m": marker}                                       event seq dropped into the marker at seq marker
     {"h": {"seq": n, "acked": n, "p": position}}                  header written by compaction
     {"M": {...}}                                                  a drop marker, as written by compaction
-    {"f": {"state": s, "exit_code": n, "message": m}}             the attempt's final report
+    {"f": {"state": s, "exit_code": n, "message": m, "failure": c}}  the final report (c: failure class, if any)
 
 An event's sequence number is given once, when it is spooled; a restarted agent reads the last seq and the
 position after it, and continues from there (re-sending what was not acknowledged: the master stores each
@@ -93,6 +93,7 @@ class Spool:
         self._cond = threading.Condition()
         self._attempts: dict[int, AttemptSpool] = {}
         self._items: list[Item] = []  # all pending items, oldest first (tombstones until compacted)
+        self._gone = 0  # tombstones in _items (acknowledged, dropped or discarded items)
         self._head = 0
         self._scan = {DROP_FIRST: 0, DROP_LATER: 0}  # where the search for the oldest droppable resumes
         self.live = 0
@@ -193,19 +194,23 @@ class Spool:
             self._push(a, Item(attempt_id, a.lease, a.seq, type_, now, body, len(data)))
             if self.live > self.limit:
                 self._drop_oldest()
+                self._trim()
             for f in {a.fh, *self._unflushed}:
                 f.flush()  # in the kernel before it can be sent: an agent crash loses nothing sent
             self._unflushed.clear()
             self._cond.notify_all()
             return a.seq
 
-    def finish(self, attempt_id: int, state: str, exit_code: int, message: str) -> None:
-        """Record the attempt's final report; it is sent once every event before it is acknowledged."""
+    def finish(self, attempt_id: int, state: str, exit_code: int, message: str, failure: str = "") -> None:
+        """Record the attempt's final report (``failure``: its failure class when it failed or was cancelled);
+        it is sent once every event before it is acknowledged."""
         with self._cond:
             a = self._attempts.get(attempt_id)
             if a is None:
                 return
             a.final = {"state": state, "exit_code": exit_code, "message": message}
+            if failure:
+                a.final["failure"] = failure
             assert a.fh is not None
             a.fh.write(_line({"f": a.final}))
             a.fh.flush()
@@ -232,6 +237,7 @@ class Spool:
     def _drop(self, index: int, it: Item) -> None:
         a = self._attempts[it.attempt]
         it.gone = True
+        self._gone += 1
         a.pending -= 1
         a.live -= it.size
         self.live -= it.size
@@ -241,6 +247,7 @@ class Spool:
         if marker is None or marker.inflight or marker.gone:
             marker = Item(it.attempt, it.lease, it.seq, "dropped", it.time, _marker_body(it.seq), MARKER_SIZE)
             self._items[index] = marker  # takes the dropped event's place (and seq)
+            self._gone -= 1  # the dropped item left _items
             a.items[a.items.index(it)] = marker
             a.pending += 1
             a.live += MARKER_SIZE
@@ -249,6 +256,7 @@ class Spool:
         else:
             a.items.remove(it)
         _count(marker.body, it.type, it.seq)
+        it.body = {}  # never sent: only the tombstone is left
         assert a.fh is not None
         a.fh.write(_line({"x": it.seq, "m": marker.seq}))
         self._unflushed.add(a.fh)
@@ -301,6 +309,7 @@ class Spool:
                 if it.gone or a is None:
                     continue
                 it.gone = True
+                self._gone += 1
                 a.pending -= 1
                 a.live -= it.size
                 self.live -= it.size
@@ -320,13 +329,18 @@ class Spool:
                     self._compact(a)
             for attempt_id in rejected:
                 self._discard(attempt_id)
-            while self._head < len(self._items) and self._items[self._head].gone:
-                self._head += 1
-            if self._head > 4096 and self._head * 2 > len(self._items):
-                del self._items[: self._head]
-                self._scan = {k: max(0, v - self._head) for k, v in self._scan.items()}
-                self._head = 0
+            self._trim()
             self._cond.notify_all()
+
+    def _trim(self) -> None:
+        """Remove the tombstones from ``_items`` once they are most of it, so that memory follows what is
+        pending, not everything ever spooled (a flood dropped while the master is away, the oldest item
+        still in flight); amortized O(1) per item."""
+        if self._gone <= 4096 or self._gone * 2 <= len(self._items):
+            return
+        self._items = [it for it in self._items if not it.gone]
+        self._gone, self._head = 0, 0
+        self._scan = dict.fromkeys(self._scan, 0)
 
     def finals(self) -> list[tuple[int, str, dict[str, Any]]]:
         """(attempt, lease, final report) of attempts whose events are all acknowledged."""
@@ -346,6 +360,7 @@ class Spool:
         for it in a.items:
             if not it.gone:
                 it.gone = True
+                self._gone += 1
                 self.live -= it.size
         if a.fh is not None:
             a.fh.close()

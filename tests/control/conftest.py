@@ -95,7 +95,8 @@ class Cluster:
     ) -> subprocess.Popen[Any]:
         log = (self.tmp / f"{name}.log").open("a")
         cmd = [sys.executable, "-m", "infra.cli", "node", "--master", master or self.address, "--name", name]
-        cmd += ["--workdir", str(self.workdir(name)), "--heartbeat", str(heartbeat), *args]
+        # --stop-deadline 0: a node stopped at teardown stops its stages at once (a test may pass its own)
+        cmd += ["--workdir", str(self.workdir(name)), "--heartbeat", str(heartbeat), "--stop-deadline", "0", *args]
         proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**self.env, **(env or {})})
         self.procs.append(proc)
         self.nodes[name] = proc
@@ -158,7 +159,9 @@ def kill_leftover_stages(tmp: Path) -> None:
     for record in tmp.glob("work-*/experiments/*/work/*/.infra/attempt-*/run.json"):
         try:
             run = json.loads(record.read_text())
-            if same_process(run["pid"], run["start_time"]):  # never a later process that reuses the pid
+            if same_process(
+                run["pid"], run["start_time"], run.get("ident")
+            ):  # never a later process that reuses the pid
                 os.killpg(run["pid"], signal.SIGKILL)
         except (ValueError, KeyError, ProcessLookupError, PermissionError):
             continue

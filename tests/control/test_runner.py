@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 import threading
 import time
@@ -14,7 +15,19 @@ from typing import Any
 import pytest
 
 from infra.stages import Command, StageContext, TrainParams, get_stage_kind
-from node.runner import StageRun, artifact_path
+from node.runner import (
+    BOOT_ID,
+    CANCEL_READ,
+    DRAIN_BYTES,
+    MAX_CHUNK,
+    READ_SIZE,
+    StageRun,
+    Tail,
+    artifact_path,
+    process_ident,
+    process_start,
+    same_process,
+)
 
 PY = sys.executable
 
@@ -240,3 +253,185 @@ with open_sink(".") as sink:
     assert [b["step"] for t, b in events if t == "metric"] == list(range(40))
     assert [b["text"] for t, b in events if t == "log" and b["stream"] == "agent"][0].startswith("$ ")
     assert len([1 for t, b in events if t == "log" and b.get("text", "").startswith("$ ")]) == 2
+
+
+def test_the_output_reader_is_linear_and_holds_a_bounded_buffer(tmp_path: Path) -> None:
+    # issue 14, item 4: the reader re-sliced its whole remaining buffer once per line (60 k lines: 11 s) and
+    # read a file to its end in one go (a 210 MB flood sat in memory). Now each call reads at most READ_SIZE
+    # and keeps less than one line; the whole file is scanned once.
+    path = tmp_path / "out"
+    n = 200_000
+    path.write_bytes(b"".join((b"line %d " % i).ljust(69, b".") + b"\n" for i in range(n)))
+    tail = Tail(path, 0)
+    got, biggest, cpu = 0, 0, time.thread_time()
+    while batch := tail.lines():
+        biggest = max(biggest, tail.buffered + sum(len(line) + 1 for line, _ in batch))
+        assert tail.buffered < MAX_CHUNK
+        for line, offset in batch:
+            assert line == (b"line %d " % got).ljust(69, b".") and offset == (got + 1) * 70
+            got += 1
+    assert got == n and tail.offset == path.stat().st_size and not tail.more
+    assert biggest <= READ_SIZE + MAX_CHUNK
+    # counted in this thread's CPU time (not wall time, so a loaded machine does not matter): the linear
+    # reader needs well under a second; the quadratic one needed about 30 s for these 14 MB
+    assert time.thread_time() - cpu < 10
+    # a "line" without a newline is cut at max_chunk; at the end (final) the rest is taken as it is
+    path.write_bytes(b"x" * 25 + b"\nabc")
+    tail = Tail(path, 0, max_chunk=10)
+    assert [line for line, _ in tail.lines()] == [b"x" * 10, b"x" * 10, b"x" * 5]
+    assert tail.lines(final=True) == [(b"abc", 29)]
+
+
+FLOOD = """
+import sys
+line = "{}\\n"
+out = sys.stdout
+for i in range({}):
+    out.write(str(i) + line)
+out.flush()
+"""
+
+
+def test_a_cancel_during_a_flood_of_output_stops_reading_and_ends_cancelled(tmp_path: Path) -> None:
+    # issue 14, items 4 and 5: the step printed as fast as it could and exited 0 while the agent was still
+    # reading; a cancel then had no effect (the reader read on) and the attempt could end "succeeded".
+    n = 500_000  # ~35 MB
+    cmd = Command([[PY, "-c", FLOOD.format("." * 64, n)], [PY, "-c", "print('never')"]])
+    exp = tmp_path / "w" / "experiments" / "e"
+    out = exp / "work" / "s" / ".infra" / "attempt-1" / "step-1.out"
+    seen: list[str] = []
+    at_cancel: list[int] = []
+
+    def emit(t: str, b: dict[str, Any]) -> None:
+        seen.append(b.get("text", "")) if t == "log" else None
+        if not at_cancel and len(seen) > 5 and (exp / "work" / "s" / ".infra" / "attempt-1" / "exit-1").exists():
+            at_cancel.append(len(seen))  # the step has ended (exit 0); the agent is still reading its output
+            run.cancel()
+
+    run = StageRun(cmd, exp, "s", tmp_path / "w", [], emit)
+    result = run.run()
+    assert at_cancel, "the step ended before any output was read"
+    assert result.state == "cancelled" and result.failure == "cancelled" and result.exit_code == 0
+    assert "never" not in seen
+    after = len(seen) - at_cancel[0]
+    assert after <= (DRAIN_BYTES + 2 * CANCEL_READ) // 66 + 10  # read on for a bounded amount only
+    stdout = [x for x in seen if not x.startswith(("$ ", "adopted"))]
+    assert stdout[: len(stdout) - 1] == [f"{i}{'.' * 64}" for i in range(len(stdout) - 1)]  # in order, once
+    assert seen[-1].endswith("bytes of the step's output not read: the attempt was told to stop")
+    assert int(seen[-1].split()[0]) > 0 and out.stat().st_size == n * 65 + sum(len(str(i)) for i in range(n))
+
+
+def test_a_cancelled_step_that_exits_0_or_escapes_its_group_is_cancelled_and_killed(tmp_path: Path) -> None:
+    # a step that traps SIGTERM and exits 0, with a child in a session of its own (outside the group)
+    script = """
+import os, signal, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(100)"], start_new_session=True)
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+open("pids", "w").write(f"{child.pid}")
+time.sleep(100)
+"""
+    stage = tmp_path / "w" / "experiments" / "e" / "work" / "s"
+    run = StageRun(Command([[PY, "-c", script]]), stage.parent.parent, "s", tmp_path / "w", [], lambda t, b: None)
+    holder: list = []
+    thread = threading.Thread(target=lambda: holder.append(run.run()))
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not (stage / "pids").exists() or not (stage / "pids").read_text():
+        assert time.monotonic() < deadline, "the stage did not start"
+        time.sleep(0.05)
+    child = int((stage / "pids").read_text())
+    time.sleep(0.2)
+    run.cancel()
+    thread.join(10)
+    assert holder[0].state == "cancelled" and holder[0].exit_code == 0 and holder[0].failure == "cancelled"
+    gone_by = time.monotonic() + 5
+    while _alive(child) and time.monotonic() < gone_by:
+        time.sleep(0.05)
+    assert not _alive(child)
+
+
+def test_failure_classes(tmp_path: Path) -> None:
+    fails = _run(Command([[PY, "-c", "import sys; sys.exit(3)"]]), tmp_path / "a")[0]
+    assert (fails.state, fails.exit_code, fails.failure) == ("failed", 3, "error")
+    missing = _run(Command([["/nonexistent/command"]]), tmp_path / "b")[0]
+    assert (missing.state, missing.exit_code, missing.failure) == ("failed", 127, "infra")
+    shell_127 = _run(Command([[PY, "-c", "import sys; sys.exit(127)"]]), tmp_path / "c")[0]
+    assert shell_127.failure == "error"  # the stage's own 127 is its own
+    (tmp_path / "d" / "work" / "experiments" / "e" / "work").mkdir(parents=True)
+    (tmp_path / "d" / "work" / "experiments" / "e" / "work" / "s").write_text("a file where the dir goes")
+    no_dir = _run(Command([[PY, "-c", "1"]]), tmp_path / "d")[0]
+    assert no_dir.state == "failed" and no_dir.failure == "infra" and "cannot prepare" in no_dir.message
+    # the node stops it (graceful agent stop): failed, preempted
+    exp = tmp_path / "e" / "w" / "experiments" / "e"
+    run = StageRun(Command([[PY, "-c", "import time; time.sleep(60)"]]), exp, "s", tmp_path / "e" / "w", [], print)
+    threading.Timer(1.0, run.stop, ("the node agent was stopped", "preempted")).start()
+    stopped = run.run()
+    assert (stopped.state, stopped.failure, stopped.message) == ("failed", "preempted", "the node agent was stopped")
+    # a cancel wins over the node's own reason
+    run = StageRun(Command([[PY, "-c", "1"]]), exp, "t", tmp_path / "e" / "w", [], print)
+    run.stop("stopping", "preempted")
+    run.cancel()
+    assert run.run().failure == "cancelled"
+
+
+def test_an_adopted_step_gone_without_an_exit_status_is_node_lost(tmp_path: Path) -> None:
+    cmd = Command([[PY, "-c", "import time; time.sleep(60)"]])
+    exp = tmp_path / "w" / "experiments" / "e"
+    first = StageRun(cmd, exp, "s", tmp_path / "w", [], lambda t, b: None)
+    holder: list = []
+    thread = threading.Thread(target=lambda: holder.append(first.run()))
+    thread.start()
+    record = exp / "work" / "s" / ".infra" / "attempt-1" / "run.json"
+    deadline = time.monotonic() + 30
+    while not record.exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    position = dict(first.position)
+    pid = json.loads(record.read_text())["pid"]
+    os.killpg(pid, 9)  # the machine "restarted": launcher and step gone, no exit status written
+    thread.join(10)
+    again = StageRun(cmd, exp, "s", tmp_path / "w", [], lambda t, b: None, resume_from=position)
+    lost = again.run()
+    assert (lost.state, lost.failure) == ("failed", "node_lost") and "left no exit status" not in lost.message
+
+
+def test_a_step_is_recognised_after_a_clock_step(tmp_path: Path) -> None:
+    # the wall-clock start time (psutil: boot time read from the clock now + ticks) moves when the clock is
+    # stepped; a step must still be recognised (to be cancelled, adopted), and a reused pid must not be
+    proc = subprocess.Popen([PY, "-c", "import time; time.sleep(30)"])
+    try:
+        started, ident = process_start(proc.pid), process_ident(proc.pid)
+        assert started is not None and ident is not None and ident.startswith(BOOT_ID)
+        assert same_process(proc.pid, started + 5.0, ident)  # as after a 5 s clock step
+        assert not same_process(proc.pid, started, ident.rsplit(":", 1)[0] + ":1")  # another process, that pid
+        assert same_process(proc.pid, started) and not same_process(proc.pid, started + 5.0)  # old records
+    finally:
+        proc.kill()
+        proc.wait()
+    assert not same_process(proc.pid, started, ident) and process_ident(proc.pid) is None
+
+
+def test_a_step_launched_by_an_agent_that_died_before_recording_it_is_adopted_not_started_again(
+    tmp_path: Path,
+) -> None:
+    # the agent spooled "$ argv" (position step 1), started the launcher, and died before writing run.json
+    script = "import time; open('starts', 'a').write('x'); time.sleep(1.5); print('done')"
+    cmd = Command([[PY, "-c", script]])
+    exp = tmp_path / "w" / "experiments" / "e"
+    first = StageRun(cmd, exp, "s", tmp_path / "w", [], lambda t, b: None)
+    first._prepare_dir()
+    first.records.mkdir(parents=True)
+    exit_file = first.records / "exit-1"
+    launcher = first._launch(cmd.steps[0], first.records / "step-1.out", first.records / "step-1.err", exit_file)
+    deadline = time.monotonic() + 30
+    while not (exit_file.parent / "exit-1.started").exists():
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    events: list = []
+    position = {"step": 1, "out": 0, "err": 0, "events": 0, "log": 0}
+    again = StageRun(cmd, exp, "s", tmp_path / "w", [], lambda t, b: events.append((t, b)), resume_from=position)
+    assert again.run().state == "succeeded"
+    launcher.wait(10)
+    assert (exp / "work" / "s" / "starts").read_text() == "x"  # started once
+    assert _logs(events, "stdout") == ["done"]
+    assert any(t.startswith("adopted step 1") for t in _logs(events, "agent"))

@@ -77,3 +77,24 @@ def test_metrics_go_only_when_log_lines_are_not_enough(tmp_path: Path) -> None:
     assert sum(m.body["metrics"] for m in items if m.type == "dropped") == 100 - [it.type for it in items].count(
         "metric"
     )
+
+
+def test_a_flood_into_a_full_spool_holds_bounded_memory_and_file_size(tmp_path: Path) -> None:
+    # issue 14, item 4: a stage printing as fast as it can while the master does not acknowledge: what the
+    # spool holds in memory (pending items and the tombstones of dropped ones) and on disk stays bounded
+    limit = 64 << 10
+    spool = Spool(tmp_path, limit)
+    spool.open(1, "l")
+    spool.add(1, "log", _log(-1), None)
+    stuck = spool.take(1, 0)  # in flight, never acknowledged: the oldest item stays at the head
+    held = 0
+    for i in range(60_000):
+        spool.add(1, "log", _log(i), {"step": 1, "out": i, "err": 0, "events": 0})
+        held = max(held, len(spool._items))
+    pending = spool.take(100_000, 0)
+    assert spool.live <= limit + 500 and len(pending) < limit // 100
+    assert held <= 2 * (limit // 100) + 4096 + 2  # not one entry per event ever spooled
+    assert (tmp_path / "1.jsonl").stat().st_size < 4 * max(limit, 1 << 20)  # compacted as drops come
+    assert sum(m.body["logs"] for m in pending if m.type == "dropped") + len(pending) - 1 == 60_000
+    spool.acked(stuck + pending, set())
+    assert spool.idle() and spool.take(10, 0) == []
