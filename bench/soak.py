@@ -1,4 +1,4 @@
-"""Soak test of the control plane: many simulated agents, random agent kills, one master restart.
+"""Soak test of the control plane: many simulated agents, agent kills, graceful stops, drains, a master restart.
 
 Starts ``infra master`` on loopback (SQLite in a temporary directory, or a fresh PostgreSQL database that
 is dropped afterwards) and, in this process, ``--nodes`` simulated agents speaking the real protocol over
@@ -10,10 +10,17 @@ its stage "processes" (as on a real node, where both live on disk and in their o
 after a short pause (shorter than the lost timeout) or a long one (longer: the master re-queues its stages
 and tells it to kill its copies when it returns).
 
-``--stages`` short stages (0.5-3 s, 5-20 events each, up to 3 retries) are submitted at the start; an
-agent is killed every ``--kill-every`` seconds; the master is killed (SIGKILL) once, when about 40% of the
-stages have ended, and restarted on the same port and database. When every experiment has ended (or after
-``--timeout``), the master's database is compared with what the simulated stages wrote. Prints ONE JSON line:
+``--stages`` short stages (0.5-3 s, 5-20 events each) are submitted at the start with retry budgets for the
+machine's faults only (``node_lost`` and ``preempted``; ``error`` 0: no stage fails by its own doing, so any
+attempt charged to ``error`` is a fault misclassified). An agent is killed (kill -9) every ``--kill-every``
+seconds; another stops gracefully every ``--stop-every`` seconds (as ``infra node`` on SIGTERM: it says
+``stopping`` in its heartbeats, refuses new assignments as ``preempted``, lets its stages finish within a
+random deadline of 0-2 s, reports the rest failed with class ``preempted``, then comes back as a fresh
+process); a node is drained every ``--drain-every`` seconds through the DrainNode RPC, half of the time with
+a 1 s deadline after which the master preempts what still runs there, and undrained a few seconds later.
+The master is killed (SIGKILL) once, when about 40% of the stages have ended, and restarted on the same port
+and database. When every experiment has ended (or after ``--timeout``), the master's database is compared
+with what the simulated stages wrote. Prints ONE JSON line:
 
     python bench/soak.py [--nodes 200] [--stages 2000] [--db sqlite|postgres] [--timeout 300]
 """
@@ -70,6 +77,9 @@ class Held:
 class Stats:
     kills: int = 0
     long_kills: int = 0
+    stops: int = 0
+    drains: int = 0
+    drain_deadlines: int = 0
     master_restarts: int = 0
     written: dict[int, list[tuple[int, str]]] = field(default_factory=dict)  # attempt -> what its stage wrote
 
@@ -83,12 +93,14 @@ class SimAgent:
         self.session: int | None = None
         self.tasks: list[asyncio.Task[None]] = []
         self.alive = False
+        self.stopping = ""  # non-empty during a graceful stop: sent as the heartbeat's `unavailable`
         self.wake = asyncio.Event()
 
     # --- life ----------------------------------------------------------------------------------
 
     def start(self) -> None:
         self.alive = True
+        self.stopping = ""
         self.session = None
         self.tasks = [asyncio.ensure_future(self._main())]
 
@@ -141,7 +153,7 @@ class SimAgent:
         while True:
             await asyncio.sleep(HEARTBEAT_S * random.uniform(0.8, 1.0))
             session = await self._session()
-            req = infra_pb2.HeartbeatRequest(node_id=self.node_id, session=session)
+            req = infra_pb2.HeartbeatRequest(node_id=self.node_id, session=session, unavailable=self.stopping)
             for h in self.held.values():
                 req.running.add(attempt_id=h.attempt_id, lease_token=h.lease)
             try:
@@ -165,7 +177,10 @@ class SimAgent:
                         a = cmd.assign
                         if a.attempt_id not in self.held:
                             self.held[a.attempt_id] = Held(a.attempt_id, a.lease_token)
-                            self._spawn(self._begin(self.held[a.attempt_id]))
+                            if self.stopping:  # as the agent does: nothing new starts while it stops
+                                self._preempt(self.held[a.attempt_id])
+                            else:
+                                self._spawn(self._begin(self.held[a.attempt_id]))
                     else:
                         self._revoke(cmd.cancel.attempt_id)
             except grpc.aio.AioRpcError as e:
@@ -201,6 +216,28 @@ class SimAgent:
             written.append(event)
             self.wake.set()
         h.final = "succeeded"
+        self.wake.set()
+
+    async def stop(self, deadline: float) -> None:
+        """A graceful stop: take nothing new, let the stages end within ``deadline`` seconds, preempt the rest,
+        deliver every final report, then leave (the process ends; a new one starts later)."""
+        self.stopping = "stopping: soak"
+        end = time.monotonic() + deadline
+        while time.monotonic() < end and any(h.final is None for h in self.held.values()):
+            await asyncio.sleep(0.05)
+        for h in list(self.held.values()):
+            if h.final is None:
+                self._preempt(h)
+        self.wake.set()
+        end = time.monotonic() + 15
+        while self.held and time.monotonic() < end:  # the sender delivers the finals
+            await asyncio.sleep(0.05)
+        self.kill()
+
+    def _preempt(self, h: Held) -> None:
+        if h.process is not None:
+            h.process.cancel()
+        h.final = "preempted"
         self.wake.set()
 
     def _revoke(self, attempt_id: int) -> None:
@@ -248,6 +285,8 @@ class SimAgent:
                 state=infra_pb2.SUCCEEDED,
                 last_seq=len(h.events),
             )
+            if h.final == "preempted":
+                rep.state, rep.failure_class, rep.exit_code = infra_pb2.FAILED, infra_pb2.FAILURE_PREEMPTED, -15
             await self.stub.ReportStatus(rep, timeout=10)
             self.held.pop(h.attempt_id, None)
 
@@ -273,6 +312,8 @@ async def soak(args: argparse.Namespace, db_url: str, tmp: Path) -> dict[str, An
         keys = await _submit(client, args.stages)
         pending: set[asyncio.Task[None]] = set()
         next_kill = time.monotonic() + args.kill_every
+        next_stop = time.monotonic() + args.stop_every
+        next_drain = time.monotonic() + args.drain_every
         restarted = False
         while time.monotonic() - started < args.timeout:
             await asyncio.sleep(1.0)
@@ -288,6 +329,12 @@ async def soak(args: argparse.Namespace, db_url: str, tmp: Path) -> dict[str, An
             if time.monotonic() >= next_kill:
                 next_kill += args.kill_every
                 pending.add(asyncio.ensure_future(_kill_one(agents, stats)))
+            if time.monotonic() >= next_stop:
+                next_stop += args.stop_every
+                pending.add(asyncio.ensure_future(_stop_one(agents, stats)))
+            if time.monotonic() >= next_drain:
+                next_drain += args.drain_every
+                pending.add(asyncio.ensure_future(_drain_one(client, agents, stats)))
         for t in pending:
             t.cancel()
         duration = time.monotonic() - started
@@ -333,7 +380,7 @@ async def _submit(client: Any, stages: int) -> list[str]:
                     "kind": "evaluate",
                     "params": {"inputs": ["x"]},
                     "resources": {"cpus": 1, "memory": 256},
-                    "max_retries": 3,
+                    "retries": {"node_lost": 20, "preempted": 20, "infra": 0, "error": 0},
                 }
                 for i in range(count)
             ],
@@ -381,6 +428,36 @@ async def _kill_one(agents: list[SimAgent], stats: Stats) -> None:
     agent.start()
 
 
+async def _stop_one(agents: list[SimAgent], stats: Stats) -> None:
+    victims = [a for a in agents if a.alive and not a.stopping]
+    if not victims:
+        return
+    agent = random.choice(victims)
+    stats.stops += 1
+    await agent.stop(random.uniform(0.0, 2.0))
+    await asyncio.sleep(random.uniform(0.3, 1.5))
+    agent.start()
+
+
+async def _drain_one(client: Any, agents: list[SimAgent], stats: Stats) -> None:
+    """Drain a node (half of the time with a 1 s deadline), undrain it a few seconds later."""
+    agent = random.choice(agents)
+    deadline = 1.0 if random.random() < 0.5 else 0.0
+    try:
+        await client.DrainNode(infra_pb2.DrainNodeRequest(node=agent.node_id, deadline_s=deadline), timeout=10)
+    except grpc.aio.AioRpcError:
+        return  # the master is away (restarting)
+    stats.drains += 1
+    stats.drain_deadlines += deadline > 0
+    await asyncio.sleep(random.uniform(2.0, 4.0))
+    for _ in range(20):  # undrain even across a master restart
+        try:
+            await client.DrainNode(infra_pb2.DrainNodeRequest(node=agent.node_id, undrain=True), timeout=10)
+            return
+        except grpc.aio.AioRpcError:
+            await asyncio.sleep(1.0)
+
+
 def verify(db_url: str, stats: Stats, args: argparse.Namespace) -> dict[str, Any]:
     """Compare the master's database with what the simulated stages wrote."""
     from sqlalchemy import create_engine, select
@@ -392,6 +469,7 @@ def verify(db_url: str, stats: Stats, args: argparse.Namespace) -> dict[str, Any
         with engine.connect() as conn:
             stages = conn.execute(select(Stage.id, Stage.state, Stage.reason)).all()
             attempts = conn.execute(select(Attempt.id, Attempt.stage_id, Attempt.state, Attempt.message)).all()
+            classes = collections.Counter(c for (c,) in conn.execute(select(Attempt.failure_class)).all() if c)
             events = conn.execute(select(Event.attempt_id, Event.seq, Event.data)).all()
     finally:
         engine.dispose()
@@ -428,8 +506,13 @@ def verify(db_url: str, stats: Stats, args: argparse.Namespace) -> dict[str, Any
         "attempts": len(attempts),
         "retried_attempts": sum(retries.values()),
         "retry_reasons": dict(retries.most_common(3)),
+        "attempt_classes": dict(classes),
+        "error_class_attempts": classes.get("error", 0),
         "agent_kills": stats.kills,
         "agent_kills_past_lost_timeout": stats.long_kills,
+        "graceful_stops": stats.stops,
+        "drains": stats.drains,
+        "drains_with_deadline": stats.drain_deadlines,
         "master_restarts": stats.master_restarts,
         "events_written": sum(len(v) for v in stats.written.values()),
         "events_stored": len(events),
@@ -445,6 +528,8 @@ def main() -> int:
     p.add_argument("--nodes", type=int, default=200)
     p.add_argument("--stages", type=int, default=2000)
     p.add_argument("--kill-every", type=float, default=1.5, help="seconds between agent kills")
+    p.add_argument("--stop-every", type=float, default=2.0, help="seconds between graceful agent stops")
+    p.add_argument("--drain-every", type=float, default=3.0, help="seconds between node drains")
     p.add_argument("--timeout", type=float, default=300.0, help="give up (and report) after this many seconds")
     p.add_argument("--db", choices=["sqlite", "postgres"], default="sqlite")
     p.add_argument("--postgres-url", default=os.environ.get("INFRA_TEST_POSTGRES_URL", PG_DEFAULT))
@@ -467,6 +552,7 @@ def main() -> int:
         result["not_ended"] == 0
         and result["failed_without_reason"] == 0
         and result["stages_succeeded_twice"] == 0
+        and result["error_class_attempts"] == 0
         and result["events_lost"] == result["events_duplicated"] == result["events_wrong"] == 0
     )
     return 0 if ok else 1

@@ -230,10 +230,12 @@ def test_a_node_short_of_disk_takes_no_stage_and_stops_one_that_fills_it(cluster
     free = _free_mib(cluster.tmp)
     cluster.start_node("filling", "--min-free-disk", "1MiB", "--stop-free-disk", f"{free - 40}MiB")
     cluster.wait_online("filling")
-    key = cluster.submit({"name": "fills", "stages": [{"name": "s", "kind": "fill", "params": {"mib": 150}}]})
+    # a full disk is the platform's fault (class infra); no retry here, so the one attempt's file stays in place
+    fills = {"name": "s", "kind": "fill", "params": {"mib": 150}, "retries": {"infra": 0}}
+    key = cluster.submit({"name": "fills", "stages": [fills]})
     exp = cluster.wait_finished(key, timeout=60)
     s = exp["stages"][0]
-    assert exp["state"] == "failed" and s["node"] == "filling"
+    assert exp["state"] == "failed" and s["node"] == "filling" and s["attempts"][0]["failure_class"] == "infra"
     assert "disk is nearly full" in s["attempts"][0]["message"] and "--stop-free-disk" in s["attempts"][0]["message"]
     fill = cluster.workdir("filling") / "experiments" / key / "work" / "s" / "fill.bin"
     assert fill.stat().st_size < 150 << 20

@@ -179,8 +179,9 @@ def test_a_second_signal_stops_the_stages_at_once(cluster: Cluster) -> None:
     cluster.start_master("--lost-timeout", "20")
     agent = cluster.start_node("hurry", "--stop-deadline", "600", heartbeat=0.3)
     cluster.wait_online("hurry")
-    plan = {"name": "hurry", "stages": [{"name": "s", "kind": "probe", "params": {"seconds": 120}}]}
-    key = cluster.submit(plan)
+    # no preempted retry: no other node would take it, and the class is what this test checks
+    stage_plan = {"name": "s", "kind": "probe", "params": {"seconds": 120}, "retries": {"preempted": 0}}
+    key = cluster.submit({"name": "hurry", "stages": [stage_plan]})
     pid = _pid(cluster, "hurry", key, "s")
     agent.send_signal(signal.SIGTERM)
     cluster.wait_for(
@@ -194,6 +195,7 @@ def test_a_second_signal_stops_the_stages_at_once(cluster: Cluster) -> None:
     attempt = stage(exp, "s")["attempts"][0]
     assert (
         attempt["state"] == "failed"
+        and attempt["failure_class"] == "preempted"
         and "the node agent of hurry was stopped: run again elsewhere" in attempt["message"]
     )
     assert "ended failed (preempted)" in (cluster.tmp / "hurry.log").read_text()
