@@ -287,6 +287,7 @@ class SimAgent:
             )
             if h.final == "preempted":
                 rep.state, rep.failure_class, rep.exit_code = infra_pb2.FAILED, infra_pb2.FAILURE_PREEMPTED, -15
+                rep.message = "stopped by a graceful agent stop"
             await self.stub.ReportStatus(rep, timeout=10)
             self.held.pop(h.attempt_id, None)
 
@@ -326,13 +327,13 @@ async def soak(args: argparse.Namespace, db_url: str, tmp: Path) -> dict[str, An
                 restarted = True
             if running == 0:
                 break
-            if time.monotonic() >= next_kill:
+            while time.monotonic() >= next_kill:
                 next_kill += args.kill_every
                 pending.add(asyncio.ensure_future(_kill_one(agents, stats)))
-            if time.monotonic() >= next_stop:
+            while time.monotonic() >= next_stop:
                 next_stop += args.stop_every
                 pending.add(asyncio.ensure_future(_stop_one(agents, stats)))
-            if time.monotonic() >= next_drain:
+            while time.monotonic() >= next_drain:
                 next_drain += args.drain_every
                 pending.add(asyncio.ensure_future(_drain_one(client, agents, stats)))
         for t in pending:
