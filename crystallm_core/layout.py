@@ -49,6 +49,11 @@ PLOTS = "plots"
 ARTIFACTS = "artifacts"
 WORK = "work"
 FOLDERS = (DATA, LOGS, METRICS, CKPTS, SAMPLES, PROBES, PLOTS, ARTIFACTS, WORK)
+# The top level of a machine's workdir: experiment records, node identities, plugin files (crystallm_core.plugins).
+EXPERIMENTS = "experiments"
+NODES = "nodes"
+PLUGINS = "plugins"
+WORKDIR_FOLDERS = (EXPERIMENTS, NODES, PLUGINS)
 RESERVED_NAMES = frozenset({PLAN_JSON, ENV_JSON, *FOLDERS})
 """Top-level entries of an experiment folder: no stage may be named like one of them."""
 
@@ -119,11 +124,22 @@ class Artifact:
     bytes: int
 
 
+def experiment_dir(workdir: str | Path, key: str) -> Path:
+    """The record of experiment ``key`` in a workdir: ``<workdir>/experiments/<key>`` (``key`` is checked
+    as a single path component)."""
+    return Path(workdir) / EXPERIMENTS / check_name(key, "experiment key")
+
+
 class ExperimentLayout:
     """The paths of one experiment record rooted at ``root`` (nothing is created until :meth:`ensure`)."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+
+    @classmethod
+    def in_workdir(cls, workdir: str | Path, key: str) -> ExperimentLayout:
+        """The record of experiment ``key`` in ``workdir`` (:func:`experiment_dir`)."""
+        return cls(experiment_dir(workdir, key))
 
     def __repr__(self) -> str:
         return f"ExperimentLayout({str(self.root)!r})"

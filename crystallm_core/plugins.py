@@ -51,9 +51,9 @@ OWN_DISTRIBUTION = "infra"
 # This package's own plugins as setup.py declares them (a test keeps the two equal). They stand in for
 # the entry points when the package runs from a source checkout that was never installed (no metadata).
 OWN_PLUGINS = {
-    "chgnet-scorer": "plugins.scorers.chgnet_scorer",
-    "random-scorer": "plugins.scorers.random_scorer",
-    "zmq-scorer": "plugins.scorers.zmq_scorer",
+    "chgnet-scorer": "infra.plugins.scorers.chgnet_scorer",
+    "random-scorer": "infra.plugins.scorers.random_scorer",
+    "zmq-scorer": "infra.plugins.scorers.zmq_scorer",
 }
 DEFAULT_TIMEOUT = 10.0
 TIMEOUT_ENV = "INFRA_PLUGIN_TIMEOUT"
@@ -68,7 +68,7 @@ REGISTRIES = {
     "model": ("crystallm_core.model", "MODELS"),
     "metric": ("crystallm_core.evaluate", "METRICS"),
 }
-STAGES_MODULE = "infra.stages"  # its registry is a function pair; read only if a plugin imported it
+STAGES_MODULE = "infra.spec.stages"  # its registry is a function pair; read only if a plugin imported it
 
 
 @dataclass(frozen=True)

@@ -53,8 +53,8 @@ def cmd_master(args: argparse.Namespace) -> int:
 
         print(master_unit(args.parser, args), end="")
         return 0
-    from master.db import default_db_url
-    from master.server import Settings, main
+    from infra.master.db import default_db_url
+    from infra.master.server import Settings, main
 
     settings = Settings(
         db_url=args.db or default_db_url(),
@@ -73,11 +73,11 @@ def cmd_master(args: argparse.Namespace) -> int:
 
 def cmd_node(args: argparse.Namespace) -> int:
     from infra.client import master_address
-    from infra.plan import parse_memory
-    from infra.transport import ClientTls, TransportError, read_token
+    from infra.node.agent import Options, main
+    from infra.node.identity import default_name
+    from infra.protos.transport import ClientTls, TransportError, read_token
+    from infra.spec.plan import parse_memory
     from infra.wkdir import WorkdirError, prepare_workdir, require_workdir
-    from node.agent import Options, main
-    from node.identity import default_name
 
     try:
         workdir = prepare_workdir(args.workdir) if args.workdir else require_workdir()
@@ -126,7 +126,7 @@ def cmd_node(args: argparse.Namespace) -> int:
 
 def _client(args: argparse.Namespace) -> Any:
     from infra.client import Client, ClientError, user_token
-    from infra.transport import ClientTls, TransportError
+    from infra.protos.transport import ClientTls, TransportError
 
     try:
         tls = ClientTls.from_settings(args.tls_ca, args.tls_cert, args.tls_key)
@@ -137,8 +137,8 @@ def _client(args: argparse.Namespace) -> Any:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from infra.plan import PlanError, load_plan_data, resolve_inputs
-    from infra.stages import load_stage_modules
+    from infra.node.stage_plugins import load_stage_modules
+    from infra.spec.plan import PlanError, load_plan_data, resolve_inputs
 
     load_stage_modules()
     try:
@@ -390,7 +390,7 @@ def cmd_rerun(args: argparse.Namespace) -> int:
 
 def _token_db(args: argparse.Namespace) -> Any:
     """The master's database, for token commands run on the master's machine (``--db``)."""
-    from master.db import default_db_url, make_engine, migrate
+    from infra.master.db import default_db_url, make_engine, migrate
 
     engine = make_engine(args.db or default_db_url())
     migrate(engine)
@@ -402,7 +402,7 @@ def cmd_token(args: argparse.Namespace) -> int:
     if args.db is not None:
         from sqlalchemy.orm import Session
 
-        from master import auth
+        from infra.master import auth
 
         engine = _token_db(args)
         try:

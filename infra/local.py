@@ -17,8 +17,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-from infra.plan import Plan, PlanError, load_plan_data, resolve_inputs, validate_plan, with_defaults
-from infra.stages import StageContext, get_stage_kind, load_stage_modules, workdir_stage_plugins
+from infra.node.stage_plugins import load_stage_modules, workdir_stage_plugins
+from infra.spec.plan import Plan, PlanError, load_plan_data, resolve_inputs, validate_plan, with_defaults
+from infra.spec.stages import StageContext, get_stage_kind
 from infra.wkdir import WorkdirError, get_workdir, prepare_workdir
 
 
@@ -40,7 +41,7 @@ def _printer(stage: str, quiet: bool) -> Any:
 def _missing_extras(plan: Plan, workdir: Path, plugin_timeout: float) -> dict[str, list[str]]:
     """Per stage, the optional features its params need that this machine lacks (a package such as chgnet,
     a scorer no plugin registers). Plugins are listed, in a subprocess, only when some stage needs one."""
-    from node import facts
+    from infra.node import facts
 
     needs = {}
     for s in plan.stages:
@@ -65,7 +66,7 @@ def run_plan(
     plugin_timeout: float = 30.0,
 ) -> list[dict[str, Any]]:
     """Run every stage in dependency order; returns one summary per stage."""
-    from node.runner import StageRun, start_record
+    from infra.node.runner import StageRun, start_record
 
     exp_dir = workdir / "experiments" / experiment
     start_record(exp_dir, with_defaults(plan.to_dict()))
@@ -177,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     except WorkdirError as e:
         print(f"infra-train: {e}", file=sys.stderr)
         return 2
-    from node.facts import probe_gpus
+    from infra.node.facts import probe_gpus
 
     experiment = args.experiment or f"{plan.name}-{time.strftime('%Y%m%d-%H%M%S')}"
     print(f"infra-train: {experiment} in {workdir / 'experiments' / experiment}", flush=True)

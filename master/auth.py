@@ -24,10 +24,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from infra.master.models import Token
 from sqlalchemy import Engine, insert, select, update
 from sqlalchemy.orm import Session
-
-from master.models import Token
 
 PREFIX = "inf1"
 ROLES = ("user", "admin", "node")

@@ -46,18 +46,19 @@ from typing import Any
 
 import grpc
 from google.protobuf.json_format import MessageToDict, ParseDict
+from infra.node import facts as node_facts
+from infra.node.identity import node_id as load_node_id
+from infra.node.identity import state_dir
+from infra.node.runner import StageRun, start_record
+from infra.node.spool import Item, Spool
+from infra.node.stage_plugins import load_stage_modules, workdir_stage_plugins
+from infra.protos import PROTOCOL_VERSION, infra_pb2, infra_pb2_grpc
+from infra.protos.transport import KEEPALIVE, RECONNECT, ClientTls, Connection
+from infra.spec.plan import validation_issues, with_defaults
+from infra.spec.stages import Command, StageContext, get_stage_kind
 from pydantic import ValidationError
 
 from crystallm_core.layout import check_stage_name
-from infra.plan import validation_issues, with_defaults
-from infra.stages import Command, StageContext, get_stage_kind, load_stage_modules, workdir_stage_plugins
-from infra.transport import KEEPALIVE, RECONNECT, ClientTls, Connection
-from node import facts as node_facts
-from node.identity import node_id as load_node_id
-from node.identity import state_dir
-from node.runner import StageRun, start_record
-from node.spool import Item, Spool
-from protos import PROTOCOL_VERSION, infra_pb2, infra_pb2_grpc
 
 log = logging.getLogger("infra.node")
 BATCH = 1000

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import Any
 
 import psutil
-
-from infra.stages import PLUGIN_FOLDER, get_stage_kind, stage_kinds
+from infra.node.stage_plugins import PLUGIN_FOLDER
+from infra.spec.stages import get_stage_kind, stage_kinds
 
 SOFTWARE = ("infra", "torch", "grpcio", "protobuf", "pymatgen", "nvidia-ml-py")
 EXTRAS = {"chgnet": "chgnet", "oid": "omegaid"}  # extra -> distribution that provides it

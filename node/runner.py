@@ -41,9 +41,9 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from infra.spec.stages import Command
 
 from crystallm_core.layout import WORK, ExperimentLayout, write_env_json, write_plan_json
-from infra.stages import Command
 
 RECORDS = ".infra"
 MAX_LINE = 8192  # longer log lines are cut (a progress bar without newlines must not exhaust the master)

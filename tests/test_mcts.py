@@ -274,7 +274,7 @@ def test_cli_names_bad_flags(ckpt, tmp_path, monkeypatch, capsys):
 
 def test_the_plan_stage_command_runs(ckpt, tmp_path):
     """The ``mcts`` stage kind of plans builds this verb's command line; it must run as built."""
-    from infra.stages import StageContext, get_stage_kind
+    from infra.spec.stages import StageContext, get_stage_kind
 
     kind = get_stage_kind("mcts")
     params = kind.params(

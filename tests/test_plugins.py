@@ -62,7 +62,7 @@ PLUGINS = {
         register_metric("test-newlines", lambda text: text.count("\\n"))
     """,
     "stage/echo.py": """
-        from infra.stages import Command, Spec, StageKind, register_stage
+        from infra.spec.stages import Command, Spec, StageKind, register_stage
 
         class EchoParams(Spec):
             text: str
@@ -188,7 +188,7 @@ def test_entry_points_of_other_distributions_are_loaded_and_broken_ones_reported
     (site / "fakeplug_mod.py").write_text(
         "def register():\n"
         "    from crystallm_core.scorers import register_scorer\n"
-        "    from plugins.scorers.random_scorer import RandomScorer\n"
+        "    from infra.plugins.scorers.random_scorer import RandomScorer\n"
         "    register_scorer('test-ep-scorer', RandomScorer)\n"
     )
     both = "from crystallm_core.cli import main; main(['plugins', 'list', '--json']); main(['plugins', 'list'])"

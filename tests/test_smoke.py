@@ -90,7 +90,7 @@ def test_benchmark_smoke_caps_structures_attempts_and_tokens(monkeypatch, capsys
 
 def _smoke_gaps(plan: dict) -> list[str]:
     """Stage verbs of the plan that infra/stages.py runs without --smoke although the plan asks for it."""
-    from infra.stages import StageContext, get_stage_kind
+    from infra.spec.stages import StageContext, get_stage_kind
 
     gaps = []
     for stage in plan["stages"]:

@@ -8,7 +8,7 @@ import sys
 import types
 from pathlib import Path
 
-from node import facts
+from infra.node import facts
 
 
 def test_old_pynvml_is_reported_with_the_fix() -> None:
@@ -47,9 +47,9 @@ def test_fake_gpus_and_overrides(tmp_path: Path) -> None:
 def test_the_agent_and_master_never_import_torch_or_the_model_library() -> None:
     code = (
         "import sys, json; from pathlib import Path\n"
-        "import infra.cli, infra.client, infra.plan, infra.stages, infra.local, infra.demo\n"
-        "import master.server, master.controller, node.agent\n"
-        "from node import facts\n"
+        "import infra.cli, infra.client, infra.spec.plan, infra.spec.stages, infra.local, infra.demo\n"
+        "import infra.master.server, infra.master.controller, infra.node.agent\n"
+        "from infra.node import facts\n"
         "facts.collect_facts(Path('.'), 'n', facts.probe_gpus(), None, None)\n"
         "print(json.dumps(sorted({m.split('.')[0] for m in sys.modules})))"
     )

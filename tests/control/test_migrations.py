@@ -7,10 +7,9 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from infra.master.db import make_engine, migrate
+from infra.master.models import Base
 from sqlalchemy import inspect, text
-
-from master.db import make_engine, migrate
-from master.models import Base
 
 
 def _check(url: str) -> None:

@@ -7,8 +7,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from infra.plan import (
+from infra.spec.plan import (
     RESERVED_STAGE_NAMES,
     PlanError,
     load_plan_data,

@@ -13,9 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from infra.stages import Command, StageContext, TrainParams, get_stage_kind
-from node.runner import (
+from infra.node.runner import (
     BOOT_ID,
     CANCEL_READ,
     DRAIN_BYTES,
@@ -28,6 +26,7 @@ from node.runner import (
     process_start,
     same_process,
 )
+from infra.spec.stages import Command, StageContext, TrainParams, get_stage_kind
 
 PY = sys.executable
 

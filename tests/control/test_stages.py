@@ -6,10 +6,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from infra.spec import stages
+from infra.spec.stages import Command, StageContext, get_stage_kind
 
 from crystallm_core import layout
-from infra import stages
-from infra.stages import Command, StageContext, get_stage_kind
 
 EXP = Path("/w/experiments/e")
 

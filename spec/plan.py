@@ -23,9 +23,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any
 
+from infra.spec.stages import Resources, Spec, get_stage_kind, stage_kinds
 from pydantic import BeforeValidator, Field, ValidationError
-
-from infra.stages import Resources, Spec, get_stage_kind, stage_kinds
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MAX_PLAN_BYTES = 16 << 20  # below the gRPC message limit, so that the field at fault can be named
