@@ -33,9 +33,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from infra.spec.plan import resolve_inputs  # noqa: E402
-
 from infra.client import Client  # noqa: E402
+from infra.spec.plan import resolve_inputs  # noqa: E402
 
 FINISHED = ("succeeded", "failed", "cancelled")
 

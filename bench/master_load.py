@@ -46,6 +46,7 @@ async def _load(
 ) -> dict[str, Any]:
     """One load process: ``count`` simulated nodes (and the submitter when ``submit``)."""
     import grpc
+
     from infra.protos import PROTOCOL_VERSION, infra_pb2, infra_pb2_grpc
 
     channels = [grpc.aio.insecure_channel(address) for _ in range(max(1, count // NODES_PER_CHANNEL))]

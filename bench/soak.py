@@ -48,9 +48,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import grpc  # noqa: E402
-from infra.protos import PROTOCOL_VERSION, infra_pb2, infra_pb2_grpc  # noqa: E402
 
 from bench.masterkit import postgres_database, start_master  # noqa: E402
+from infra.protos import PROTOCOL_VERSION, infra_pb2, infra_pb2_grpc  # noqa: E402
 
 PG_DEFAULT = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 NODES_PER_CHANNEL = 50
@@ -460,8 +460,9 @@ async def _drain_one(client: Any, agents: list[SimAgent], stats: Stats) -> None:
 
 def verify(db_url: str, stats: Stats, args: argparse.Namespace) -> dict[str, Any]:
     """Compare the master's database with what the simulated stages wrote."""
-    from infra.master.models import Attempt, Event, Stage
     from sqlalchemy import create_engine, select
+
+    from infra.master.models import Attempt, Event, Stage
 
     engine = create_engine(db_url)
     try:

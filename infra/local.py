@@ -17,9 +17,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+from crystallm_core.layout import experiment_dir
 from infra.node.stage_plugins import load_stage_modules, workdir_stage_plugins
 from infra.spec.plan import Plan, PlanError, load_plan_data, resolve_inputs, validate_plan, with_defaults
-from infra.spec.stages import StageContext, get_stage_kind
+from infra.spec.stages import get_stage_kind
 from infra.wkdir import WorkdirError, get_workdir, prepare_workdir
 
 
@@ -66,9 +67,9 @@ def run_plan(
     plugin_timeout: float = 30.0,
 ) -> list[dict[str, Any]]:
     """Run every stage in dependency order; returns one summary per stage."""
-    from infra.node.runner import StageRun, start_record
+    from infra.node.runner import StageRun, stage_context, start_record
 
-    exp_dir = workdir / "experiments" / experiment
+    exp_dir = experiment_dir(workdir, experiment)
     start_record(exp_dir, with_defaults(plan.to_dict()))
     lacking = _missing_extras(plan, workdir, plugin_timeout)
     done: dict[str, str] = {}
@@ -106,7 +107,7 @@ def run_plan(
             attempt = 0
             while True:
                 attempt += 1
-                ctx = StageContext(exp_dir, stage.name, plan.smoke, attempt)
+                ctx = stage_context(exp_dir, stage.name, plan.smoke, attempt)
                 emit, metrics, artifacts = _printer(stage.name, quiet)
                 gpus = list(range(stage.resources.gpus))
                 run = StageRun(kind.build(params, ctx), exp_dir, stage.name, workdir, gpus, emit, attempt)
@@ -181,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
     from infra.node.facts import probe_gpus
 
     experiment = args.experiment or f"{plan.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    print(f"infra-train: {experiment} in {workdir / 'experiments' / experiment}", flush=True)
+    print(f"infra-train: {experiment} in {experiment_dir(workdir, experiment)}", flush=True)
     summary = run_plan(plan, workdir, experiment, len(probe_gpus().gpus), args.quiet, args.plugin_timeout)
     for s in summary:
         print(f"  {s['stage']:<16} {s['state']:<10} {s.get('reason', '')}")

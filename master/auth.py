@@ -24,9 +24,10 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from infra.master.models import Token
 from sqlalchemy import Engine, insert, select, update
 from sqlalchemy.orm import Session
+
+from infra.master.models import Token
 
 PREFIX = "inf1"
 ROLES = ("user", "admin", "node")

@@ -33,6 +33,9 @@ from pathlib import PurePosixPath
 from typing import Any, TypeVar
 
 from google.protobuf.json_format import MessageToDict
+from sqlalchemy import Engine
+from sqlalchemy.orm import Session
+
 from infra.master import store
 from infra.master.state import (
     ACTIVE,
@@ -54,8 +57,6 @@ from infra.master.writer import Writer
 from infra.protos import PROTOCOL_VERSION, infra_pb2
 from infra.spec.plan import DEFAULT_RETRIES, Plan, parse_plan_text, validate_plan
 from infra.spec.stages import Resources, get_stage_kind, stage_kinds
-from sqlalchemy import Engine
-from sqlalchemy.orm import Session
 
 T = TypeVar("T")
 log = logging.getLogger("infra.master")

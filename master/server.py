@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+
 from infra.master.auth import Authenticator, AuthInterceptor
 from infra.master.controller import Controller
 from infra.master.db import make_engine, migrate

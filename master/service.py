@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import grpc
+
 from infra.master import auth, store
 from infra.master.auth import Identity
 from infra.master.controller import Controller, NotFound, ProtocolMismatch, Refused

@@ -10,10 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from infra.master.models import Attempt, Event, Experiment, Gpu, Node, Stage, StageDependency, Transition
 from sqlalchemy import Engine, and_, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
+
+from infra.master.models import Attempt, Event, Experiment, Gpu, Node, Stage, StageDependency, Transition
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 

@@ -19,9 +19,10 @@ from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from typing import Any, TypeVar
 
-from infra.master.store import Changes
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
+
+from infra.master.store import Changes
 
 T = TypeVar("T")
 log = logging.getLogger("infra.master.writer")

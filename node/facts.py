@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+
 from infra.node.stage_plugins import PLUGIN_FOLDER
 from infra.spec.stages import get_stage_kind, stage_kinds
 

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+
 from infra.protos import MAX_MESSAGE_BYTES
 
 KEEPALIVE = [

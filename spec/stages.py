@@ -6,10 +6,10 @@ plus small files written into the stage's working directory first), and default 
 kinds run ``crystallm`` verbs as subprocesses; plugins add kinds with :func:`register_stage` (the node and
 ``infra-train`` load them: ``infra.node.stage_plugins``).
 
-Every stage writes where the experiment record's layout says (``crystallm_core/layout.py``; this
-module cannot import it, since the master imports this one, so it spells the few folder names it
-needs and a test checks they agree). Later stages name earlier products with paths relative to the
-experiment directory:
+Every stage writes where the experiment record's layout says (``crystallm_core/layout.py``): the node fills
+the :class:`StageContext` from it (this module cannot import it: the master imports this one). Plans name
+the few experiment-wide folders (``data``, ``ckpts``, ``probes``) in params; later stages name earlier
+products with paths relative to the experiment directory:
 
 - prepare: ``data/`` (``data/selection.json`` included); the demo set first goes to
   ``artifacts/<stage>/demo.csv.gz``; runs [``crystallm demo-data``], ``crystallm prepare``
@@ -36,8 +36,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-# Top-level folders of the experiment record that stage kinds write (as in crystallm_core/layout.py).
-DATA, CKPTS, SAMPLES, PROBES, ARTIFACTS, WORK = "data", "ckpts", "samples", "probes", "artifacts", "work"
+# The experiment-wide folders that plans name (param defaults, the folders a kind owns): names of the
+# experiment record (crystallm_core/layout.py; the master imports this module and never crystallm_core, and a
+# test checks they agree). Every other path comes in the StageContext.
+DATA, CKPTS, PROBES = "data", "ckpts", "probes"
 
 
 # Bounds of the numbers in built-in params: a count fits an int32 (argparse, torch sizes, the verbs' own
@@ -101,34 +103,20 @@ class Resources:
 
 @dataclass(frozen=True)
 class StageContext:
-    """Where a stage runs and writes: absolute paths on the machine running it, after the experiment layout."""
+    """Where a stage runs and writes: plain data, absolute paths on the machine running it. The node and
+    ``infra-train`` fill it from the experiment layout (``infra.node.runner.stage_context``); a builder uses
+    these paths and never spells the layout itself."""
 
     experiment_dir: Path
     stage: str
+    work_dir: Path  # the stage process's working directory (scratch; ``files`` of its Command go here)
+    data_dir: Path
+    ckpts_dir: Path
+    probes_dir: Path
+    samples_dir: Path  # this stage's own folder of samples
+    artifacts_dir: Path  # this stage's products that have no folder of their own (a plugin's outputs, reports)
     smoke: bool = False
     attempt: int = 1
-
-    @property
-    def work_dir(self) -> Path:
-        """The stage process's working directory (scratch; ``files`` of its :class:`Command` go here)."""
-        return self.experiment_dir / WORK / self.stage
-
-    @property
-    def data_dir(self) -> Path:
-        return self.experiment_dir / DATA
-
-    @property
-    def ckpts_dir(self) -> Path:
-        return self.experiment_dir / CKPTS
-
-    @property
-    def samples_dir(self) -> Path:
-        return self.experiment_dir / SAMPLES / self.stage
-
-    @property
-    def artifacts_dir(self) -> Path:
-        """Where a stage puts products that have no folder of their own (a plugin's outputs, reports)."""
-        return self.experiment_dir / ARTIFACTS / self.stage
 
     def artifact(self, rel: str) -> str:
         """An experiment-relative path (a param) as an absolute one."""
@@ -241,7 +229,7 @@ class PrepareParams(Spec):
 def _build_prepare(p: PrepareParams, ctx: StageContext) -> Command:
     steps = []
     inputs = list(p.inputs)
-    outputs = [DATA]
+    outputs = [ctx.rel(ctx.data_dir)]
     if p.demo is not None:
         raw = str(ctx.artifacts_dir / "demo.csv.gz")
         steps.append(crystallm("demo-data", "--out", raw, "--n", str(p.demo.n), "--seed", str(p.demo.seed)))
@@ -288,7 +276,7 @@ def _build_train(p: TrainParams, ctx: StageContext) -> Command:
     settings.update(p.overrides)
     resume = p.resume or (ctx.attempt > 1 and (ctx.ckpts_dir / "last.pt").is_file())
     flags = (["--resume"] if resume else []) + _smoke(ctx)
-    outputs = [CKPTS, PROBES]
+    outputs = [ctx.rel(ctx.ckpts_dir), ctx.rel(ctx.probes_dir)]
     if p.config is not None:  # the user's config file, with the stage's settings as key=value overrides
         overrides = (f"{k}={_setting(v)}" for k, v in settings.items())
         return Command([crystallm("train", p.config, *overrides, *flags)], fresh_dir=not resume, outputs=outputs)

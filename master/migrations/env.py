@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from alembic import context
-from infra.master.models import Base
 from sqlalchemy import create_engine
+
+from infra.master.models import Base
 
 config = context.config
 engine = config.attributes.get("engine") or create_engine(config.get_main_option("sqlalchemy.url"))

@@ -15,8 +15,9 @@ from __future__ import annotations
 import json
 import sys
 
-from infra.spec.stages import Command, Resources, Spec, StageContext, StageKind, register_stage
 from pydantic import Field
+
+from infra.spec.stages import Command, Resources, Spec, StageContext, StageKind, register_stage
 
 SCRIPT = r"""
 import json, os, subprocess, sys, time

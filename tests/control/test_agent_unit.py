@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from infra.node.agent import Agent, Held, Options, final_report
 from infra.protos import infra_pb2
 

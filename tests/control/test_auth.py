@@ -10,9 +10,10 @@ from typing import Any
 
 import grpc
 import pytest
+from sqlalchemy import create_engine, select
+
 from infra.master.models import Token
 from infra.protos import PROTOCOL_VERSION, infra_pb2, infra_pb2_grpc
-from sqlalchemy import create_engine, select
 
 from .conftest import Cluster
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 import pytest
+
 from infra.protos import PROTOCOL_VERSION, infra_pb2, infra_pb2_grpc
 
 pytestmark = pytest.mark.timeout(240)

@@ -7,13 +7,14 @@ import json
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
 from infra.master import store
 from infra.master.controller import Controller
 from infra.master.db import make_engine, migrate
 from infra.master.models import Event, Transition
 from infra.protos import PROTOCOL_VERSION, infra_pb2
-from sqlalchemy import func, select
-from sqlalchemy.orm import Session
 
 from .controller_kit import run_controller
 

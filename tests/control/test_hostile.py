@@ -12,11 +12,12 @@ from typing import Any
 import grpc
 import psutil
 import pytest
+from sqlalchemy import create_engine, func, select
+from sqlalchemy.orm import Session
+
 from infra.master import store
 from infra.master.models import Attempt, Event, Experiment, Stage
 from infra.protos import MAX_MESSAGE_BYTES, infra_pb2, infra_pb2_grpc
-from sqlalchemy import create_engine, func, select
-from sqlalchemy.orm import Session
 
 from .conftest import STAGEKIT, Cluster
 

@@ -7,9 +7,10 @@ from pathlib import Path
 import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
+from sqlalchemy import inspect, text
+
 from infra.master.db import make_engine, migrate
 from infra.master.models import Base
-from sqlalchemy import inspect, text
 
 
 def _check(url: str) -> None:

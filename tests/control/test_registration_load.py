@@ -17,9 +17,10 @@ from types import ModuleType
 from typing import Any
 
 import grpc
-from infra.protos import PROTOCOL_VERSION, infra_pb2, infra_pb2_grpc
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
+
+from infra.protos import PROTOCOL_VERSION, infra_pb2, infra_pb2_grpc
 
 from .conftest import Cluster
 

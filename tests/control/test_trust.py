@@ -11,6 +11,9 @@ from typing import Any
 
 import grpc
 import pytest
+from sqlalchemy import text, update
+from sqlalchemy.orm import Session
+
 from infra.master import store
 from infra.master.controller import Controller, NotFound, Refused
 from infra.master.db import make_engine, migrate
@@ -18,8 +21,6 @@ from infra.master.models import Experiment, Stage
 from infra.master.service import ClientServicer, NodeServicer
 from infra.protos import PROTOCOL_VERSION, infra_pb2, infra_pb2_grpc
 from infra.spec.plan import MAX_STAGES, PlanError, validate_plan
-from sqlalchemy import text, update
-from sqlalchemy.orm import Session
 
 from .conftest import Cluster
 from .controller_kit import run_controller

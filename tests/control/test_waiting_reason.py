@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+
 from infra.master import store
 from infra.master.controller import Controller
 from infra.protos import PROTOCOL_VERSION, infra_pb2
