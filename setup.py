@@ -76,8 +76,9 @@ setup(
             "infra-wkdir=infra.wkdir:main",
             "infra-train=infra.local:main",
         ],
-        # Built-in scorers ship as plugins; others' packages add theirs to the same group (docs/PLUGINS.md).
-        "infra.plugins": [
+        # Built-in scorers ship as plugins of crystallm_core's group; others' packages add theirs to the same
+        # group (docs/PLUGINS.md).
+        "crystallm.plugins": [
             "random-scorer=infra.plugins.scorers.random_scorer",
             "chgnet-scorer=infra.plugins.scorers.chgnet_scorer",
             "zmq-scorer=infra.plugins.scorers.zmq_scorer",
