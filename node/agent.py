@@ -52,10 +52,11 @@ from infra.node import facts as node_facts
 from infra.node.identity import node_id as load_node_id
 from infra.node.identity import state_dir
 from infra.node.runner import StageRun, stage_context, start_record
+from infra.node.settings import Options
 from infra.node.spool import Item, Spool
 from infra.node.stage_plugins import load_stage_modules, workdir_stage_plugins
 from infra.protos import PROTOCOL_VERSION, infra_pb2, infra_pb2_grpc
-from infra.protos.transport import KEEPALIVE, RECONNECT, ClientTls, Connection
+from infra.protos.transport import KEEPALIVE, RECONNECT, Connection
 from infra.spec.plan import validation_issues, with_defaults
 from infra.spec.stages import Command, get_stage_kind
 
@@ -123,24 +124,6 @@ def _event(it: Item) -> infra_pb2.Event:
     else:
         ev.log.stream, ev.log.text = body.get("stream", ""), body.get("text", "")
     return ev
-
-
-@dataclass
-class Options:
-    master: str
-    workdir: Path
-    name: str
-    heartbeat: float = 5.0
-    cpus: int | None = None
-    memory_mib: int | None = None
-    fake_gpus: int | None = None
-    token: str | None = None
-    tls: ClientTls | None = None
-    spool_limit_mib: int = 256
-    min_free_disk_mib: int = 1024
-    stop_free_disk_mib: int | None = None  # default: half of min_free_disk_mib
-    plugin_timeout: float = 30.0
-    stop_deadline: float = 60.0  # on SIGTERM/SIGINT, how long running stages may take to finish
 
 
 @dataclass(eq=False)
