@@ -4,6 +4,25 @@ from pathlib import Path
 
 from setuptools import find_packages, setup
 
+# One installed namespace: the repository's top-level folders of the cluster side install under ``infra.*``
+# (never as generic top-level names such as ``master`` or ``node``); crystallm_core stays a package of its own.
+PACKAGE_DIRS = {
+    "infra": "infra",  # the user's commands: infra, infra-train, infra-wkdir, the client, the demo
+    "infra.spec": "spec",  # the contract: plan schema, stage kinds, workdir setting
+    "infra.protos": "protos",  # the wire: messages, stubs, transport
+    "infra.master": "master",
+    "infra.node": "node",
+    "infra.plugins": "plugins",  # built-in plugins (scorers)
+}
+
+
+def _packages() -> list[str]:
+    out = []
+    for name, folder in PACKAGE_DIRS.items():
+        out += [name] + [f"{name}.{sub}" for sub in find_packages(folder)]
+    return out + ["crystallm_core"] + [f"crystallm_core.{sub}" for sub in find_packages("crystallm_core")]
+
+
 setup(
     name="infra",
     version="0.1.0",
@@ -11,25 +30,11 @@ setup(
     long_description=Path("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(
-        include=[
-            "infra",
-            "infra.*",
-            "master",
-            "master.*",
-            "node",
-            "node.*",
-            "protos",
-            "protos.*",
-            "plugins",
-            "plugins.*",
-            "crystallm_core",
-            "crystallm_core.*",
-        ]
-    ),
+    packages=_packages(),
+    package_dir=PACKAGE_DIRS,
     package_data={
-        "protos": ["*.proto"],
-        "master": ["migrations/*.ini", "migrations/*.mako", "migrations/*.py", "migrations/versions/*.py"],
+        "infra.protos": ["*.proto"],
+        "infra.master": ["migrations/*.ini", "migrations/*.mako", "migrations/*.py", "migrations/versions/*.py"],
     },
     install_requires=[
         # torch 2.11 (GPU nodes) to 2.13 (CPU wheel in CI) are both exercised.
@@ -51,7 +56,14 @@ setup(
         "psycopg2-binary>=2.9",
     ],
     extras_require={
-        "dev": ["pytest>=8", "pytest-timeout>=2.2", "ruff>=0.5", "grpcio-tools>=1.85.1", "cryptography>=42"],
+        "dev": [
+            "pytest>=8",
+            "pytest-timeout>=2.2",
+            "ruff>=0.5",
+            "grpcio-tools==1.85.1",
+            "import-linter>=2.0",
+            "cryptography>=42",
+        ],
         # The scorer batches graphs with CHGNet's model internals (BatchedGraph, _compute): the versions
         # its test has been run against.
         "chgnet": ["chgnet>=0.4,<0.5"],
@@ -64,11 +76,12 @@ setup(
             "infra-wkdir=infra.wkdir:main",
             "infra-train=infra.local:main",
         ],
-        # Built-in scorers ship as plugins; others' packages add theirs to the same group (docs/PLUGINS.md).
-        "infra.plugins": [
-            "random-scorer=plugins.scorers.random_scorer",
-            "chgnet-scorer=plugins.scorers.chgnet_scorer",
-            "zmq-scorer=plugins.scorers.zmq_scorer",
+        # Built-in scorers ship as plugins of crystallm_core's group; others' packages add theirs to the same
+        # group (docs/PLUGINS.md).
+        "crystallm.plugins": [
+            "random-scorer=infra.plugins.scorers.random_scorer",
+            "chgnet-scorer=infra.plugins.scorers.chgnet_scorer",
+            "zmq-scorer=infra.plugins.scorers.zmq_scorer",
         ],
     },
 )

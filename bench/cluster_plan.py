@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from infra.client import Client  # noqa: E402
-from infra.plan import resolve_inputs  # noqa: E402
+from infra.spec.plan import resolve_inputs  # noqa: E402
 
 FINISHED = ("succeeded", "failed", "cancelled")
 

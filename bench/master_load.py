@@ -47,7 +47,7 @@ async def _load(
     """One load process: ``count`` simulated nodes (and the submitter when ``submit``)."""
     import grpc
 
-    from protos import PROTOCOL_VERSION, infra_pb2, infra_pb2_grpc
+    from infra.protos import PROTOCOL_VERSION, infra_pb2, infra_pb2_grpc
 
     channels = [grpc.aio.insecure_channel(address) for _ in range(max(1, count // NODES_PER_CHANNEL))]
     latencies: list[float] = []

@@ -50,7 +50,7 @@ sys.path.insert(0, str(ROOT))
 import grpc  # noqa: E402
 
 from bench.masterkit import postgres_database, start_master  # noqa: E402
-from protos import PROTOCOL_VERSION, infra_pb2, infra_pb2_grpc  # noqa: E402
+from infra.protos import PROTOCOL_VERSION, infra_pb2, infra_pb2_grpc  # noqa: E402
 
 PG_DEFAULT = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 NODES_PER_CHANNEL = 50
@@ -463,7 +463,7 @@ def verify(db_url: str, stats: Stats, args: argparse.Namespace) -> dict[str, Any
     """Compare the master's database with what the simulated stages wrote."""
     from sqlalchemy import create_engine, select
 
-    from master.models import Attempt, Event, Stage
+    from infra.master.models import Attempt, Event, Stage
 
     engine = create_engine(db_url)
     try:

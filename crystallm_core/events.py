@@ -22,17 +22,10 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 ENV_VAR = "CRYSTALLM_EVENTS"
 FILENAME = "events.jsonl"
-
-
-class MetricsSink(Protocol):
-    def metric(self, step: int, **values: float) -> None: ...
-    def artifact(self, path: str | Path, kind: str) -> None: ...
-    def progress(self, what: str, done: int, total: int | None) -> None: ...
-    def close(self) -> None: ...
 
 
 def _finite(v: float) -> float | None:

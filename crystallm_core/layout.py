@@ -17,9 +17,13 @@
 
 Standard library only: the master side (which never imports torch) uses it too. A standalone
 ``crystallm train`` treats its ``out_dir`` as such a root (``ckpts/``, ``metrics/``, ``plots/``,
-``probes/``). Stage and probe names become path components, so they are checked here; stage names
-equal to a top-level entry (:data:`RESERVED_NAMES`) are refused by :func:`check_stage_name` because
-stage directories used to sit directly in the experiment folder.
+``probes/``). Experiment keys, stage and probe names become path components, so they are checked here
+(the node checks what the master sends with these functions). Every per-stage path is nested under a
+folder (``logs/``, ``metrics/``, ``work/``, ``samples/``, ``artifacts/``), so a stage may be named like a
+top-level entry (:data:`RESERVED_NAMES`) without colliding with it.
+
+A machine's workdir holds ``experiments/<key>/`` (:func:`experiment_dir`), ``nodes/`` and ``plugins/``
+(:data:`WORKDIR_FOLDERS`).
 """
 
 from __future__ import annotations
@@ -49,8 +53,13 @@ PLOTS = "plots"
 ARTIFACTS = "artifacts"
 WORK = "work"
 FOLDERS = (DATA, LOGS, METRICS, CKPTS, SAMPLES, PROBES, PLOTS, ARTIFACTS, WORK)
+# The top level of a machine's workdir: experiment records, node identities, plugin files (crystallm_core.plugins).
+EXPERIMENTS = "experiments"
+NODES = "nodes"
+PLUGINS = "plugins"
+WORKDIR_FOLDERS = (EXPERIMENTS, NODES, PLUGINS)
 RESERVED_NAMES = frozenset({PLAN_JSON, ENV_JSON, *FOLDERS})
-"""Top-level entries of an experiment folder: no stage may be named like one of them."""
+"""Top-level entries of an experiment folder (what :meth:`ExperimentLayout.ensure` and the record create)."""
 
 # What list_artifacts calls the files of each top-level entry (the kinds of artifact events).
 KINDS = {
@@ -66,7 +75,9 @@ KINDS = {
     ARTIFACTS: "artifact",
 }
 
-_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+MAX_NAME = 64  # stage names (a plan's names are at most 64 characters)
+MAX_KEY = 128  # experiment keys: a plan's name, '-' and the master's experiment id
 _PROBE_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 PACKAGES = (
     "infra",
@@ -88,21 +99,23 @@ class LayoutError(ValueError):
     """A name or path that does not fit the experiment layout; the message says which and why."""
 
 
-def check_name(name: str, what: str = "name") -> str:
-    """A single path component: 1-64 letters, digits, ``_ . -``, and not ``.`` or ``..``."""
-    if not isinstance(name, str) or not _NAME.fullmatch(name) or name in (".", ".."):
-        raise LayoutError(f"{what} {name!r} must be 1-64 letters, digits, '_', '.' or '-' (it becomes a directory)")
+def check_name(name: str, what: str = "name", limit: int = MAX_NAME) -> str:
+    """A single path component: 1-``limit`` letters, digits, ``_ . -``, and not ``.`` or ``..``."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name) or len(name) > limit or name in (".", ".."):
+        raise LayoutError(
+            f"{what} {name!r} must be 1-{limit} letters, digits, '_', '.' or '-' (it becomes a directory)"
+        )
     return name
 
 
 def check_stage_name(name: str) -> str:
-    """A stage name that is a safe path component and collides with no top-level entry."""
-    check_name(name, "stage name")
-    if name in RESERVED_NAMES:
-        raise LayoutError(
-            f"stage name {name!r} is reserved by the experiment layout; avoid {', '.join(sorted(RESERVED_NAMES))}"
-        )
-    return name
+    """A stage name that is a safe path component (its folders are nested, so no name is reserved)."""
+    return check_name(name, "stage name")
+
+
+def check_experiment_key(key: str) -> str:
+    """An experiment key (``<plan name>-<id>``) that is a safe path component."""
+    return check_name(key, "experiment key", MAX_KEY)
 
 
 def check_probe_name(name: str) -> str:
@@ -119,11 +132,22 @@ class Artifact:
     bytes: int
 
 
+def experiment_dir(workdir: str | Path, key: str) -> Path:
+    """The record of experiment ``key`` in a workdir: ``<workdir>/experiments/<key>`` (``key`` is checked
+    as a single path component)."""
+    return Path(workdir) / EXPERIMENTS / check_experiment_key(key)
+
+
 class ExperimentLayout:
     """The paths of one experiment record rooted at ``root`` (nothing is created until :meth:`ensure`)."""
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+
+    @classmethod
+    def in_workdir(cls, workdir: str | Path, key: str) -> ExperimentLayout:
+        """The record of experiment ``key`` in ``workdir`` (:func:`experiment_dir`)."""
+        return cls(experiment_dir(workdir, key))
 
     def __repr__(self) -> str:
         return f"ExperimentLayout({str(self.root)!r})"

@@ -1,14 +1,18 @@
-"""Plugins: scorers, vocabularies, model sizes, metrics and stage kinds added without forking the package.
+"""Plugins: scorers, vocabularies, model sizes and metrics added without forking the package.
 
 Two sources, loaded in this order:
 
-* **Entry points** of the group ``infra.plugins`` in installed distributions. Each names a module
+* **Entry points** of the group ``crystallm.plugins`` in installed distributions. Each names a module
   (imported) or a callable (called with no arguments); either registers through the public
-  registries. This package ships its scorers this way (``plugins/scorers``).
+  registries. The distribution that installs this package ships its scorers this way.
 * **Workdir files**: ``<workdir>/plugins/<kind>/*.py`` with kind one of ``scorer``, ``vocab``,
-  ``model``, ``metrics``, ``stage``. Each file is imported as ``infra_ext.<kind>.<stem>``; the
+  ``model``, ``metrics``. Each file is imported as ``infra_ext.<kind>.<stem>``; the
   ``infra_ext`` package and its kind packages are created in ``sys.modules`` at load time with the
   kind folders as their ``__path__``, so plugins of one folder may import each other by those names.
+  Other folders named in :data:`ELSEWHERE` belong to other loaders and are skipped here.
+
+The same isolated loading serves callers with registries of their own: :func:`load_modules` imports
+modules or ``.py`` files after the same probe (a node's stage kinds, ``<workdir>/plugins/stage/``).
 
 Untrusted code must not wedge the process that loads it: a plugin that raises, exits or hangs is
 reported (path and error) and skipped while the others load. So every workdir file and every
@@ -16,7 +20,7 @@ entry point of another distribution is first imported in a child interpreter (on
 reporting each import as it starts and ends; a child that exceeds the time limit on one plugin is
 killed and a fresh one continues with the rest), and only the ones that imported cleanly there are
 imported here. A thread cannot give this guarantee: a hung import cannot be killed and keeps its
-module's import lock. Entry points of this package itself are imported directly (no child).
+module's import lock. Entry points of the distribution that installed this package are imported directly (no child).
 
 What each plugin registered is found by comparing the registries before and after its import;
 :meth:`PluginReport.registered` lists every registered name with its source: ``built-in``,
@@ -27,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import os
 import queue
@@ -44,20 +49,14 @@ from importlib import machinery, metadata
 from pathlib import Path
 from typing import Any
 
-KINDS = ("scorer", "vocab", "model", "metrics", "stage")
+KINDS = ("scorer", "vocab", "model", "metrics")
+ELSEWHERE = ("stage",)  # workdir plugin folders that another loader reads (a node's stage kinds: load_modules)
 NAMESPACE = "infra_ext"
-ENTRY_POINT_GROUP = "infra.plugins"
-OWN_DISTRIBUTION = "infra"
-# This package's own plugins as setup.py declares them (a test keeps the two equal). They stand in for
-# the entry points when the package runs from a source checkout that was never installed (no metadata).
-OWN_PLUGINS = {
-    "chgnet-scorer": "plugins.scorers.chgnet_scorer",
-    "random-scorer": "plugins.scorers.random_scorer",
-    "zmq-scorer": "plugins.scorers.zmq_scorer",
-}
-DEFAULT_TIMEOUT = 10.0
+ENTRY_POINT_GROUP = "crystallm.plugins"
+DEFAULT_TIMEOUT = 30.0  # seconds per plugin import: the one default of every loader (crystallm, node, infra-train)
 TIMEOUT_ENV = "INFRA_PLUGIN_TIMEOUT"
 WORKDIR_ENV = "INFRA_WKDIR"
+_HUNG = "import did not finish within"
 STARTUP_SECONDS = 60.0  # for the child interpreter to start, before any plugin's time limit applies
 
 # Registries that plugins write to: kind -> (module holding it, attribute). Only modules already
@@ -68,7 +67,6 @@ REGISTRIES = {
     "model": ("crystallm_core.model", "MODELS"),
     "metric": ("crystallm_core.evaluate", "METRICS"),
 }
-STAGES_MODULE = "infra.stages"  # its registry is a function pair; read only if a plugin imported it
 
 
 @dataclass(frozen=True)
@@ -82,10 +80,11 @@ class Plugin:
 
 @dataclass(frozen=True)
 class Failure:
-    """A plugin that did not load: its path (or entry point) and why."""
+    """A plugin that did not load: its path (or entry point) and why (``hung``: it exceeded the time limit)."""
 
     source: str
     error: str
+    hung: bool = False
 
 
 @dataclass(frozen=True)
@@ -163,7 +162,7 @@ def _saved_workdir() -> Path | None:
 
 
 def default_timeout() -> float:
-    """``$INFRA_PLUGIN_TIMEOUT`` seconds, else 10; a bad value is an error naming the variable."""
+    """``$INFRA_PLUGIN_TIMEOUT`` seconds, else :data:`DEFAULT_TIMEOUT`; a bad value is an error naming the variable."""
     raw = os.environ.get(TIMEOUT_ENV)
     if not raw:
         return DEFAULT_TIMEOUT
@@ -186,13 +185,33 @@ class _Item:
     ep_name: str = ""
     ep_value: str = ""
 
+    by_path: bool = False  # a file anywhere, imported as ``module`` from ``path`` (load_modules)
+
     def load(self) -> None:
         if self.ep_value:
             obj = metadata.EntryPoint(self.ep_name, self.ep_value, ENTRY_POINT_GROUP).load()
             if callable(obj) and not isinstance(obj, types.ModuleType):
                 obj()
+        elif self.by_path:
+            _import_file(self.module, self.path)
         else:
             importlib.import_module(self.module)
+
+
+def _import_file(module_name: str, path: str) -> None:
+    """Import the file ``path`` as ``module_name`` (once per process)."""
+    if module_name in sys.modules:
+        return
+    mspec = importlib.util.spec_from_file_location(module_name, path)
+    if mspec is None or mspec.loader is None:
+        raise ImportError(f"cannot load {path}")
+    module = importlib.util.module_from_spec(mspec)
+    sys.modules[module_name] = module
+    try:
+        mspec.loader.exec_module(module)
+    except BaseException:
+        sys.modules.pop(module_name, None)
+        raise
 
 
 def discover(workdir: Path) -> tuple[list[_Item], list[Failure]]:
@@ -208,6 +227,8 @@ def discover(workdir: Path) -> tuple[list[_Item], list[Failure]]:
         if not entry.is_dir():
             if entry.suffix == ".py":
                 failed.append(Failure(str(entry), f"plugin files go in a kind folder: {', '.join(KINDS)}"))
+            continue
+        if entry.name in ELSEWHERE:
             continue
         if entry.name not in KINDS:
             failed.append(
@@ -257,17 +278,11 @@ def _registry_contents() -> dict[str, dict[str, object]]:
         registry = getattr(module, attr, None) if module is not None else None
         if registry is not None:
             out[kind] = {e.name: e.obj for e in registry.entries()}
-    stages = sys.modules.get(STAGES_MODULE)
-    if stages is not None and hasattr(stages, "stage_kinds"):
-        out["stage"] = {n: stages.get_stage_kind(n) for n in stages.stage_kinds()}
     return out
 
 
 def _builtins_of(kind: str) -> dict[str, object]:
     """What a registry holds by itself once its module is imported (used when a plugin imported it first)."""
-    if kind == "stage":
-        stages = sys.modules[STAGES_MODULE]
-        return dict(getattr(stages, "BUILTIN_KINDS", {}))
     module_name, attr = REGISTRIES[kind]
     return {e.name: e.obj for e in getattr(sys.modules[module_name], attr).entries() if e.source == module_name}
 
@@ -318,29 +333,25 @@ def _import_here(item: _Item) -> None:
 
 
 def _entry_point_items() -> tuple[list[_Item], list[_Item]]:
-    """(this package's entry points, other distributions' entry points), each sorted by name."""
+    """(entry points of the distribution that installed this package, other distributions'), sorted by name."""
     own, others = [], []
+    mine = own_distributions()
     for ep in sorted(metadata.entry_points(group=ENTRY_POINT_GROUP), key=lambda e: (e.name, e.value)):
         dist = getattr(getattr(ep, "dist", None), "name", None)
         item = _Item(
             source=f"entry point {ep.name} ({dist or 'unknown distribution'})", ep_name=ep.name, ep_value=ep.value
         )
-        (own if dist == OWN_DISTRIBUTION else others).append(item)
-    if not own and not _installed():
-        own = [_Item(source=f"built-in {n} (source checkout)", ep_name=n, ep_value=v) for n, v in OWN_PLUGINS.items()]
+        (own if dist in mine else others).append(item)
     return own, others
 
 
-def _installed() -> bool:
-    try:
-        metadata.distribution(OWN_DISTRIBUTION)
-    except metadata.PackageNotFoundError:
-        return False
-    return True
+def own_distributions() -> set[str]:
+    """The distributions that install the package ``crystallm_core`` (trusted: their plugins are not probed)."""
+    return set(metadata.packages_distributions().get(__name__.partition(".")[0], []))
 
 
 def load_entry_points(timeout: float | None = None) -> None:
-    """Import the ``infra.plugins`` entry points once per process (this package's directly, others probed)."""
+    """Import the ``crystallm.plugins`` entry points once per process (this package's directly, others probed)."""
     with _LOCK:
         if _STATE.entry_points_done:
             return
@@ -361,7 +372,47 @@ def _load_probed(items: list[_Item], workdir: Path | None, timeout: float) -> No
         if error is None:
             _import_here(item)
         else:
-            _STATE.failed.append(Failure(item.source, error))
+            _STATE.failed.append(_failure(item.source, error))
+
+
+def _failure(source: str, error: str) -> Failure:
+    return Failure(source, error, hung=error.startswith(_HUNG))
+
+
+def load_modules(
+    items: list[str], timeout: float | None = None, preload: tuple[str, ...] = (), prefix: str = "plugin"
+) -> tuple[list[str], list[Failure]]:
+    """Import plugins that register into a caller's own registries, isolated as the others are: each of
+    ``items`` (an importable module name, or a ``.py`` file imported as ``<prefix>_<stem>``) is first imported
+    in a child interpreter within ``timeout`` seconds, then here if that went cleanly. ``preload`` modules are
+    imported in the child before any plugin (so their cost is not charged to the first one). Returns (the
+    items that loaded, the failures); what failed is not imported here."""
+    timeout = default_timeout() if timeout is None else timeout
+    if timeout <= 0:
+        raise ValueError(f"plugin time limit must be positive, got {timeout}")
+    todo = []
+    for item in items:
+        if item.endswith(".py"):
+            path = Path(item).resolve()
+            todo.append(_Item(source=item, module=f"{prefix}_{path.stem}", path=str(path), by_path=True))
+        else:
+            todo.append(_Item(source=item, module=item))
+    verdicts = probe(todo, None, timeout, preload=preload, mirror=False) if todo else {}
+    loaded, failed = [], []
+    for item in todo:
+        error = verdicts.get(item.source)
+        if error is None:
+            try:
+                item.load()
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:  # imported cleanly in the probe, not here: still a failed plugin
+                error = _describe(exc, item.path)
+        if error is None:
+            loaded.append(item.source)
+        else:
+            failed.append(_failure(item.source, error))
+    return loaded, failed
 
 
 def load_plugins(workdir: str | Path | None, timeout: float | None = None) -> PluginReport:
@@ -395,17 +446,24 @@ def failures_for(kind: str) -> list[Failure]:
 # ---------------------------------------------------------------- the probe
 
 
-def probe(items: list[_Item], workdir: Path | None, timeout: float) -> dict[str, str | None]:
+def probe(
+    items: list[_Item],
+    workdir: Path | None,
+    timeout: float,
+    preload: tuple[str, ...] | None = None,
+    mirror: bool = True,
+) -> dict[str, str | None]:
     """Import ``items`` in order in child interpreters; source -> None (clean) or the error.
 
     The child reports ``start`` and ``done`` per item on a pipe. When one item exceeds ``timeout``
     seconds the child (and anything it started) is killed, that item fails, and a fresh child goes
-    on with the items after it.
+    on with the items after it. ``preload``: modules the child imports first (default: this package's
+    registries); ``mirror``: the child imports the trusted entry points first, as the parent has.
     """
     verdicts: dict[str, str | None] = {}
     pending = list(items)
     while pending:
-        done = _probe_round(pending, workdir, timeout, verdicts)
+        done = _probe_round(pending, workdir, timeout, verdicts, preload, mirror)
         if not done:  # the child died before reporting anything: blame every pending item
             for item in pending:
                 verdicts.setdefault(item.source, "the plugin probe interpreter failed to start")
@@ -414,9 +472,18 @@ def probe(items: list[_Item], workdir: Path | None, timeout: float) -> dict[str,
     return verdicts
 
 
-def _probe_round(items: list[_Item], workdir: Path | None, timeout: float, verdicts: dict[str, str | None]) -> int:
+def _probe_round(
+    items: list[_Item],
+    workdir: Path | None,
+    timeout: float,
+    verdicts: dict[str, str | None],
+    preload: tuple[str, ...] | None,
+    mirror: bool,
+) -> int:
     """One child over ``items``; fills ``verdicts``; returns how many items got a verdict."""
-    spec = {"workdir": None if workdir is None else str(workdir), "items": [asdict(i) for i in items]}
+    spec: dict[str, Any] = {"workdir": None if workdir is None else str(workdir), "items": [asdict(i) for i in items]}
+    spec["preload"] = [m for m, _ in REGISTRIES.values()] if preload is None else list(preload)
+    spec["mirror"] = mirror
     proc = subprocess.Popen(
         [sys.executable, "-c", "from crystallm_core.plugins import _probe_child; _probe_child()"],
         stdin=subprocess.PIPE,
@@ -446,7 +513,7 @@ def _probe_round(items: list[_Item], workdir: Path | None, timeout: float, verdi
                 line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
             except queue.Empty:
                 if current is not None:
-                    verdicts[current] = f"import did not finish within {timeout:g} s (time limit; ${TIMEOUT_ENV})"
+                    verdicts[current] = f"{_HUNG} {timeout:g} s (time limit; ${TIMEOUT_ENV})"
                     decided += 1
                 return decided
             if line is None:  # the child exited
@@ -482,11 +549,11 @@ def _probe_child() -> None:
     report = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # what plugins print goes to stderr (discarded), never into the report stream
     spec = json.loads(sys.stdin.read())
-    for module_name, _ in REGISTRIES.values():  # shared imports (torch) are not charged to the first plugin
+    for module_name in spec["preload"]:  # shared imports (torch) are not charged to the first plugin
         importlib.import_module(module_name)
     if spec["workdir"]:
         _ensure_namespace(Path(spec["workdir"]))
-    own, _ = _entry_point_items()
+    own, _ = _entry_point_items() if spec["mirror"] else ([], [])
     for item in own:  # the parent has these loaded already; mirror its registries
         with suppress(Exception):
             item.load()

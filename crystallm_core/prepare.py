@@ -21,7 +21,7 @@ import warnings
 from collections import Counter, deque
 from collections.abc import Iterable, Iterator, Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import islice
 from multiprocessing import Pool
 from multiprocessing.pool import AsyncResult
@@ -421,46 +421,68 @@ def _emit_results(sink: JsonlSink, report: PrepareReport, out: Path) -> None:
     sink.artifact(out / META, "data")
 
 
-def prepare(
-    inputs: Sequence[str | Path],
-    out: str | Path,
-    decimals: int = DEFAULT_DECIMALS,
-    workers: int | None = None,
-    dedup: bool = False,
-    split: Sequence[float] = (0.8, 0.1, 0.1),
-    seed: int = 0,
-    where: Sequence[str] = (),
-    symprec: float = DEFAULT_SYMPREC,
-    vocab: str = "cif-v1",
-    limit: int | None = None,
-) -> PrepareReport:
-    """Prepare ``inputs`` into the data set directory ``out`` (see the module docstring); ``limit`` reads
-    only the first ``limit`` structures of the inputs (recorded in meta.json)."""
-    ratios = check_ratios(split)
-    if limit is not None and limit < 1:
-        raise PrepareError(f"limit must be at least 1, got {limit}")
-    filters = parse_filters(list(where))
-    if decimals < 1:
-        raise PrepareError(f"decimals must be at least 1, got {decimals}")
-    if not (math.isfinite(symprec) and symprec > 0):
-        raise PrepareError(f"symprec must be a positive number, got {symprec}")
-    nworkers = default_workers() if workers is None else workers
+@dataclass(frozen=True)
+class PrepareOptions:
+    """How ``crystallm prepare`` canonicalizes, deduplicates, splits and selects; its CLI's defaults too."""
+
+    decimals: int = DEFAULT_DECIMALS  # decimal places of every number
+    workers: int | None = None  # worker processes (None: all cores)
+    dedup: bool = False  # keep one structure per reduced formula and space group
+    split: Sequence[float] = (0.8, 0.1, 0.1)  # train, val, test ratios
+    seed: int = 0  # seed of the split permutation
+    where: Sequence[str] = ()  # FIELD=VALUE filters of what goes into the token files
+    symprec: float = DEFAULT_SYMPREC  # spglib tolerance in Å
+    vocab: str = "cif-v1"  # vocabulary of the token files
+    limit: int | None = None  # read only the first ``limit`` structures of the inputs (recorded in meta.json)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """The checked options of one run, with what they resolve to."""
+
+    options: PrepareOptions
+    filters: list[Filter]
+    vocab: Vocabulary
+    workers: int
+    ratios: tuple[float, float, float]
+
+
+def _check(options: PrepareOptions) -> _Job:
+    ratios = check_ratios(options.split)
+    if options.limit is not None and options.limit < 1:
+        raise PrepareError(f"limit must be at least 1, got {options.limit}")
+    filters = parse_filters(list(options.where))
+    if options.decimals < 1:
+        raise PrepareError(f"decimals must be at least 1, got {options.decimals}")
+    if not (math.isfinite(options.symprec) and options.symprec > 0):
+        raise PrepareError(f"symprec must be a positive number, got {options.symprec}")
+    nworkers = default_workers() if options.workers is None else options.workers
     if nworkers < 1:
         raise PrepareError(f"workers must be at least 1, got {nworkers}")
     try:
-        voc = get_vocab(vocab)
+        voc = get_vocab(options.vocab)
     except RegistryError as exc:
         raise PrepareError(str(exc)) from None
+    return _Job(options, filters, voc, nworkers, ratios)
+
+
+def prepare(
+    inputs: Sequence[str | Path], out: str | Path, options: PrepareOptions | None = None, **settings: Any
+) -> PrepareReport:
+    """Prepare ``inputs`` into the data set directory ``out`` (see the module docstring) with ``options``;
+    keyword ``settings`` replace single fields of it (``prepare(inputs, out, workers=1)``; an unknown name is a
+    TypeError)."""
+    job = _check(replace(options or PrepareOptions(), **settings))
     sources = [str(p) for p in inputs]
     records = read_inputs(sources)  # checks every input before anything is written
-    if limit is not None:
-        records = islice(records, limit)
+    if job.options.limit is not None:
+        records = islice(records, job.options.limit)
     out = Path(out)
     _check_out(out)
     created_dir = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     try:
-        return _run(sources, records, out, filters, voc, nworkers, decimals, symprec, dedup, ratios, seed, limit)
+        return _run(sources, records, out, job)
     except BaseException:
         for p in [*dataset_files(out), out / (META + ".tmp"), out / (SELECTION_JSON + ".tmp")]:
             p.unlink(missing_ok=True)
@@ -469,20 +491,8 @@ def prepare(
         raise
 
 
-def _run(
-    sources: list[str],
-    records: Iterator[Record],
-    out: Path,
-    filters: list[Filter],
-    vocab: Vocabulary,
-    workers: int,
-    decimals: int,
-    symprec: float,
-    dedup: bool,
-    ratios: tuple[float, float, float],
-    seed: int,
-    limit: int | None,
-) -> PrepareReport:
+def _run(sources: list[str], records: Iterator[Record], out: Path, job: _Job) -> PrepareReport:
+    opts = job.options
     started = time.monotonic()
     digests = [{"path": p, "sha256": source_digest(p)} for p in sources]
     with ExitStack() as stack:
@@ -491,11 +501,11 @@ def _run(
         rejects = stack.enter_context((out / REJECTS_NAME).open("x", encoding="utf-8", newline=""))
         progress = _Progress(sink, "canonicalize", stack)
         collector = _Collector(store, rejects, progress)
-        _canonicalize_all(records, collector, workers, decimals, symprec)
+        _canonicalize_all(records, collector, job.workers, opts.decimals, opts.symprec)
         progress.finish()
-        duplicates = len(store.remove_duplicates()) if dedup else 0
-        origin, ignored = _split_store(store, ratios, seed)
-        counts, unknown, ids = _write_tokens(out, store, filters, vocab, sink)
+        duplicates = len(store.remove_duplicates()) if opts.dedup else 0
+        origin, ignored = _split_store(store, job.ratios, opts.seed)
+        counts, unknown, ids = _write_tokens(out, store, job.filters, job.vocab, sink)
         report = PrepareReport(
             out=out,
             read=collector.counts.read,
@@ -508,18 +518,18 @@ def _run(
             splits=counts,
             unknown=dict(unknown),
             seconds=time.monotonic() - started,
-            workers=workers,
-            where=[f.text for f in filters],
+            workers=job.workers,
+            where=[f.text for f in job.filters],
         )
         settings = {
-            "decimals": decimals,
-            "symprec": symprec,
-            "dedup": dedup,
-            "split_ratios": list(ratios) if origin == "ratios" else None,
-            "seed": seed if origin == "ratios" else None,
-            "limit": limit,
+            "decimals": opts.decimals,
+            "symprec": opts.symprec,
+            "dedup": opts.dedup,
+            "split_ratios": list(job.ratios) if origin == "ratios" else None,
+            "seed": opts.seed if origin == "ratios" else None,
+            "limit": opts.limit,
         }
-        meta = _meta(report, vocab, digests, settings)
+        meta = _meta(report, job.vocab, digests, settings)
         _write_selection(out, meta, ids)
         write_meta(out, meta)
         _emit_results(sink, report, out)
@@ -532,11 +542,13 @@ def _run(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("inputs", nargs="+", metavar="INPUT", help="directory of .cif files, .tar(.gz)/.tgz, .csv(.gz)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output directory (must not hold a data set)")
-    parser.add_argument("--decimals", type=int, default=DEFAULT_DECIMALS, help="decimal places of every number")
-    parser.add_argument("--workers", type=int, default=None, help="worker processes (default: all cores)")
+    d = PrepareOptions()
+    parser.add_argument("--decimals", type=int, default=d.decimals, help="decimal places of every number")
+    parser.add_argument("--workers", type=int, default=d.workers, help="worker processes (default: all cores)")
     parser.add_argument("--dedup", action="store_true", help="keep one structure per reduced formula and space group")
-    parser.add_argument("--split", default="0.8,0.1,0.1", metavar="TRAIN,VAL,TEST", help="split ratios")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the split permutation")
+    split = ",".join(f"{x:g}" for x in d.split)
+    parser.add_argument("--split", default=split, metavar="TRAIN,VAL,TEST", help=f"split ratios (default {split})")
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of the split permutation")
     parser.add_argument(
         "--where",
         nargs="+",
@@ -545,8 +557,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FIELD=VALUE",
         help="select the structures that go into the token files (all must hold)",
     )
-    parser.add_argument("--symprec", type=float, default=DEFAULT_SYMPREC, help="spglib tolerance in Å")
-    parser.add_argument("--vocab", default="cif-v1", help="vocabulary of the token files")
+    parser.add_argument("--symprec", type=float, default=d.symprec, help="spglib tolerance in Å")
+    parser.add_argument("--vocab", default=d.vocab, help="vocabulary of the token files")
     parser.add_argument(
         "--smoke", action="store_true", help=f"only the first {SMOKE_STRUCTURES} structures of the inputs"
     )
@@ -554,19 +566,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        report = prepare(
-            args.inputs,
-            args.out,
+        options = PrepareOptions(
             decimals=args.decimals,
             workers=args.workers,
             dedup=args.dedup,
             split=parse_ratios(args.split),
             seed=args.seed,
-            where=args.where,
+            where=tuple(args.where),
             symprec=args.symprec,
             vocab=args.vocab,
             limit=SMOKE_STRUCTURES if args.smoke else None,
         )
+        report = prepare(args.inputs, args.out, options)
     except (ValueError, OSError) as exc:  # InputError, PrepareError, filter and vocabulary errors included
         print(f"crystallm prepare: error: {exc}", file=sys.stderr)
         return 2

@@ -79,11 +79,6 @@ def register_scorer(name: str, factory: ScorerFactory, *, source: str = "", repl
     return SCORERS.register(name, factory, source=source, replace=replace)
 
 
-def scorer_names() -> list[str]:
-    _load_installed_plugins()
-    return SCORERS.names()
-
-
 def _load_installed_plugins() -> None:
     from crystallm_core.plugins import load_entry_points
 

@@ -129,16 +129,6 @@ class Vocabulary:
             out.append(self.text_of(i))
         return "".join(out)
 
-    def split_stream(self, ids: Sequence[int]) -> list[list[int]]:
-        """Split a token stream into CIFs at <eos> tokens."""
-        out: list[list[int]] = [[]]
-        for i in ids:
-            if int(i) == self.eos_id:
-                out.append([])
-            else:
-                out[-1].append(int(i))
-        return [c for c in out if c]
-
 
 def check_vocab_id(expected: str, found: str, what: str) -> None:
     """Refuse to combine artifacts built with different vocabularies."""

@@ -53,8 +53,8 @@ def cmd_master(args: argparse.Namespace) -> int:
 
         print(master_unit(args.parser, args), end="")
         return 0
-    from master.db import default_db_url
-    from master.server import Settings, main
+    from infra.master.db import default_db_url
+    from infra.master.server import Settings, main
 
     settings = Settings(
         db_url=args.db or default_db_url(),
@@ -73,23 +73,19 @@ def cmd_master(args: argparse.Namespace) -> int:
 
 def cmd_node(args: argparse.Namespace) -> int:
     from infra.client import master_address
-    from infra.plan import parse_memory
-    from infra.transport import ClientTls, TransportError, read_token
+    from infra.node.agent import main
+    from infra.node.identity import default_name
+    from infra.node.settings import Options
+    from infra.protos.transport import ClientTls, TransportError, read_token
+    from infra.spec.plan import parse_memory
     from infra.wkdir import WorkdirError, prepare_workdir, require_workdir
-    from node.agent import Options, main
-    from node.identity import default_name
 
     try:
         workdir = prepare_workdir(args.workdir) if args.workdir else require_workdir()
-        memory = spool = min_free = stop_free = None
-        if args.memory is not None:
-            memory = parse_memory(int(args.memory) if args.memory.isdigit() else args.memory)
-        if args.spool_limit is not None:
-            spool = parse_memory(int(args.spool_limit) if args.spool_limit.isdigit() else args.spool_limit)
-        if args.min_free_disk is not None:
-            min_free = parse_memory(int(args.min_free_disk) if args.min_free_disk.isdigit() else args.min_free_disk)
-        if args.stop_free_disk is not None:
-            stop_free = parse_memory(int(args.stop_free_disk) if args.stop_free_disk.isdigit() else args.stop_free_disk)
+        memory, spool, min_free, stop_free = (
+            None if v is None else parse_memory(int(v) if v.isdigit() else v)
+            for v in (args.memory, args.spool_limit, args.min_free_disk, args.stop_free_disk)
+        )
         if args.stop_deadline < 0:
             raise ValueError(f"--stop-deadline must be 0 or more seconds, not {args.stop_deadline:g}")
         if args.print_systemd_unit:
@@ -115,8 +111,8 @@ def cmd_node(args: argparse.Namespace) -> int:
         args.fake_gpus,
         token=token,
         tls=tls,
-        spool_limit_mib=spool if spool is not None else Options.spool_limit_mib,
-        min_free_disk_mib=min_free if min_free is not None else Options.min_free_disk_mib,
+        spool_limit_mib=spool,
+        min_free_disk_mib=min_free,
         stop_free_disk_mib=stop_free,
         plugin_timeout=args.plugin_timeout,
         stop_deadline=args.stop_deadline,
@@ -126,7 +122,7 @@ def cmd_node(args: argparse.Namespace) -> int:
 
 def _client(args: argparse.Namespace) -> Any:
     from infra.client import Client, ClientError, user_token
-    from infra.transport import ClientTls, TransportError
+    from infra.protos.transport import ClientTls, TransportError
 
     try:
         tls = ClientTls.from_settings(args.tls_ca, args.tls_cert, args.tls_key)
@@ -137,8 +133,8 @@ def _client(args: argparse.Namespace) -> Any:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from infra.plan import PlanError, load_plan_data, resolve_inputs
-    from infra.stages import load_stage_modules
+    from infra.node.stage_plugins import load_stage_modules
+    from infra.spec.plan import PlanError, load_plan_data, resolve_inputs
 
     load_stage_modules()
     try:
@@ -390,7 +386,7 @@ def cmd_rerun(args: argparse.Namespace) -> int:
 
 def _token_db(args: argparse.Namespace) -> Any:
     """The master's database, for token commands run on the master's machine (``--db``)."""
-    from master.db import default_db_url, make_engine, migrate
+    from infra.master.db import default_db_url, make_engine, migrate
 
     engine = make_engine(args.db or default_db_url())
     migrate(engine)
@@ -402,7 +398,7 @@ def cmd_token(args: argparse.Namespace) -> int:
     if args.db is not None:
         from sqlalchemy.orm import Session
 
-        from master import auth
+        from infra.master import auth
 
         engine = _token_db(args)
         try:
@@ -480,17 +476,8 @@ def connection_flags(sp: argparse.ArgumentParser) -> None:
     tls_flags(sp)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="infra", description="Run experiment plans on a cluster of GPU machines.")
-    sub = p.add_subparsers(dest="verb", metavar="VERB", required=True)
-
-    def client_verb(name: str, help_text: str, json_flag: bool = True) -> argparse.ArgumentParser:
-        sp = sub.add_parser(name, help=help_text, description=help_text)
-        connection_flags(sp)
-        if json_flag:
-            sp.add_argument("--json", action="store_true", help="print JSON")
-        return sp
-
+def _add_master(sub: Any) -> None:
+    """``infra master``: the master's own settings (master/server.py's Settings)."""
     sp = sub.add_parser("master", help="run the master (gRPC server, scheduler, database)")
     sp.add_argument("--db", metavar="URL", help="SQLAlchemy URL (default sqlite:///<config dir>/master.db)")
     sp.add_argument("--bind", default="127.0.0.1:50051", metavar="HOST:PORT", help="listen address (port 0: any free)")
@@ -520,13 +507,23 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sp.set_defaults(func=cmd_master, parser=sp)
 
+
+def _add_node(sub: Any) -> None:
+    """``infra node``: its defaults are the agent's settings (infra.node.settings.Options)."""
+    from infra.node.settings import Options  # standard library only: the defaults, not the agent
+
     sp = sub.add_parser("node", help="run a node agent on this machine")
     sp.add_argument("--master", metavar="HOST:PORT", help="master address (default: $INFRA_MASTER or 127.0.0.1:50051)")
     sp.add_argument(
         "--join-token-file", metavar="PATH", help="file holding the cluster join token (default: $INFRA_JOIN_TOKEN)"
     )
     tls_flags(sp)
-    sp.add_argument("--heartbeat", type=float, default=5.0, help="seconds between heartbeats (default 5)")
+    sp.add_argument(
+        "--heartbeat",
+        type=float,
+        default=Options.heartbeat,
+        help=f"seconds between heartbeats (default {Options.heartbeat:g})",
+    )
     sp.add_argument("--name", help="node name (default: the hostname); also keys its identity in the workdir")
     sp.add_argument("--workdir", help="use this workdir instead of the one set with infra-wkdir")
     sp.add_argument("--cpus", type=int, help="advertise this many CPUs instead of the machine's count")
@@ -535,13 +532,15 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument(
         "--spool-limit",
         metavar="SIZE",
-        help='events kept on disk while the master is away (default "256MiB"); '
+        default=f"{Options.spool_limit_mib}MiB",
+        help="events kept on disk while the master is away (default %(default)s); "
         "when full, the oldest log lines are dropped first (counted)",
     )
     sp.add_argument(
         "--min-free-disk",
         metavar="SIZE",
-        help='take no new stage when the workdir has less free space (default "1GiB")',
+        default=f"{Options.min_free_disk_mib}MiB",
+        help="take no new stage when the workdir has less free space (default %(default)s)",
     )
     sp.add_argument(
         "--stop-free-disk",
@@ -550,15 +549,19 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: half of --min-free-disk)",
     )
     sp.add_argument(
-        "--plugin-timeout", type=float, default=30.0, help="seconds a stage-kind plugin may take to import (default 30)"
+        "--plugin-timeout",
+        type=float,
+        default=Options.plugin_timeout,
+        help=f"seconds a stage-kind plugin may take to import (default {Options.plugin_timeout:g})",
     )
     sp.add_argument(
         "--stop-deadline",
         type=float,
-        default=60.0,
+        default=Options.stop_deadline,
         metavar="SECONDS",
         help="on SIGTERM/SIGINT take no new stages and give running ones this long to finish, then stop them "
-        "(failed, preempted: retried elsewhere); 0: stop them at once; a second signal stops them now (default 60)",
+        "(failed, preempted: retried elsewhere); 0: stop them at once; a second signal stops them now "
+        f"(default {Options.stop_deadline:g})",
     )
     sp.add_argument(
         "--print-systemd-unit",
@@ -566,6 +569,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="print a systemd unit running this node agent with the other options given here, and exit",
     )
     sp.set_defaults(func=cmd_node, parser=sp)
+
+
+def _add_client_verbs(sub: Any) -> None:
+    """The verbs that call the master as a client: submit, status, logs, metrics, artifacts, cancel, rerun."""
+
+    def client_verb(name: str, help_text: str, json_flag: bool = True) -> argparse.ArgumentParser:
+        sp = sub.add_parser(name, help=help_text, description=help_text)
+        connection_flags(sp)
+        if json_flag:
+            sp.add_argument("--json", action="store_true", help="print JSON")
+        return sp
 
     sp = client_verb("submit", "submit a plan; prints the experiment id")
     sp.add_argument("plan", help="plan JSON file")
@@ -609,6 +623,9 @@ def build_parser() -> argparse.ArgumentParser:
     sp.add_argument("target", metavar="EXPERIMENT[/STAGE]")
     sp.set_defaults(func=cmd_rerun)
 
+
+def _add_token(sub: Any) -> None:
+    """``infra token create|list|revoke``."""
     sp = sub.add_parser("token", help="create, list or revoke access tokens (admin)")
     token_sub = sp.add_subparsers(dest="action", metavar="ACTION", required=True)
 
@@ -638,10 +655,20 @@ def build_parser() -> argparse.ArgumentParser:
     tp = token_verb("revoke", "revoke a token by id")
     tp.add_argument("id", type=int)
 
+
+def _add_demo(sub: Any) -> None:
+    """``infra demo``."""
     sp = sub.add_parser("demo", help="a master, one node and the demo plan, all local, in a temporary workdir")
     sp.add_argument("--keep", action="store_true", help="keep the temporary directory and print where it is")
     sp.add_argument("--json", action="store_true", help="print the results as JSON")
     sp.set_defaults(func=cmd_demo)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="infra", description="Run experiment plans on a cluster of GPU machines.")
+    sub = p.add_subparsers(dest="verb", metavar="VERB", required=True)
+    for add in (_add_master, _add_node, _add_client_verbs, _add_token, _add_demo):
+        add(sub)
     return p
 
 

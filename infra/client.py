@@ -17,9 +17,9 @@ from typing import Any
 import grpc
 from google.protobuf.json_format import MessageToDict
 
-from infra.plan import Issue, PlanError
-from infra.transport import ClientTls, Connection, TransportError, read_token
-from protos import MAX_MESSAGE_BYTES, infra_pb2, infra_pb2_grpc
+from infra.protos import MAX_MESSAGE_BYTES, infra_pb2, infra_pb2_grpc
+from infra.protos.transport import ClientTls, Connection, TransportError, read_token
+from infra.spec.plan import Issue, PlanError
 
 DEFAULT_MASTER = "127.0.0.1:50051"
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -35,7 +35,7 @@ def master_address(arg: str | None = None) -> str:
 
 
 def user_token(token_file: str | None = None) -> str | None:
-    from infra.wkdir import config_dir
+    from infra.spec.workdir import config_dir
 
     return read_token(token_file, "INFRA_TOKEN", config_dir() / "token")
 

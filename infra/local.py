@@ -14,12 +14,29 @@ import argparse
 import signal
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from infra.plan import Plan, PlanError, load_plan_data, resolve_inputs, validate_plan, with_defaults
-from infra.stages import StageContext, get_stage_kind, load_stage_modules, workdir_stage_plugins
+from crystallm_core.layout import experiment_dir
+from crystallm_core.plugins import DEFAULT_TIMEOUT
+from infra.node.stage_plugins import load_stage_modules, workdir_stage_plugins
+from infra.spec.plan import Plan, PlanError, load_plan_data, resolve_inputs, validate_plan, with_defaults
+from infra.spec.stages import get_stage_kind
 from infra.wkdir import WorkdirError, get_workdir, prepare_workdir
+
+
+@dataclass(frozen=True)
+class LocalOptions:
+    """infra-train's settings: one typed place, whose defaults are its flags' defaults."""
+
+    workdir: str | None = None  # default: the one set with infra-wkdir, else FALLBACK_WORKDIR
+    experiment: str | None = None  # the experiment directory's name; default: <plan name>-<date>-<time>
+    quiet: bool = False  # do not echo the stages' output
+    plugin_timeout: float = DEFAULT_TIMEOUT  # seconds a plugin may take to import
+
+
+FALLBACK_WORKDIR = "infra-work"
 
 
 def _printer(stage: str, quiet: bool) -> Any:
@@ -40,7 +57,7 @@ def _printer(stage: str, quiet: bool) -> Any:
 def _missing_extras(plan: Plan, workdir: Path, plugin_timeout: float) -> dict[str, list[str]]:
     """Per stage, the optional features its params need that this machine lacks (a package such as chgnet,
     a scorer no plugin registers). Plugins are listed, in a subprocess, only when some stage needs one."""
-    from node import facts
+    from infra.node import facts
 
     needs = {}
     for s in plan.stages:
@@ -61,13 +78,13 @@ def run_plan(
     workdir: Path,
     experiment: str,
     gpus_available: int,
-    quiet: bool = False,
-    plugin_timeout: float = 30.0,
+    opts: LocalOptions = LocalOptions(),
 ) -> list[dict[str, Any]]:
-    """Run every stage in dependency order; returns one summary per stage."""
-    from node.runner import StageRun, start_record
+    """Run every stage in dependency order (``opts``: quiet, plugin_timeout); returns one summary per stage."""
+    quiet, plugin_timeout = opts.quiet, opts.plugin_timeout
+    from infra.node.runner import StageRun, stage_context, start_record
 
-    exp_dir = workdir / "experiments" / experiment
+    exp_dir = experiment_dir(workdir, experiment)
     start_record(exp_dir, with_defaults(plan.to_dict()))
     lacking = _missing_extras(plan, workdir, plugin_timeout)
     done: dict[str, str] = {}
@@ -105,7 +122,7 @@ def run_plan(
             attempt = 0
             while True:
                 attempt += 1
-                ctx = StageContext(exp_dir, stage.name, plan.smoke, attempt)
+                ctx = stage_context(exp_dir, stage.name, plan.smoke, attempt)
                 emit, metrics, artifacts = _printer(stage.name, quiet)
                 gpus = list(range(stage.resources.gpus))
                 run = StageRun(kind.build(params, ctx), exp_dir, stage.name, workdir, gpus, emit, attempt)
@@ -153,19 +170,30 @@ def failure_class(result: Any) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    d = LocalOptions()
     parser = argparse.ArgumentParser(prog="infra-train", description="Run a plan locally, without a master.")
     parser.add_argument("plan", help="plan JSON file")
-    parser.add_argument("--workdir", help="workdir (default: the one set with infra-wkdir, else ./infra-work)")
-    parser.add_argument("--experiment", help="experiment directory name (default: <plan name>-<date>-<time>)")
-    parser.add_argument("--quiet", action="store_true", help="do not echo the stages' output")
     parser.add_argument(
-        "--plugin-timeout", type=float, default=30.0, help="seconds a plugin may take to import (default 30)"
+        "--workdir",
+        default=d.workdir,
+        help=f"workdir (default: the one set with infra-wkdir, else ./{FALLBACK_WORKDIR})",
+    )
+    parser.add_argument(
+        "--experiment", default=d.experiment, help="experiment directory name (default: <plan name>-<date>-<time>)"
+    )
+    parser.add_argument("--quiet", action="store_true", default=d.quiet, help="do not echo the stages' output")
+    parser.add_argument(
+        "--plugin-timeout",
+        type=float,
+        default=d.plugin_timeout,
+        help=f"seconds a plugin may take to import (default {d.plugin_timeout:g})",
     )
     args = parser.parse_args(argv)
+    opts = LocalOptions(args.workdir, args.experiment, args.quiet, args.plugin_timeout)
     try:
-        workdir = prepare_workdir(args.workdir or get_workdir() or "infra-work")
+        workdir = prepare_workdir(opts.workdir or get_workdir() or FALLBACK_WORKDIR)
         problems: list[str] = []
-        load_stage_modules(timeout=args.plugin_timeout, problems=problems, files=workdir_stage_plugins(workdir))
+        load_stage_modules(timeout=opts.plugin_timeout, problems=problems, files=workdir_stage_plugins(workdir))
         for problem in problems:
             print(f"infra-train: {problem}; running without it", file=sys.stderr)
         plan = validate_plan(resolve_inputs(load_plan_data(args.plan), Path.cwd()))
@@ -177,11 +205,11 @@ def main(argv: list[str] | None = None) -> int:
     except WorkdirError as e:
         print(f"infra-train: {e}", file=sys.stderr)
         return 2
-    from node.facts import probe_gpus
+    from infra.node.facts import probe_gpus
 
-    experiment = args.experiment or f"{plan.name}-{time.strftime('%Y%m%d-%H%M%S')}"
-    print(f"infra-train: {experiment} in {workdir / 'experiments' / experiment}", flush=True)
-    summary = run_plan(plan, workdir, experiment, len(probe_gpus().gpus), args.quiet, args.plugin_timeout)
+    experiment = opts.experiment or f"{plan.name}-{time.strftime('%Y%m%d-%H%M%S')}"
+    print(f"infra-train: {experiment} in {experiment_dir(workdir, experiment)}", flush=True)
+    summary = run_plan(plan, workdir, experiment, len(probe_gpus().gpus), opts)
     for s in summary:
         print(f"  {s['stage']:<16} {s['state']:<10} {s.get('reason', '')}")
     return 0 if all(s["state"] == "succeeded" for s in summary) else 1

@@ -103,7 +103,7 @@ def unit(description: str, argv: list[str], service: list[str], after: tuple[str
 
 
 def master_unit(parser: argparse.ArgumentParser, args: argparse.Namespace) -> str:
-    from master.db import default_db_url
+    from infra.master.db import default_db_url
 
     db = _absolute_sqlite(args.db or default_db_url())
     argv = ["master", *options(parser, args, {"db": db})]

@@ -1,88 +1,39 @@
-"""The node's workdir, persisted in the user's config directory (``infra-wkdir --set/--get/--clear``).
+"""``infra-wkdir --set/--get/--clear``: this machine's workdir, remembered in the user's config directory.
 
-Layout under the workdir::
+The setting itself (where it is stored, reading and writing it) is ``infra.spec.workdir``. A workdir holds::
 
-    experiments/<experiment>/<stage>/   one directory per stage (its cwd; events.jsonl, outputs)
-    nodes/<name>.json                   persistent node identity ({"id", "name", "created"})
-    plugins/                            stage-kind plugins for this node (a later feature)
-
-The config directory is ``$INFRA_CONFIG_DIR``, else ``$XDG_CONFIG_HOME/infra``, else
-``~/.config/infra``; the workdir path is the single line of its file ``wkdir``.
+    experiments/<experiment>/   one experiment record each (crystallm_core/layout.py: plan.json, logs/<stage>.log,
+                                work/<stage>/, samples/<stage>/, ...)
+    nodes/<name>.json           persistent node identity ({"id", "name", "created"})
+    plugins/<kind>/*.py         this machine's plugins (scorer, vocab, model, metrics, stage; docs/PLUGINS.md)
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-import tempfile
 from pathlib import Path
 
-SET_HINT = "set one with: infra-wkdir --set /path/to/workdir"
+from crystallm_core.layout import WORKDIR_FOLDERS
+from infra.spec import workdir as setting
+from infra.spec.workdir import SET_HINT, WorkdirError, clear_workdir, config_dir, get_workdir
 
-
-class WorkdirError(RuntimeError):
-    pass
-
-
-def config_dir() -> Path:
-    if os.environ.get("INFRA_CONFIG_DIR"):
-        return Path(os.environ["INFRA_CONFIG_DIR"]).expanduser()
-    if os.environ.get("XDG_CONFIG_HOME"):
-        return Path(os.environ["XDG_CONFIG_HOME"]).expanduser() / "infra"
-    return Path.home() / ".config" / "infra"
-
-
-def _file() -> Path:
-    return config_dir() / "wkdir"
+__all__ = ["SET_HINT", "WorkdirError", "clear_workdir", "config_dir", "get_workdir", "main"]
+__all__ += ["prepare_workdir", "require_workdir", "set_workdir"]
 
 
 def prepare_workdir(path: str | Path) -> Path:
-    """Create the workdir (and its layout) if needed and prove it is writable; return it absolute."""
-    p = Path(path).expanduser().resolve()
-    try:
-        p.mkdir(parents=True, exist_ok=True)
-        for sub in ("experiments", "nodes", "plugins"):
-            (p / sub).mkdir(exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=p, prefix=".write-test-"):
-            pass
-    except OSError as e:
-        raise WorkdirError(f"workdir {p} is not usable: {e.strerror or e}") from None
-    return p
+    """Create the workdir and its top-level folders if needed and prove it is writable; return it absolute."""
+    return setting.prepare_workdir(path, WORKDIR_FOLDERS)
 
 
 def set_workdir(path: str | Path) -> Path:
-    p = prepare_workdir(path)
-    cfg = _file()
-    cfg.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cfg.with_suffix(".tmp")
-    tmp.write_text(f"{p}\n", encoding="utf-8")
-    tmp.replace(cfg)
-    return p
-
-
-def get_workdir() -> Path | None:
-    try:
-        text = _file().read_text(encoding="utf-8").strip()
-    except FileNotFoundError:
-        return None
-    return Path(text) if text else None
-
-
-def clear_workdir() -> bool:
-    try:
-        _file().unlink()
-    except FileNotFoundError:
-        return False
-    return True
+    return setting.set_workdir(path, WORKDIR_FOLDERS)
 
 
 def require_workdir() -> Path:
     """The configured workdir, ready for use, or a :class:`WorkdirError` that says how to set one."""
-    p = get_workdir()
-    if p is None:
-        raise WorkdirError(f"no workdir is configured (looked in {_file()}); {SET_HINT}")
-    return prepare_workdir(p)
+    return setting.require_workdir(WORKDIR_FOLDERS)
 
 
 def main(argv: list[str] | None = None) -> int:

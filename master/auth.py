@@ -27,7 +27,7 @@ import grpc
 from sqlalchemy import Engine, insert, select, update
 from sqlalchemy.orm import Session
 
-from master.models import Token
+from infra.master.models import Token
 
 PREFIX = "inf1"
 ROLES = ("user", "admin", "node")

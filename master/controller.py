@@ -36,10 +36,8 @@ from google.protobuf.json_format import MessageToDict
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from infra.plan import DEFAULT_RETRIES, Plan, parse_plan_text, validate_plan
-from infra.stages import Resources, get_stage_kind, stage_kinds
-from master import store
-from master.state import (
+from infra.master import store
+from infra.master.state import (
     ACTIVE,
     ASSIGNED,
     CANCELLED,
@@ -54,9 +52,11 @@ from master.state import (
     NodeRt,
     StageRt,
 )
-from master.store import Changes
-from master.writer import Writer
-from protos import PROTOCOL_VERSION, infra_pb2
+from infra.master.store import Changes
+from infra.master.writer import Writer
+from infra.protos import PROTOCOL_VERSION, infra_pb2
+from infra.spec.plan import DEFAULT_RETRIES, Plan, parse_plan_text, validate_plan
+from infra.spec.stages import Resources, get_stage_kind, stage_kinds
 
 T = TypeVar("T")
 log = logging.getLogger("infra.master")

@@ -11,7 +11,7 @@ MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
 
 def default_db_url() -> str:
-    from infra.wkdir import config_dir
+    from infra.spec.workdir import config_dir
 
     return f"sqlite:///{config_dir() / 'master.db'}"
 

@@ -22,12 +22,12 @@ from pathlib import Path
 
 import grpc
 
-from infra.transport import is_loopback
-from master.auth import Authenticator, AuthInterceptor
-from master.controller import Controller
-from master.db import make_engine, migrate
-from master.service import ClientServicer, NodeServicer
-from protos import MAX_MESSAGE_BYTES, infra_pb2_grpc
+from infra.master.auth import Authenticator, AuthInterceptor
+from infra.master.controller import Controller
+from infra.master.db import make_engine, migrate
+from infra.master.service import ClientServicer, NodeServicer
+from infra.protos import MAX_MESSAGE_BYTES, infra_pb2_grpc
+from infra.protos.transport import is_loopback
 
 log = logging.getLogger("infra.master")
 

@@ -21,11 +21,11 @@ from typing import Any, TypeVar
 
 import grpc
 
-from infra.plan import PlanError
-from master import auth, store
-from master.auth import Identity
-from master.controller import Controller, NotFound, ProtocolMismatch, Refused
-from protos import MAX_MESSAGE_BYTES, infra_pb2, infra_pb2_grpc
+from infra.master import auth, store
+from infra.master.auth import Identity
+from infra.master.controller import Controller, NotFound, ProtocolMismatch, Refused
+from infra.protos import MAX_MESSAGE_BYTES, infra_pb2, infra_pb2_grpc
+from infra.spec.plan import PlanError
 
 STATES = {k.lower(): v for k, v in infra_pb2.StageState.items()}
 DEFAULT_STATUS_LIMIT = 50

@@ -10,7 +10,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
-from infra.stages import Resources
+from infra.spec.stages import Resources
 
 PENDING, READY, ASSIGNED, RUNNING = "pending", "ready", "assigned", "running"
 SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
@@ -113,7 +113,7 @@ class StageRt:
     dependents: list[StageRt] = field(default_factory=list)
     current: AttemptRt | None = None
     attempt_ids: list[int] = field(default_factory=list)  # those in the master's memory
-    retries: dict[str, int] = field(default_factory=dict)  # budget per failure class (infra.plan.RETRY_CLASSES)
+    retries: dict[str, int] = field(default_factory=dict)  # budget per failure class (infra.spec.plan.RETRY_CLASSES)
     used: dict[str, int] = field(default_factory=dict)  # retries spent per class since budget_from
     budget_from: int = 1  # attempts numbered from here count against the budgets (a rerun starts afresh)
 

@@ -14,7 +14,7 @@ from sqlalchemy import Engine, and_, bindparam, delete, func, insert, or_, selec
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from master.models import Attempt, Event, Experiment, Gpu, Node, Stage, StageDependency, Transition
+from infra.master.models import Attempt, Event, Experiment, Gpu, Node, Stage, StageDependency, Transition
 
 TERMINAL = ("succeeded", "failed", "cancelled")
 

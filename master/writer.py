@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from master.store import Changes
+from infra.master.store import Changes
 
 T = TypeVar("T")
 log = logging.getLogger("infra.master.writer")

@@ -34,7 +34,6 @@ import json
 import logging
 import math
 import random
-import re
 import signal
 import sys
 import threading
@@ -48,20 +47,21 @@ import grpc
 from google.protobuf.json_format import MessageToDict, ParseDict
 from pydantic import ValidationError
 
-from crystallm_core.layout import check_stage_name
-from infra.plan import validation_issues, with_defaults
-from infra.stages import Command, StageContext, get_stage_kind, load_stage_modules, workdir_stage_plugins
-from infra.transport import KEEPALIVE, RECONNECT, ClientTls, Connection
-from node import facts as node_facts
-from node.identity import node_id as load_node_id
-from node.identity import state_dir
-from node.runner import StageRun, start_record
-from node.spool import Item, Spool
-from protos import PROTOCOL_VERSION, infra_pb2, infra_pb2_grpc
+from crystallm_core.layout import LayoutError, check_stage_name, experiment_dir
+from infra.node import facts as node_facts
+from infra.node.identity import node_id as load_node_id
+from infra.node.identity import state_dir
+from infra.node.runner import StageRun, stage_context, start_record
+from infra.node.settings import Options
+from infra.node.spool import Item, Spool
+from infra.node.stage_plugins import load_stage_modules, workdir_stage_plugins
+from infra.protos import PROTOCOL_VERSION, infra_pb2, infra_pb2_grpc
+from infra.protos.transport import KEEPALIVE, RECONNECT, Connection
+from infra.spec.plan import validation_issues, with_defaults
+from infra.spec.stages import Command, get_stage_kind
 
 log = logging.getLogger("infra.node")
 BATCH = 1000
-SAFE_DIR = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")  # experiment keys and stage names from the master
 REFUSED = (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.INVALID_ARGUMENT)
 DENIED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 FAILURE_CLASSES = {
@@ -124,24 +124,6 @@ def _event(it: Item) -> infra_pb2.Event:
     else:
         ev.log.stream, ev.log.text = body.get("stream", ""), body.get("text", "")
     return ev
-
-
-@dataclass
-class Options:
-    master: str
-    workdir: Path
-    name: str
-    heartbeat: float = 5.0
-    cpus: int | None = None
-    memory_mib: int | None = None
-    fake_gpus: int | None = None
-    token: str | None = None
-    tls: ClientTls | None = None
-    spool_limit_mib: int = 256
-    min_free_disk_mib: int = 1024
-    stop_free_disk_mib: int | None = None  # default: half of min_free_disk_mib
-    plugin_timeout: float = 30.0
-    stop_deadline: float = 60.0  # on SIGTERM/SIGINT, how long running stages may take to finish
 
 
 @dataclass(eq=False)
@@ -542,7 +524,7 @@ class Agent:
                     self._final(a, "failed", -1, problem, failure)
                     return
                 self._save(a, command)
-            exp_dir = self.workdir / "experiments" / a.experiment
+            exp_dir = experiment_dir(self.workdir, a.experiment)
             start_record(exp_dir, with_defaults(json.loads(a.plan_json)) if a.plan_json else None)
             run = StageRun(
                 command,
@@ -595,23 +577,21 @@ class Agent:
         """The attempt's commands, or why not and the failure class: what the plan asks for (names, params)
         is the stage's ``error`` (a retry elsewhere would fail alike); what this node lacks (disk, the kind,
         e.g. a plugin that failed to load) is ``infra``."""
-        if not SAFE_DIR.match(a.experiment) or not SAFE_DIR.match(a.stage):
-            return None, f"refusing unsafe directory names {a.experiment!r}/{a.stage!r}", "error"
+        try:  # the experiment key and stage name from the master become folders: the layout's rule
+            exp_dir = experiment_dir(self.workdir, a.experiment)
+            check_stage_name(a.stage)
+        except LayoutError as e:
+            return None, f"refusing unsafe directory names {a.experiment!r}/{a.stage!r}: {e}", "error"
         unavailable = self.disk.unavailable()
         if unavailable:
             return None, f"node {self.opts.name}: {unavailable}", "infra"
-        exp_dir = self.workdir / "experiments" / a.experiment
-        try:
-            check_stage_name(a.stage)
-        except ValueError as e:
-            return None, str(e), "error"
         try:
             kind = get_stage_kind(a.kind)
         except KeyError as e:
             return None, f"node {self.opts.name}: " + str(e).strip("'\""), "infra"
         try:
             params = kind.params.model_validate(json.loads(a.params_json or "{}"))
-            return kind.build(params, StageContext(exp_dir, a.stage, a.smoke, a.attempt)), "", ""
+            return kind.build(params, stage_context(exp_dir, a.stage, a.smoke, a.attempt)), "", ""
         except ValidationError as e:
             return None, "invalid params: " + "; ".join(str(i) for i in validation_issues(e, "params")), "error"
         except (KeyError, ValueError) as e:

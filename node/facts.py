@@ -25,7 +25,7 @@ from typing import Any
 
 import psutil
 
-from infra.stages import PLUGIN_FOLDER, get_stage_kind, stage_kinds
+from infra.spec.stages import get_stage_kind, stage_kinds
 
 SOFTWARE = ("infra", "torch", "grpcio", "protobuf", "pymatgen", "nvidia-ml-py")
 EXTRAS = {"chgnet": "chgnet", "oid": "omegaid"}  # extra -> distribution that provides it
@@ -214,7 +214,7 @@ class PluginListing:
 
     def result(self) -> tuple[list[str], list[str]]:
         """(extras ``KIND:NAME`` for every registered scorer, vocabulary, model size and metric; warnings).
-        Stage plugins of the workdir are left out of the warnings: the agent loads and reports those itself."""
+        Stage plugins of the workdir are not listed there: the agent loads and reports those itself."""
         try:
             out, err = self.proc.communicate(timeout=max(0.0, self.started + self.limit - time.monotonic()))
         except subprocess.TimeoutExpired:
@@ -232,8 +232,7 @@ class PluginListing:
             failed = [(f["source"], f["error"]) for f in report["failed"]]
         except (ValueError, KeyError, TypeError) as e:
             return [], [f"crystallm plugins list printed no report ({type(e).__name__}: {e}): no plugins advertised"]
-        stage_plugins = str(self.workdir.resolve().joinpath(*PLUGIN_FOLDER)) + os.sep
-        warnings = [f"plugin {src} skipped: {error}" for src, error in failed if not src.startswith(stage_plugins)]
+        warnings = [f"plugin {src} skipped: {error}" for src, error in failed]  # stage plugins are not its business
         return extras, warnings
 
 

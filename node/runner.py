@@ -42,8 +42,8 @@ from typing import Any
 
 import psutil
 
-from crystallm_core.layout import WORK, ExperimentLayout, write_env_json, write_plan_json
-from infra.stages import Command
+from crystallm_core.layout import WORK, ExperimentLayout, check_stage_name, write_env_json, write_plan_json
+from infra.spec.stages import Command, StageContext
 
 RECORDS = ".infra"
 MAX_LINE = 8192  # longer log lines are cut (a progress bar without newlines must not exhaust the master)
@@ -87,6 +87,23 @@ def artifact_path(path: str, base: Path, experiment_dir: Path, workdir: Path) ->
 def aside(path: Path, n: int, suffix: str = "") -> Path:
     """Where an earlier attempt's ``path`` is kept: ``.attempt-<n>`` added to its name (before ``suffix``)."""
     return path.with_name(f"{path.name.removesuffix(suffix)}.attempt-{n}{suffix}")
+
+
+def stage_context(experiment_dir: Path, stage: str, smoke: bool = False, attempt: int = 1) -> StageContext:
+    """What a stage kind's builder receives: the stage's paths, as the experiment layout places them."""
+    lay = ExperimentLayout(experiment_dir)
+    return StageContext(
+        experiment_dir=lay.root,
+        stage=stage,
+        work_dir=lay.work_dir(stage),
+        data_dir=lay.data_dir,
+        ckpts_dir=lay.ckpts_dir,
+        probes_dir=lay.probes_dir,
+        samples_dir=lay.samples_dir(stage),
+        artifacts_dir=lay.artifacts_dir / check_stage_name(stage),
+        smoke=smoke,
+        attempt=attempt,
+    )
 
 
 def start_record(experiment_dir: Path, plan: dict[str, Any] | None) -> ExperimentLayout:

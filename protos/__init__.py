@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from protos import infra_pb2
+from infra.protos import infra_pb2
 
 PROTOCOL_VERSION: int = infra_pb2.PROTOCOL_VERSION_CURRENT
 # Set on every server and channel, both directions: a larger message is refused with RESOURCE_EXHAUSTED
-# before it is parsed. Plans are limited far below this (infra.plan.MAX_PLAN_BYTES).
+# before it is parsed. Plans are limited far below this (infra.spec.plan.MAX_PLAN_BYTES).
 MAX_MESSAGE_BYTES: int = 32 * 1024 * 1024

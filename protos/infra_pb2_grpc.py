@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from protos import infra_pb2 as protos_dot_infra__pb2
+from infra.protos import infra_pb2 as infra_dot_protos_dot_infra__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in protos/infra_pb2_grpc.py depends on'
+        + ' but the generated code in infra/protos/infra_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,28 +36,28 @@ class NodeServiceStub:
         """
         self.Register = channel.unary_unary(
                 '/infra.v1.NodeService/Register',
-                request_serializer=protos_dot_infra__pb2.RegisterRequest.SerializeToString,
-                response_deserializer=protos_dot_infra__pb2.RegisterResponse.FromString,
+                request_serializer=infra_dot_protos_dot_infra__pb2.RegisterRequest.SerializeToString,
+                response_deserializer=infra_dot_protos_dot_infra__pb2.RegisterResponse.FromString,
                 _registered_method=True)
         self.Heartbeat = channel.unary_unary(
                 '/infra.v1.NodeService/Heartbeat',
-                request_serializer=protos_dot_infra__pb2.HeartbeatRequest.SerializeToString,
-                response_deserializer=protos_dot_infra__pb2.HeartbeatResponse.FromString,
+                request_serializer=infra_dot_protos_dot_infra__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=infra_dot_protos_dot_infra__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
         self.Assignments = channel.unary_stream(
                 '/infra.v1.NodeService/Assignments',
-                request_serializer=protos_dot_infra__pb2.AssignmentStreamRequest.SerializeToString,
-                response_deserializer=protos_dot_infra__pb2.NodeCommand.FromString,
+                request_serializer=infra_dot_protos_dot_infra__pb2.AssignmentStreamRequest.SerializeToString,
+                response_deserializer=infra_dot_protos_dot_infra__pb2.NodeCommand.FromString,
                 _registered_method=True)
         self.ReportEvents = channel.unary_unary(
                 '/infra.v1.NodeService/ReportEvents',
-                request_serializer=protos_dot_infra__pb2.EventBatch.SerializeToString,
-                response_deserializer=protos_dot_infra__pb2.EventAck.FromString,
+                request_serializer=infra_dot_protos_dot_infra__pb2.EventBatch.SerializeToString,
+                response_deserializer=infra_dot_protos_dot_infra__pb2.EventAck.FromString,
                 _registered_method=True)
         self.ReportStatus = channel.unary_unary(
                 '/infra.v1.NodeService/ReportStatus',
-                request_serializer=protos_dot_infra__pb2.StageStatusReport.SerializeToString,
-                response_deserializer=protos_dot_infra__pb2.StageStatusAck.FromString,
+                request_serializer=infra_dot_protos_dot_infra__pb2.StageStatusReport.SerializeToString,
+                response_deserializer=infra_dot_protos_dot_infra__pb2.StageStatusAck.FromString,
                 _registered_method=True)
 
 
@@ -100,28 +100,28 @@ def add_NodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Register': grpc.unary_unary_rpc_method_handler(
                     servicer.Register,
-                    request_deserializer=protos_dot_infra__pb2.RegisterRequest.FromString,
-                    response_serializer=protos_dot_infra__pb2.RegisterResponse.SerializeToString,
+                    request_deserializer=infra_dot_protos_dot_infra__pb2.RegisterRequest.FromString,
+                    response_serializer=infra_dot_protos_dot_infra__pb2.RegisterResponse.SerializeToString,
             ),
             'Heartbeat': grpc.unary_unary_rpc_method_handler(
                     servicer.Heartbeat,
-                    request_deserializer=protos_dot_infra__pb2.HeartbeatRequest.FromString,
-                    response_serializer=protos_dot_infra__pb2.HeartbeatResponse.SerializeToString,
+                    request_deserializer=infra_dot_protos_dot_infra__pb2.HeartbeatRequest.FromString,
+                    response_serializer=infra_dot_protos_dot_infra__pb2.HeartbeatResponse.SerializeToString,
             ),
             'Assignments': grpc.unary_stream_rpc_method_handler(
                     servicer.Assignments,
-                    request_deserializer=protos_dot_infra__pb2.AssignmentStreamRequest.FromString,
-                    response_serializer=protos_dot_infra__pb2.NodeCommand.SerializeToString,
+                    request_deserializer=infra_dot_protos_dot_infra__pb2.AssignmentStreamRequest.FromString,
+                    response_serializer=infra_dot_protos_dot_infra__pb2.NodeCommand.SerializeToString,
             ),
             'ReportEvents': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportEvents,
-                    request_deserializer=protos_dot_infra__pb2.EventBatch.FromString,
-                    response_serializer=protos_dot_infra__pb2.EventAck.SerializeToString,
+                    request_deserializer=infra_dot_protos_dot_infra__pb2.EventBatch.FromString,
+                    response_serializer=infra_dot_protos_dot_infra__pb2.EventAck.SerializeToString,
             ),
             'ReportStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.ReportStatus,
-                    request_deserializer=protos_dot_infra__pb2.StageStatusReport.FromString,
-                    response_serializer=protos_dot_infra__pb2.StageStatusAck.SerializeToString,
+                    request_deserializer=infra_dot_protos_dot_infra__pb2.StageStatusReport.FromString,
+                    response_serializer=infra_dot_protos_dot_infra__pb2.StageStatusAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -149,8 +149,8 @@ class NodeService:
             request,
             target,
             '/infra.v1.NodeService/Register',
-            protos_dot_infra__pb2.RegisterRequest.SerializeToString,
-            protos_dot_infra__pb2.RegisterResponse.FromString,
+            infra_dot_protos_dot_infra__pb2.RegisterRequest.SerializeToString,
+            infra_dot_protos_dot_infra__pb2.RegisterResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -176,8 +176,8 @@ class NodeService:
             request,
             target,
             '/infra.v1.NodeService/Heartbeat',
-            protos_dot_infra__pb2.HeartbeatRequest.SerializeToString,
-            protos_dot_infra__pb2.HeartbeatResponse.FromString,
+            infra_dot_protos_dot_infra__pb2.HeartbeatRequest.SerializeToString,
+            infra_dot_protos_dot_infra__pb2.HeartbeatResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -203,8 +203,8 @@ class NodeService:
             request,
             target,
             '/infra.v1.NodeService/Assignments',
-            protos_dot_infra__pb2.AssignmentStreamRequest.SerializeToString,
-            protos_dot_infra__pb2.NodeCommand.FromString,
+            infra_dot_protos_dot_infra__pb2.AssignmentStreamRequest.SerializeToString,
+            infra_dot_protos_dot_infra__pb2.NodeCommand.FromString,
             options,
             channel_credentials,
             insecure,
@@ -230,8 +230,8 @@ class NodeService:
             request,
             target,
             '/infra.v1.NodeService/ReportEvents',
-            protos_dot_infra__pb2.EventBatch.SerializeToString,
-            protos_dot_infra__pb2.EventAck.FromString,
+            infra_dot_protos_dot_infra__pb2.EventBatch.SerializeToString,
+            infra_dot_protos_dot_infra__pb2.EventAck.FromString,
             options,
             channel_credentials,
             insecure,
@@ -257,8 +257,8 @@ class NodeService:
             request,
             target,
             '/infra.v1.NodeService/ReportStatus',
-            protos_dot_infra__pb2.StageStatusReport.SerializeToString,
-            protos_dot_infra__pb2.StageStatusAck.FromString,
+            infra_dot_protos_dot_infra__pb2.StageStatusReport.SerializeToString,
+            infra_dot_protos_dot_infra__pb2.StageStatusAck.FromString,
             options,
             channel_credentials,
             insecure,
@@ -281,58 +281,58 @@ class ClientServiceStub:
         """
         self.Submit = channel.unary_unary(
                 '/infra.v1.ClientService/Submit',
-                request_serializer=protos_dot_infra__pb2.SubmitRequest.SerializeToString,
-                response_deserializer=protos_dot_infra__pb2.SubmitResponse.FromString,
+                request_serializer=infra_dot_protos_dot_infra__pb2.SubmitRequest.SerializeToString,
+                response_deserializer=infra_dot_protos_dot_infra__pb2.SubmitResponse.FromString,
                 _registered_method=True)
         self.GetStatus = channel.unary_unary(
                 '/infra.v1.ClientService/GetStatus',
-                request_serializer=protos_dot_infra__pb2.StatusRequest.SerializeToString,
-                response_deserializer=protos_dot_infra__pb2.StatusResponse.FromString,
+                request_serializer=infra_dot_protos_dot_infra__pb2.StatusRequest.SerializeToString,
+                response_deserializer=infra_dot_protos_dot_infra__pb2.StatusResponse.FromString,
                 _registered_method=True)
         self.GetLogs = channel.unary_stream(
                 '/infra.v1.ClientService/GetLogs',
-                request_serializer=protos_dot_infra__pb2.LogsRequest.SerializeToString,
-                response_deserializer=protos_dot_infra__pb2.LogRecord.FromString,
+                request_serializer=infra_dot_protos_dot_infra__pb2.LogsRequest.SerializeToString,
+                response_deserializer=infra_dot_protos_dot_infra__pb2.LogRecord.FromString,
                 _registered_method=True)
         self.GetMetrics = channel.unary_unary(
                 '/infra.v1.ClientService/GetMetrics',
-                request_serializer=protos_dot_infra__pb2.MetricsRequest.SerializeToString,
-                response_deserializer=protos_dot_infra__pb2.MetricsResponse.FromString,
+                request_serializer=infra_dot_protos_dot_infra__pb2.MetricsRequest.SerializeToString,
+                response_deserializer=infra_dot_protos_dot_infra__pb2.MetricsResponse.FromString,
                 _registered_method=True)
         self.ListArtifacts = channel.unary_unary(
                 '/infra.v1.ClientService/ListArtifacts',
-                request_serializer=protos_dot_infra__pb2.ArtifactsRequest.SerializeToString,
-                response_deserializer=protos_dot_infra__pb2.ArtifactsResponse.FromString,
+                request_serializer=infra_dot_protos_dot_infra__pb2.ArtifactsRequest.SerializeToString,
+                response_deserializer=infra_dot_protos_dot_infra__pb2.ArtifactsResponse.FromString,
                 _registered_method=True)
         self.Cancel = channel.unary_unary(
                 '/infra.v1.ClientService/Cancel',
-                request_serializer=protos_dot_infra__pb2.CancelRequest.SerializeToString,
-                response_deserializer=protos_dot_infra__pb2.CancelResponse.FromString,
+                request_serializer=infra_dot_protos_dot_infra__pb2.CancelRequest.SerializeToString,
+                response_deserializer=infra_dot_protos_dot_infra__pb2.CancelResponse.FromString,
                 _registered_method=True)
         self.CreateToken = channel.unary_unary(
                 '/infra.v1.ClientService/CreateToken',
-                request_serializer=protos_dot_infra__pb2.CreateTokenRequest.SerializeToString,
-                response_deserializer=protos_dot_infra__pb2.CreateTokenResponse.FromString,
+                request_serializer=infra_dot_protos_dot_infra__pb2.CreateTokenRequest.SerializeToString,
+                response_deserializer=infra_dot_protos_dot_infra__pb2.CreateTokenResponse.FromString,
                 _registered_method=True)
         self.ListTokens = channel.unary_unary(
                 '/infra.v1.ClientService/ListTokens',
-                request_serializer=protos_dot_infra__pb2.ListTokensRequest.SerializeToString,
-                response_deserializer=protos_dot_infra__pb2.ListTokensResponse.FromString,
+                request_serializer=infra_dot_protos_dot_infra__pb2.ListTokensRequest.SerializeToString,
+                response_deserializer=infra_dot_protos_dot_infra__pb2.ListTokensResponse.FromString,
                 _registered_method=True)
         self.RevokeToken = channel.unary_unary(
                 '/infra.v1.ClientService/RevokeToken',
-                request_serializer=protos_dot_infra__pb2.RevokeTokenRequest.SerializeToString,
-                response_deserializer=protos_dot_infra__pb2.RevokeTokenResponse.FromString,
+                request_serializer=infra_dot_protos_dot_infra__pb2.RevokeTokenRequest.SerializeToString,
+                response_deserializer=infra_dot_protos_dot_infra__pb2.RevokeTokenResponse.FromString,
                 _registered_method=True)
         self.DrainNode = channel.unary_unary(
                 '/infra.v1.ClientService/DrainNode',
-                request_serializer=protos_dot_infra__pb2.DrainNodeRequest.SerializeToString,
-                response_deserializer=protos_dot_infra__pb2.DrainNodeResponse.FromString,
+                request_serializer=infra_dot_protos_dot_infra__pb2.DrainNodeRequest.SerializeToString,
+                response_deserializer=infra_dot_protos_dot_infra__pb2.DrainNodeResponse.FromString,
                 _registered_method=True)
         self.Rerun = channel.unary_unary(
                 '/infra.v1.ClientService/Rerun',
-                request_serializer=protos_dot_infra__pb2.RerunRequest.SerializeToString,
-                response_deserializer=protos_dot_infra__pb2.RerunResponse.FromString,
+                request_serializer=infra_dot_protos_dot_infra__pb2.RerunRequest.SerializeToString,
+                response_deserializer=infra_dot_protos_dot_infra__pb2.RerunResponse.FromString,
                 _registered_method=True)
 
 
@@ -410,58 +410,58 @@ def add_ClientServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Submit': grpc.unary_unary_rpc_method_handler(
                     servicer.Submit,
-                    request_deserializer=protos_dot_infra__pb2.SubmitRequest.FromString,
-                    response_serializer=protos_dot_infra__pb2.SubmitResponse.SerializeToString,
+                    request_deserializer=infra_dot_protos_dot_infra__pb2.SubmitRequest.FromString,
+                    response_serializer=infra_dot_protos_dot_infra__pb2.SubmitResponse.SerializeToString,
             ),
             'GetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStatus,
-                    request_deserializer=protos_dot_infra__pb2.StatusRequest.FromString,
-                    response_serializer=protos_dot_infra__pb2.StatusResponse.SerializeToString,
+                    request_deserializer=infra_dot_protos_dot_infra__pb2.StatusRequest.FromString,
+                    response_serializer=infra_dot_protos_dot_infra__pb2.StatusResponse.SerializeToString,
             ),
             'GetLogs': grpc.unary_stream_rpc_method_handler(
                     servicer.GetLogs,
-                    request_deserializer=protos_dot_infra__pb2.LogsRequest.FromString,
-                    response_serializer=protos_dot_infra__pb2.LogRecord.SerializeToString,
+                    request_deserializer=infra_dot_protos_dot_infra__pb2.LogsRequest.FromString,
+                    response_serializer=infra_dot_protos_dot_infra__pb2.LogRecord.SerializeToString,
             ),
             'GetMetrics': grpc.unary_unary_rpc_method_handler(
                     servicer.GetMetrics,
-                    request_deserializer=protos_dot_infra__pb2.MetricsRequest.FromString,
-                    response_serializer=protos_dot_infra__pb2.MetricsResponse.SerializeToString,
+                    request_deserializer=infra_dot_protos_dot_infra__pb2.MetricsRequest.FromString,
+                    response_serializer=infra_dot_protos_dot_infra__pb2.MetricsResponse.SerializeToString,
             ),
             'ListArtifacts': grpc.unary_unary_rpc_method_handler(
                     servicer.ListArtifacts,
-                    request_deserializer=protos_dot_infra__pb2.ArtifactsRequest.FromString,
-                    response_serializer=protos_dot_infra__pb2.ArtifactsResponse.SerializeToString,
+                    request_deserializer=infra_dot_protos_dot_infra__pb2.ArtifactsRequest.FromString,
+                    response_serializer=infra_dot_protos_dot_infra__pb2.ArtifactsResponse.SerializeToString,
             ),
             'Cancel': grpc.unary_unary_rpc_method_handler(
                     servicer.Cancel,
-                    request_deserializer=protos_dot_infra__pb2.CancelRequest.FromString,
-                    response_serializer=protos_dot_infra__pb2.CancelResponse.SerializeToString,
+                    request_deserializer=infra_dot_protos_dot_infra__pb2.CancelRequest.FromString,
+                    response_serializer=infra_dot_protos_dot_infra__pb2.CancelResponse.SerializeToString,
             ),
             'CreateToken': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateToken,
-                    request_deserializer=protos_dot_infra__pb2.CreateTokenRequest.FromString,
-                    response_serializer=protos_dot_infra__pb2.CreateTokenResponse.SerializeToString,
+                    request_deserializer=infra_dot_protos_dot_infra__pb2.CreateTokenRequest.FromString,
+                    response_serializer=infra_dot_protos_dot_infra__pb2.CreateTokenResponse.SerializeToString,
             ),
             'ListTokens': grpc.unary_unary_rpc_method_handler(
                     servicer.ListTokens,
-                    request_deserializer=protos_dot_infra__pb2.ListTokensRequest.FromString,
-                    response_serializer=protos_dot_infra__pb2.ListTokensResponse.SerializeToString,
+                    request_deserializer=infra_dot_protos_dot_infra__pb2.ListTokensRequest.FromString,
+                    response_serializer=infra_dot_protos_dot_infra__pb2.ListTokensResponse.SerializeToString,
             ),
             'RevokeToken': grpc.unary_unary_rpc_method_handler(
                     servicer.RevokeToken,
-                    request_deserializer=protos_dot_infra__pb2.RevokeTokenRequest.FromString,
-                    response_serializer=protos_dot_infra__pb2.RevokeTokenResponse.SerializeToString,
+                    request_deserializer=infra_dot_protos_dot_infra__pb2.RevokeTokenRequest.FromString,
+                    response_serializer=infra_dot_protos_dot_infra__pb2.RevokeTokenResponse.SerializeToString,
             ),
             'DrainNode': grpc.unary_unary_rpc_method_handler(
                     servicer.DrainNode,
-                    request_deserializer=protos_dot_infra__pb2.DrainNodeRequest.FromString,
-                    response_serializer=protos_dot_infra__pb2.DrainNodeResponse.SerializeToString,
+                    request_deserializer=infra_dot_protos_dot_infra__pb2.DrainNodeRequest.FromString,
+                    response_serializer=infra_dot_protos_dot_infra__pb2.DrainNodeResponse.SerializeToString,
             ),
             'Rerun': grpc.unary_unary_rpc_method_handler(
                     servicer.Rerun,
-                    request_deserializer=protos_dot_infra__pb2.RerunRequest.FromString,
-                    response_serializer=protos_dot_infra__pb2.RerunResponse.SerializeToString,
+                    request_deserializer=infra_dot_protos_dot_infra__pb2.RerunRequest.FromString,
+                    response_serializer=infra_dot_protos_dot_infra__pb2.RerunResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -489,8 +489,8 @@ class ClientService:
             request,
             target,
             '/infra.v1.ClientService/Submit',
-            protos_dot_infra__pb2.SubmitRequest.SerializeToString,
-            protos_dot_infra__pb2.SubmitResponse.FromString,
+            infra_dot_protos_dot_infra__pb2.SubmitRequest.SerializeToString,
+            infra_dot_protos_dot_infra__pb2.SubmitResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -516,8 +516,8 @@ class ClientService:
             request,
             target,
             '/infra.v1.ClientService/GetStatus',
-            protos_dot_infra__pb2.StatusRequest.SerializeToString,
-            protos_dot_infra__pb2.StatusResponse.FromString,
+            infra_dot_protos_dot_infra__pb2.StatusRequest.SerializeToString,
+            infra_dot_protos_dot_infra__pb2.StatusResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -543,8 +543,8 @@ class ClientService:
             request,
             target,
             '/infra.v1.ClientService/GetLogs',
-            protos_dot_infra__pb2.LogsRequest.SerializeToString,
-            protos_dot_infra__pb2.LogRecord.FromString,
+            infra_dot_protos_dot_infra__pb2.LogsRequest.SerializeToString,
+            infra_dot_protos_dot_infra__pb2.LogRecord.FromString,
             options,
             channel_credentials,
             insecure,
@@ -570,8 +570,8 @@ class ClientService:
             request,
             target,
             '/infra.v1.ClientService/GetMetrics',
-            protos_dot_infra__pb2.MetricsRequest.SerializeToString,
-            protos_dot_infra__pb2.MetricsResponse.FromString,
+            infra_dot_protos_dot_infra__pb2.MetricsRequest.SerializeToString,
+            infra_dot_protos_dot_infra__pb2.MetricsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -597,8 +597,8 @@ class ClientService:
             request,
             target,
             '/infra.v1.ClientService/ListArtifacts',
-            protos_dot_infra__pb2.ArtifactsRequest.SerializeToString,
-            protos_dot_infra__pb2.ArtifactsResponse.FromString,
+            infra_dot_protos_dot_infra__pb2.ArtifactsRequest.SerializeToString,
+            infra_dot_protos_dot_infra__pb2.ArtifactsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -624,8 +624,8 @@ class ClientService:
             request,
             target,
             '/infra.v1.ClientService/Cancel',
-            protos_dot_infra__pb2.CancelRequest.SerializeToString,
-            protos_dot_infra__pb2.CancelResponse.FromString,
+            infra_dot_protos_dot_infra__pb2.CancelRequest.SerializeToString,
+            infra_dot_protos_dot_infra__pb2.CancelResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -651,8 +651,8 @@ class ClientService:
             request,
             target,
             '/infra.v1.ClientService/CreateToken',
-            protos_dot_infra__pb2.CreateTokenRequest.SerializeToString,
-            protos_dot_infra__pb2.CreateTokenResponse.FromString,
+            infra_dot_protos_dot_infra__pb2.CreateTokenRequest.SerializeToString,
+            infra_dot_protos_dot_infra__pb2.CreateTokenResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -678,8 +678,8 @@ class ClientService:
             request,
             target,
             '/infra.v1.ClientService/ListTokens',
-            protos_dot_infra__pb2.ListTokensRequest.SerializeToString,
-            protos_dot_infra__pb2.ListTokensResponse.FromString,
+            infra_dot_protos_dot_infra__pb2.ListTokensRequest.SerializeToString,
+            infra_dot_protos_dot_infra__pb2.ListTokensResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -705,8 +705,8 @@ class ClientService:
             request,
             target,
             '/infra.v1.ClientService/RevokeToken',
-            protos_dot_infra__pb2.RevokeTokenRequest.SerializeToString,
-            protos_dot_infra__pb2.RevokeTokenResponse.FromString,
+            infra_dot_protos_dot_infra__pb2.RevokeTokenRequest.SerializeToString,
+            infra_dot_protos_dot_infra__pb2.RevokeTokenResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -732,8 +732,8 @@ class ClientService:
             request,
             target,
             '/infra.v1.ClientService/DrainNode',
-            protos_dot_infra__pb2.DrainNodeRequest.SerializeToString,
-            protos_dot_infra__pb2.DrainNodeResponse.FromString,
+            infra_dot_protos_dot_infra__pb2.DrainNodeRequest.SerializeToString,
+            infra_dot_protos_dot_infra__pb2.DrainNodeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -759,8 +759,8 @@ class ClientService:
             request,
             target,
             '/infra.v1.ClientService/Rerun',
-            protos_dot_infra__pb2.RerunRequest.SerializeToString,
-            protos_dot_infra__pb2.RerunResponse.FromString,
+            infra_dot_protos_dot_infra__pb2.RerunRequest.SerializeToString,
+            infra_dot_protos_dot_infra__pb2.RerunResponse.FromString,
             options,
             channel_credentials,
             insecure,

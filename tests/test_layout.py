@@ -13,9 +13,9 @@ from crystallm_core.layout import (
     RESERVED_NAMES,
     ExperimentLayout,
     LayoutError,
-    check_name,
     check_probe_name,
     check_stage_name,
+    experiment_dir,
     write_env_json,
     write_plan_json,
 )
@@ -61,13 +61,25 @@ def test_names_that_are_not_one_path_component_are_refused(tmp_path, name):
         lay.probe_dir(name)
 
 
-def test_reserved_names_cover_every_top_level_entry():
+def test_reserved_names_cover_every_top_level_entry(tmp_path):
     assert set(FOLDERS) | {"plan.json", "env.json"} == RESERVED_NAMES
-    for name in RESERVED_NAMES:
-        with pytest.raises(LayoutError, match=f"stage name '{re.escape(name)}' is reserved"):
-            check_stage_name(name)
+    lay = ExperimentLayout(tmp_path / "exp")
+    for name in RESERVED_NAMES:  # a stage named like a top-level entry: its paths are all nested, no collision
+        assert check_stage_name(name) == name
+        stage_paths = [lay.log_file(name), lay.metrics_file(name), lay.work_dir(name), lay.samples_dir(name)]
+        assert all(p.parent != lay.root and p.parent.parent == lay.root for p in stage_paths)
     assert check_stage_name("train") == "train"
-    assert check_name("ckpts") == "ckpts"  # fine as a file name, only refused as a stage name
+    with pytest.raises(LayoutError, match="stage name '..'"):
+        check_stage_name("..")
+
+
+def test_experiment_keys_are_checked_path_components(tmp_path):
+    assert experiment_dir(tmp_path, "perov5-12") == tmp_path / "experiments" / "perov5-12"
+    assert ExperimentLayout.in_workdir(tmp_path, "k").root == tmp_path / "experiments" / "k"
+    assert experiment_dir(tmp_path, "a" * 128).name == "a" * 128  # a 64-character plan name, '-' and the id
+    for bad in ("..", "a/b", "", "a" * 129):
+        with pytest.raises(LayoutError, match="experiment key"):
+            experiment_dir(tmp_path, bad)
     with pytest.raises(LayoutError, match="probe name 'a.b'"):
         check_probe_name("a.b")  # dots would make plots/<probe> look like a file
 

@@ -274,7 +274,8 @@ def test_cli_names_bad_flags(ckpt, tmp_path, monkeypatch, capsys):
 
 def test_the_plan_stage_command_runs(ckpt, tmp_path):
     """The ``mcts`` stage kind of plans builds this verb's command line; it must run as built."""
-    from infra.stages import StageContext, get_stage_kind
+    from infra.node.runner import stage_context
+    from infra.spec.stages import get_stage_kind
 
     kind = get_stage_kind("mcts")
     params = kind.params(
@@ -292,7 +293,7 @@ def test_the_plan_stage_command_runs(ckpt, tmp_path):
     exp = tmp_path / "exp"
     (exp / "ckpts").mkdir(parents=True)
     (exp / "ckpts" / "best.pt").symlink_to(ckpt)  # the default model of the kind
-    (argv,) = kind.build(params, StageContext(experiment_dir=exp, stage="search", smoke=True)).steps
+    (argv,) = kind.build(params, stage_context(exp, "search", smoke=True)).steps
     assert argv[1:4] == ["-m", "crystallm_core.cli", "mcts"] and kind.extras(params) == {"scorer:random"}
     assert argv[argv.index("--scorer-option") + 1] == "low=-3" and argv[argv.index("--max-nodes") + 1] == "1000"
     done = run_cli(*argv[4:], env_dir=tmp_path)

@@ -62,7 +62,7 @@ PLUGINS = {
         register_metric("test-newlines", lambda text: text.count("\\n"))
     """,
     "stage/echo.py": """
-        from infra.stages import Command, Spec, StageKind, register_stage
+        from infra.spec.stages import Command, Spec, StageKind, register_stage
 
         class EchoParams(Spec):
             text: str
@@ -121,9 +121,9 @@ def test_list_shows_what_loaded_and_what_failed_and_leaves_no_process(workdir, t
     assert source[("vocab", "test-vocab")] == str(plugins / "vocab" / "extra_vocab.py")
     assert source[("model", "test-micro")] == str(plugins / "model" / "micro.py")
     assert source[("metric", "test-newlines")] == str(plugins / "metrics" / "lines.py")
-    assert source[("stage", "test-echo")] == str(plugins / "stage" / "echo.py")
+    assert not any(kind == "stage" for kind, _ in source)  # stage kinds are the node's (infra.node.stage_plugins)
     assert source[("scorer", "random")] == "entry point random-scorer (infra)"
-    assert source[("vocab", "cif-v1")] == source[("model", "tiny")] == source[("stage", "mcts")] == "built-in"
+    assert source[("vocab", "cif-v1")] == source[("model", "tiny")] == "built-in"
     failed = {Path(f["source"]).name: f["error"] for f in report["failed"]}
     assert failed["broken.py"] == "RuntimeError: boom (line 3)"
     assert failed["hangs.py"].startswith("import did not finish within 2 s")
@@ -174,7 +174,8 @@ def test_library_loader_returns_a_report_and_plugin_registrations_work(workdir, 
     )
     assert done.returncode == 0, done.stderr
     loaded, loaded_again, failed, failed_again = json.loads(done.stdout)
-    assert loaded == loaded_again == 3 + 6 and failed == failed_again == 3  # 3 entry points + 6 files
+    # 3 entry points + 5 files (plugins/stage/echo.py is the node's: infra.node.stage_plugins)
+    assert loaded == loaded_again == 3 + 5 and failed == failed_again == 3
 
 
 def test_entry_points_of_other_distributions_are_loaded_and_broken_ones_reported(tmp_path):
@@ -183,12 +184,12 @@ def test_entry_points_of_other_distributions_are_loaded_and_broken_ones_reported
     info.mkdir(parents=True)
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: fakeplug\nVersion: 1.0\n")
     (info / "entry_points.txt").write_text(
-        "[infra.plugins]\ntest-ep = fakeplug_mod:register\ntest-broken-ep = fakeplug_missing\n"
+        "[crystallm.plugins]\ntest-ep = fakeplug_mod:register\ntest-broken-ep = fakeplug_missing\n"
     )
     (site / "fakeplug_mod.py").write_text(
         "def register():\n"
         "    from crystallm_core.scorers import register_scorer\n"
-        "    from plugins.scorers.random_scorer import RandomScorer\n"
+        "    from infra.plugins.scorers.random_scorer import RandomScorer\n"
         "    register_scorer('test-ep-scorer', RandomScorer)\n"
     )
     both = "from crystallm_core.cli import main; main(['plugins', 'list', '--json']); main(['plugins', 'list'])"
@@ -230,32 +231,37 @@ def test_list_names_a_missing_workdir(tmp_path):
     assert done.returncode == 2 and f"--workdir {tmp_path / 'nowhere'} is not a directory" in done.stderr
 
 
-def test_own_plugins_match_the_entry_points_setup_py_declares():
-    """OWN_PLUGINS stands in for this package's entry points in an uninstalled checkout: they must agree."""
+def test_the_built_in_plugins_are_entry_points_of_the_distribution_that_installs_the_core():
+    """The core names no module of the cluster side: it trusts the entry points of the distribution that
+    installed crystallm_core itself (setup.py declares the built-in scorers there)."""
     from importlib import metadata
 
-    from crystallm_core.plugins import ENTRY_POINT_GROUP, OWN_DISTRIBUTION, OWN_PLUGINS
+    from crystallm_core import plugins
 
-    try:
-        dist = metadata.distribution(OWN_DISTRIBUTION)
-    except metadata.PackageNotFoundError:
-        pytest.skip(f"{OWN_DISTRIBUTION} is not installed here (a source checkout): no entry points to compare")
-    declared = {ep.name: ep.value for ep in dist.entry_points if ep.group == ENTRY_POINT_GROUP}
-    assert declared == OWN_PLUGINS
+    mine = plugins.own_distributions()
+    assert mine == {"infra"}
+    own, _ = plugins._entry_point_items()
+    declared = {i.ep_name: i.ep_value for i in own}
+    assert declared == {
+        "chgnet-scorer": "infra.plugins.scorers.chgnet_scorer",
+        "random-scorer": "infra.plugins.scorers.random_scorer",
+        "zmq-scorer": "infra.plugins.scorers.zmq_scorer",
+    }
+    assert {ep.group for ep in metadata.distribution("infra").entry_points} == {
+        "console_scripts",
+        plugins.ENTRY_POINT_GROUP,
+    }
 
 
-def test_an_uninstalled_checkout_loads_the_built_in_plugins(monkeypatch):
-    """Run from a source checkout (PYTHONPATH, no metadata), the built-in scorers are still registered."""
-    from importlib import metadata
+def test_modules_of_another_registry_load_through_the_same_isolated_loader(tmp_path):
+    """load_modules: what a caller with its own registry (the node's stage kinds) uses; a hang is a failure."""
+    from crystallm_core.plugins import load_modules
 
-    import crystallm_core.plugins as plugins
-
-    def missing(name):
-        raise metadata.PackageNotFoundError(name)
-
-    monkeypatch.setattr(plugins.metadata, "entry_points", lambda group: [])
-    monkeypatch.setattr(plugins.metadata, "distribution", missing)
-    own, others = plugins._entry_point_items()
-    assert others == []
-    assert {i.ep_name: i.ep_value for i in own} == plugins.OWN_PLUGINS
-    assert all(i.source.endswith("(source checkout)") for i in own)
+    good, broken, hangs = tmp_path / "good.py", tmp_path / "broken.py", tmp_path / "hangs.py"
+    good.write_text("VALUE = 1\n")
+    broken.write_text("raise RuntimeError('boom')\n")
+    hangs.write_text("import time\ntime.sleep(600)\n")
+    loaded, failed = load_modules([str(good), str(broken), str(hangs)], timeout=2, prefix="test_isolated")
+    assert loaded == [str(good)] and sys.modules["test_isolated_good"].VALUE == 1
+    assert [(f.source, f.hung) for f in failed] == [(str(broken), False), (str(hangs), True)]
+    assert failed[0].error == "RuntimeError: boom (line 1)" and "test_isolated_broken" not in sys.modules

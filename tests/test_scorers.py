@@ -315,7 +315,7 @@ def test_chgnet_batched_featurization_predicts_what_chgnet_itself_predicts(perov
     """predict_energies replaces CHGNet's per-graph batching; the energies must not change (float32 rounding)."""
     pytest.importorskip("chgnet", reason="chgnet is not installed (pip install 'infra[chgnet]')")
     from crystallm_core.cif import parse_structure
-    from plugins.scorers.chgnet_scorer import build_graph, predict_energies
+    from infra.plugins.scorers.chgnet_scorer import build_graph, predict_energies
 
     cifs = [r["cif"] for r in perov_rows[:12] + carbon_rows[:6]]  # 5-atom perovskites and carbon_24 cells
     with make_scorer("chgnet", {"workers": 0}, device="cpu") as scorer:

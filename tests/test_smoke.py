@@ -90,12 +90,13 @@ def test_benchmark_smoke_caps_structures_attempts_and_tokens(monkeypatch, capsys
 
 def _smoke_gaps(plan: dict) -> list[str]:
     """Stage verbs of the plan that infra/stages.py runs without --smoke although the plan asks for it."""
-    from infra.stages import StageContext, get_stage_kind
+    from infra.node.runner import stage_context
+    from infra.spec.stages import get_stage_kind
 
     gaps = []
     for stage in plan["stages"]:
         kind = get_stage_kind(stage["kind"])
-        command = kind.build(kind.params.model_validate(stage["params"]), StageContext(Path("/e"), "s", True))
+        command = kind.build(kind.params.model_validate(stage["params"]), stage_context(Path("/e"), "s", True))
         for argv in command.steps:
             verb = argv[3] if argv[1:3] == ["-m", "crystallm_core.cli"] else None
             if verb in STAGE_VERBS and "--smoke" not in argv:

@@ -154,7 +154,7 @@ class Cluster:
 
 def kill_leftover_stages(tmp: Path) -> None:
     """Stage processes whose agent was killed -9 and never restarted outlive it by design; end them."""
-    from node.runner import same_process
+    from infra.node.runner import same_process
 
     for record in tmp.glob("work-*/experiments/*/work/*/.infra/attempt-*/run.json"):
         try:

@@ -7,8 +7,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
-from master.controller import Controller
-from master.db import make_engine, migrate
+from infra.master.controller import Controller
+from infra.master.db import make_engine, migrate
 
 
 def run_controller(

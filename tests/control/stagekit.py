@@ -17,7 +17,7 @@ import sys
 
 from pydantic import Field
 
-from infra.stages import Command, Resources, Spec, StageContext, StageKind, register_stage
+from infra.spec.stages import Command, Resources, Spec, StageContext, StageKind, register_stage
 
 SCRIPT = r"""
 import json, os, subprocess, sys, time

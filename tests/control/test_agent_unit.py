@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from node.agent import Agent, Held, Options, final_report
-from protos import infra_pb2
+from infra.node.agent import Agent, Held, Options, final_report
+from infra.protos import infra_pb2
 
 
 def test_every_failed_or_cancelled_report_carries_its_failure_class() -> None:

@@ -12,8 +12,8 @@ import grpc
 import pytest
 from sqlalchemy import create_engine, select
 
-from master.models import Token
-from protos import PROTOCOL_VERSION, infra_pb2, infra_pb2_grpc
+from infra.master.models import Token
+from infra.protos import PROTOCOL_VERSION, infra_pb2, infra_pb2_grpc
 
 from .conftest import Cluster
 

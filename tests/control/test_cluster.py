@@ -13,7 +13,7 @@ from typing import Any
 import grpc
 import pytest
 
-from protos import PROTOCOL_VERSION, infra_pb2, infra_pb2_grpc
+from infra.protos import PROTOCOL_VERSION, infra_pb2, infra_pb2_grpc
 
 pytestmark = pytest.mark.timeout(240)
 

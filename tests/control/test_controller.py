@@ -10,11 +10,11 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from master import store
-from master.controller import Controller
-from master.db import make_engine, migrate
-from master.models import Event, Transition
-from protos import PROTOCOL_VERSION, infra_pb2
+from infra.master import store
+from infra.master.controller import Controller
+from infra.master.db import make_engine, migrate
+from infra.master.models import Event, Transition
+from infra.protos import PROTOCOL_VERSION, infra_pb2
 
 from .controller_kit import run_controller
 
@@ -117,7 +117,7 @@ def test_events_are_stored_once_and_heartbeats_touch_no_table(tmp_path: Path) ->
         assert c.heartbeat(infra_pb2.HeartbeatRequest(node_id="n1", session=session + 1)).reregister
         await asyncio.sleep(0.3)  # the periodic flush persists the last usage, not every beat
         with Session(c.engine) as s:
-            from master.models import Node
+            from infra.master.models import Node
 
             assert s.get(Node, "n1").usage == {"cpu_percent": 12.5}
             assert s.scalar(select(func.count()).select_from(Transition)) == before

@@ -15,9 +15,9 @@ import pytest
 from sqlalchemy import create_engine, func, select
 from sqlalchemy.orm import Session
 
-from master import store
-from master.models import Attempt, Event, Experiment, Stage
-from protos import MAX_MESSAGE_BYTES, infra_pb2, infra_pb2_grpc
+from infra.master import store
+from infra.master.models import Attempt, Event, Experiment, Stage
+from infra.protos import MAX_MESSAGE_BYTES, infra_pb2, infra_pb2_grpc
 
 from .conftest import STAGEKIT, Cluster
 

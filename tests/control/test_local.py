@@ -71,8 +71,8 @@ def test_infra_train_runs_in_dependency_order(tmp_path: Path) -> None:
 def test_infra_train_rejects_a_bad_plan(tmp_path: Path) -> None:
     result = _infra_train(tmp_path, {"name": "x", "stages": [{"name": "a", "kind": "nope"}]})
     assert result.returncode == 2 and "stages[0].kind: unknown stage kind 'nope'" in result.stderr
-    result = _infra_train(tmp_path, {"name": "x", "stages": [{"name": "ckpts", "kind": "probe"}]})
-    assert result.returncode == 2 and "stages[0].name: stage name 'ckpts' is taken by the experiment" in result.stderr
+    result = _infra_train(tmp_path, {"name": "x", "stages": [{"name": "../up", "kind": "probe"}]})
+    assert result.returncode == 2 and "stages[0].name: '../up' is not a valid name" in result.stderr
 
 
 def test_infra_train_fails_a_stage_whose_scorer_no_plugin_registers(tmp_path: Path) -> None:

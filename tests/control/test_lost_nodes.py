@@ -7,9 +7,9 @@ import json
 from pathlib import Path
 from typing import Any
 
-from master import store
-from master.controller import Controller
-from protos import PROTOCOL_VERSION, infra_pb2
+from infra.master import store
+from infra.master.controller import Controller
+from infra.protos import PROTOCOL_VERSION, infra_pb2
 
 from .controller_kit import run_controller
 from .test_controller import _next

@@ -9,8 +9,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import inspect, text
 
-from master.db import make_engine, migrate
-from master.models import Base
+from infra.master.db import make_engine, migrate
+from infra.master.models import Base
 
 
 def _check(url: str) -> None:

@@ -12,7 +12,7 @@ STUBS = ("infra_pb2.py", "infra_pb2.pyi", "infra_pb2_grpc.py")
 
 def test_committed_stubs_match_the_proto(tmp_path: Path) -> None:
     pytest.importorskip("grpc_tools")
-    from protos.generate import generate
+    from infra.protos.generate import generate
 
     generate(tmp_path)
     drifted = [n for n in STUBS if (tmp_path / "protos" / n).read_bytes() != (ROOT / "protos" / n).read_bytes()]
@@ -20,7 +20,7 @@ def test_committed_stubs_match_the_proto(tmp_path: Path) -> None:
 
 
 def test_protocol_version_comes_from_the_proto() -> None:
-    from protos import PROTOCOL_VERSION, infra_pb2
+    from infra.protos import PROTOCOL_VERSION, infra_pb2
 
     assert PROTOCOL_VERSION == infra_pb2.ProtocolVersion.Value("PROTOCOL_VERSION_CURRENT") == 1
     assert infra_pb2.DESCRIPTOR.package == "infra.v1"

@@ -20,7 +20,7 @@ import grpc
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
-from protos import PROTOCOL_VERSION, infra_pb2, infra_pb2_grpc
+from infra.protos import PROTOCOL_VERSION, infra_pb2, infra_pb2_grpc
 
 from .conftest import Cluster
 

@@ -14,8 +14,7 @@ from typing import Any
 
 import pytest
 
-from infra.stages import Command, StageContext, TrainParams, get_stage_kind
-from node.runner import (
+from infra.node.runner import (
     BOOT_ID,
     CANCEL_READ,
     DRAIN_BYTES,
@@ -27,7 +26,9 @@ from node.runner import (
     process_ident,
     process_start,
     same_process,
+    stage_context,
 )
+from infra.spec.stages import Command, TrainParams, get_stage_kind
 
 PY = sys.executable
 
@@ -199,16 +200,16 @@ def test_a_retried_train_stage_resumes_from_its_checkpoint(tmp_path: Path) -> No
     kind = get_stage_kind("train")
     params = TrainParams(model="tiny", max_steps=10, probes=[{"name": "p"}])
     exp = tmp_path / "e"
-    first = kind.build(params, StageContext(exp, "train", attempt=1))
+    first = kind.build(params, stage_context(exp, "train", attempt=1))
     assert "--resume" not in first.steps[0] and first.fresh_dir and first.outputs == ["ckpts", "probes"]
     settings = json.loads(first.files["train.json"])
     assert settings["out_dir"] == str(exp) and settings["data_dir"] == str(exp / "data")  # out_dir: the record
     assert settings["probes"] == [{"name": "p"}] and first.steps[0][-1] == str(exp / "work" / "train" / "train.json")
-    retry = kind.build(params, StageContext(exp, "train", attempt=2))
+    retry = kind.build(params, stage_context(exp, "train", attempt=2))
     assert "--resume" not in retry.steps[0] and retry.fresh_dir  # no checkpoint: start over, clean
     (exp / "ckpts").mkdir(parents=True)
     (exp / "ckpts" / "last.pt").write_bytes(b"x")
-    retry = kind.build(params, StageContext(exp, "train", attempt=2))
+    retry = kind.build(params, stage_context(exp, "train", attempt=2))
     assert retry.steps[0][-1] == "--resume" and not retry.fresh_dir  # in place, from ckpts/last.pt
 
 

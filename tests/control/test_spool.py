@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from node.spool import Spool
+from infra.node.spool import Spool
 
 
 def _log(i: int, width: int = 100) -> dict[str, str]:

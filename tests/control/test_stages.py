@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from crystallm_core import layout
-from infra import stages
-from infra.stages import Command, StageContext, get_stage_kind
+from infra.node.runner import stage_context
+from infra.spec import stages
+from infra.spec.stages import Command, get_stage_kind
 
 EXP = Path("/w/experiments/e")
 
@@ -17,7 +18,7 @@ EXP = Path("/w/experiments/e")
 def _build(kind: str, params: dict, stage: str = "s", smoke: bool = False) -> tuple[Command, object]:
     k = get_stage_kind(kind)
     p = k.params.model_validate(params)
-    return k.build(p, StageContext(EXP, stage, smoke)), p
+    return k.build(p, stage_context(EXP, stage, smoke)), p
 
 
 def _argv(command: Command, i: int = 0) -> list[str]:
@@ -26,10 +27,11 @@ def _argv(command: Command, i: int = 0) -> list[str]:
 
 
 def test_stage_contexts_use_the_layout_s_paths() -> None:
-    ctx, lay = StageContext(EXP, "s"), layout.ExperimentLayout(EXP)
+    ctx, lay = stage_context(EXP, "s"), layout.ExperimentLayout(EXP)
     assert (ctx.work_dir, ctx.data_dir, ctx.ckpts_dir) == (lay.work_dir("s"), lay.data_dir, lay.ckpts_dir)
     assert (ctx.samples_dir, ctx.artifacts_dir) == (lay.samples_dir("s"), lay.artifacts_dir / "s")
-    assert stages.PROBES == layout.PROBES and ctx.rel(ctx.samples_dir) == "samples/s"
+    assert (stages.DATA, stages.CKPTS, stages.PROBES) == (layout.DATA, layout.CKPTS, layout.PROBES)
+    assert ctx.rel(ctx.samples_dir) == "samples/s"
 
 
 def test_prepare_writes_data_and_keeps_the_demo_set_in_artifacts() -> None:

@@ -14,13 +14,13 @@ import pytest
 from sqlalchemy import text, update
 from sqlalchemy.orm import Session
 
-from infra.plan import MAX_STAGES, PlanError, validate_plan
-from master import store
-from master.controller import Controller, NotFound, Refused
-from master.db import make_engine, migrate
-from master.models import Experiment, Stage
-from master.service import ClientServicer, NodeServicer
-from protos import PROTOCOL_VERSION, infra_pb2, infra_pb2_grpc
+from infra.master import store
+from infra.master.controller import Controller, NotFound, Refused
+from infra.master.db import make_engine, migrate
+from infra.master.models import Experiment, Stage
+from infra.master.service import ClientServicer, NodeServicer
+from infra.protos import PROTOCOL_VERSION, infra_pb2, infra_pb2_grpc
+from infra.spec.plan import MAX_STAGES, PlanError, validate_plan
 
 from .conftest import Cluster
 from .controller_kit import run_controller

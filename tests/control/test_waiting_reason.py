@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from master import store
-from master.controller import Controller
-from protos import PROTOCOL_VERSION, infra_pb2
+from infra.master import store
+from infra.master.controller import Controller
+from infra.protos import PROTOCOL_VERSION, infra_pb2
 
 from .conftest import Cluster
 from .controller_kit import run_controller

@@ -69,7 +69,7 @@ def test_node_refuses_to_start_without_a_workdir(config_dir: Path) -> None:
 
 
 def test_node_identity_persists(tmp_path: Path) -> None:
-    from node.identity import node_id
+    from infra.node.identity import node_id
 
     first = node_id(tmp_path, "gpu-01")
     assert node_id(tmp_path, "gpu-01") == first != node_id(tmp_path, "gpu-02")

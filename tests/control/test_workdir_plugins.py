@@ -16,7 +16,7 @@ pytestmark = pytest.mark.timeout(240)
 RELAX = '''
 import sys
 
-from infra.stages import Command, Resources, Spec, StageContext, StageKind, register_stage
+from infra.spec.stages import Command, Resources, Spec, StageContext, StageKind, register_stage
 
 SCRIPT = """
 import sys

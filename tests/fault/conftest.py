@@ -71,7 +71,7 @@ def proxy(cluster: Cluster) -> Iterator[Any]:
 
 def stored_events(db_url: str, experiment: str, stage: str) -> dict[int, list[dict[str, Any]]]:
     """What the master stored for a stage, straight from its database: attempt number -> events by seq."""
-    from master.models import Attempt, Event, Experiment, Stage
+    from infra.master.models import Attempt, Event, Experiment, Stage
 
     engine = create_engine(db_url)
     try:

@@ -14,7 +14,7 @@ import pytest
 from control.conftest import Cluster
 
 from fault.conftest import assert_stream_exactly_once, expected_stream, stage, stored_count, stored_events
-from protos import PROTOCOL_VERSION, infra_pb2, infra_pb2_grpc
+from infra.protos import PROTOCOL_VERSION, infra_pb2, infra_pb2_grpc
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -4,8 +4,9 @@ A plan is ``{name, priority, resources, retries, smoke, shared_workdir, stages: 
 ``{name, kind, params, after, resources, retries, max_retries}``. :func:`validate_plan` reports all
 problems at once (``stages[2].after[0]: unknown stage 'trian'``), never the first only.
 
-Stage names become file names in the experiment record (``logs/<stage>.log``, ``work/<stage>/``, ...), so
-they may not be named like one of its top-level entries (:data:`RESERVED_STAGE_NAMES`).
+One name rule (:data:`NAME_RE`) for the plan's and its stages' names. Stage names become file names in the
+experiment record (``logs/<stage>.log``, ``work/<stage>/``, ...), always nested under a folder, so none is
+reserved; the node checks them again with the layout's path-component rule before it makes a folder.
 
 Size limits are checked on the raw JSON before any model sees it (a plan comes from the network):
 the text, the nesting depth, the number of values, the length of each string and key, the number of
@@ -25,7 +26,7 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator, Field, ValidationError
 
-from infra.stages import Resources, Spec, get_stage_kind, stage_kinds
+from infra.spec.stages import Resources, Spec, get_stage_kind, stage_kinds
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MAX_PLAN_BYTES = 16 << 20  # below the gRPC message limit, so that the field at fault can be named
@@ -35,11 +36,6 @@ MAX_STRING = 64 << 10
 MAX_KEY = 256
 MAX_STAGES = 1000
 MAX_LIMIT_ISSUES = 20
-# The top-level entries of an experiment folder (crystallm_core.layout.RESERVED_NAMES, copied: the master
-# imports this module and never crystallm_core; a test checks the two are equal).
-RESERVED_STAGE_NAMES = frozenset(
-    {"plan.json", "env.json", "data", "logs", "metrics", "ckpts", "samples", "probes", "plots", "artifacts", "work"}
-)
 # Numbers of a plan have bounds that fit their wire and database types (docs/CONTROL_PLANE.md, Plans).
 INT32_MAX = 2**31 - 1
 MAX_PRIORITY = INT32_MAX  # experiments.priority is an INTEGER column, ExperimentStatus.priority an int32
@@ -78,13 +74,9 @@ def _name(value: str) -> str:
 
 
 def _stage_name(value: str) -> str:
-    _name(value)
-    if value in RESERVED_STAGE_NAMES:
-        raise ValueError(
-            f"stage name {value!r} is taken by the experiment layout (a top-level entry of the experiment "
-            f"folder); avoid {', '.join(sorted(RESERVED_STAGE_NAMES))}"
-        )
-    return value
+    """Stage names follow the plan's one name rule; each stage's folders nest under logs/, work/, samples/ ...
+    of the experiment record, so no name is reserved."""
+    return _name(value)
 
 
 Name = Annotated[str, BeforeValidator(lambda v: _name(v) if isinstance(v, str) else v)]

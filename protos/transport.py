@@ -20,7 +20,7 @@ from typing import Any
 
 import grpc
 
-from protos import MAX_MESSAGE_BYTES
+from infra.protos import MAX_MESSAGE_BYTES
 
 KEEPALIVE = [
     ("grpc.keepalive_time_ms", 20_000),

@@ -3,14 +3,13 @@
 A kind is a pydantic model for its ``params``, a builder turning validated params plus the
 stage's context into a :class:`Command` (a short sequence of argv lists run one after the other,
 plus small files written into the stage's working directory first), and default resources. Built-in
-kinds run ``crystallm`` verbs as subprocesses; plugins add kinds with :func:`register_stage` from a
-module named in ``$INFRA_STAGE_MODULES`` or a file in ``<workdir>/plugins/stage/`` (see
-:func:`load_stage_modules`).
+kinds run ``crystallm`` verbs as subprocesses; plugins add kinds with :func:`register_stage` (the node and
+``infra-train`` load them: ``infra.node.stage_plugins``).
 
-Every stage writes where the experiment record's layout says (``crystallm_core/layout.py``; this
-module cannot import it, since the master imports this one, so it spells the few folder names it
-needs and a test checks they agree). Later stages name earlier products with paths relative to the
-experiment directory:
+Every stage writes where the experiment record's layout says (``crystallm_core/layout.py``): the node fills
+the :class:`StageContext` from it (this module cannot import it: the master imports this one). Plans name
+the few experiment-wide folders (``data``, ``ckpts``, ``probes``) in params; later stages name earlier
+products with paths relative to the experiment directory:
 
 - prepare: ``data/`` (``data/selection.json`` included); the demo set first goes to
   ``artifacts/<stage>/demo.csv.gz``; runs [``crystallm demo-data``], ``crystallm prepare``
@@ -28,24 +27,19 @@ its output in ``logs/<stage>.log`` (``node/runner.py``).
 
 from __future__ import annotations
 
-import importlib
-import importlib.util
 import json
-import os
 import sys
-import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
-MODULES_ENV = "INFRA_STAGE_MODULES"
-IMPORT_TIMEOUT_S = 30.0
-# Top-level folders of the experiment record that stage kinds write (as in crystallm_core/layout.py).
-DATA, CKPTS, SAMPLES, PROBES, ARTIFACTS, WORK = "data", "ckpts", "samples", "probes", "artifacts", "work"
-PLUGIN_FOLDER = ("plugins", "stage")  # <workdir>/plugins/stage/*.py: a node's own stage kinds
+# The experiment-wide folders that plans name (param defaults, the folders a kind owns): names of the
+# experiment record (crystallm_core/layout.py; the master imports this module and never crystallm_core, and a
+# test checks they agree). Every other path comes in the StageContext.
+DATA, CKPTS, PROBES = "data", "ckpts", "probes"
 
 
 # Bounds of the numbers in built-in params: a count fits an int32 (argparse, torch sizes, the verbs' own
@@ -109,34 +103,20 @@ class Resources:
 
 @dataclass(frozen=True)
 class StageContext:
-    """Where a stage runs and writes: absolute paths on the machine running it, after the experiment layout."""
+    """Where a stage runs and writes: plain data, absolute paths on the machine running it. The node and
+    ``infra-train`` fill it from the experiment layout (``infra.node.runner.stage_context``); a builder uses
+    these paths and never spells the layout itself."""
 
     experiment_dir: Path
     stage: str
+    work_dir: Path  # the stage process's working directory (scratch; ``files`` of its Command go here)
+    data_dir: Path
+    ckpts_dir: Path
+    probes_dir: Path
+    samples_dir: Path  # this stage's own folder of samples
+    artifacts_dir: Path  # this stage's products that have no folder of their own (a plugin's outputs, reports)
     smoke: bool = False
     attempt: int = 1
-
-    @property
-    def work_dir(self) -> Path:
-        """The stage process's working directory (scratch; ``files`` of its :class:`Command` go here)."""
-        return self.experiment_dir / WORK / self.stage
-
-    @property
-    def data_dir(self) -> Path:
-        return self.experiment_dir / DATA
-
-    @property
-    def ckpts_dir(self) -> Path:
-        return self.experiment_dir / CKPTS
-
-    @property
-    def samples_dir(self) -> Path:
-        return self.experiment_dir / SAMPLES / self.stage
-
-    @property
-    def artifacts_dir(self) -> Path:
-        """Where a stage puts products that have no folder of their own (a plugin's outputs, reports)."""
-        return self.experiment_dir / ARTIFACTS / self.stage
 
     def artifact(self, rel: str) -> str:
         """An experiment-relative path (a param) as an absolute one."""
@@ -205,76 +185,6 @@ def stage_kinds() -> list[str]:
     return sorted(_KINDS)
 
 
-def _import_one(item: str) -> None:
-    if item.endswith(".py"):
-        path = Path(item).resolve()
-        module_name = f"infra_stage_plugin_{path.stem}"
-        if module_name not in sys.modules:
-            mspec = importlib.util.spec_from_file_location(module_name, path)
-            if mspec is None or mspec.loader is None:
-                raise ImportError(f"cannot load {item}")
-            module = importlib.util.module_from_spec(mspec)
-            sys.modules[module_name] = module
-            try:
-                mspec.loader.exec_module(module)
-            except BaseException:
-                sys.modules.pop(module_name, None)
-                raise
-    else:
-        importlib.import_module(item)
-
-
-def _import_in_time(item: str, timeout: float) -> None:
-    """Import one plugin in a helper thread and give up on it after ``timeout``: a module that hangs at
-    import (a network call, a lock) must not hang the node. The stuck thread is left behind, harmless."""
-    failure: list[BaseException] = []
-
-    def target() -> None:
-        try:
-            _import_one(item)
-        except BaseException as e:  # reported below, with the module's name
-            failure.append(e)
-
-    thread = threading.Thread(target=target, name=f"import {item}", daemon=True)
-    thread.start()
-    thread.join(timeout)
-    if thread.is_alive():
-        raise ImportError(f"stage plugin {item} did not finish importing within {timeout:g}s (does it hang?)")
-    if failure:
-        raise ImportError(f"stage plugin {item} failed to import: {type(failure[0]).__name__}: {failure[0]}")
-
-
-def workdir_stage_plugins(workdir: Path) -> list[str]:
-    """The stage-kind plugin files of a node's workdir, ``<workdir>/plugins/stage/*.py``, in name order."""
-    folder = workdir.joinpath(*PLUGIN_FOLDER)
-    return [str(p) for p in sorted(folder.glob("*.py")) if p.name != "__init__.py"] if folder.is_dir() else []
-
-
-def load_stage_modules(
-    spec: str | None = None,
-    timeout: float = IMPORT_TIMEOUT_S,
-    problems: list[str] | None = None,
-    files: Sequence[str] = (),
-) -> list[str]:
-    """Import plugin modules that register stage kinds: ``$INFRA_STAGE_MODULES`` (or ``spec``) is a
-    comma-separated list of importable module names or ``.py`` file paths, followed by ``files`` (a
-    workdir's plugin files, :func:`workdir_stage_plugins`), each given ``timeout`` seconds. Returns what
-    was loaded. A module that fails or hangs raises ImportError, unless ``problems`` is given: then the
-    message is appended there and the other modules still load (how a node starts anyway)."""
-    spec = os.environ.get(MODULES_ENV, "") if spec is None else spec
-    loaded = []
-    for item in [*filter(None, (s.strip() for s in spec.split(","))), *files]:
-        try:
-            _import_in_time(item, timeout)
-        except ImportError as e:
-            if problems is None:
-                raise
-            problems.append(str(e))
-            continue
-        loaded.append(item)
-    return loaded
-
-
 def crystallm(verb: str, *args: str) -> list[str]:
     """The argv of a ``crystallm`` verb, run with the same interpreter as the caller."""
     return [sys.executable, "-m", "crystallm_core.cli", verb, *args]
@@ -319,7 +229,7 @@ class PrepareParams(Spec):
 def _build_prepare(p: PrepareParams, ctx: StageContext) -> Command:
     steps = []
     inputs = list(p.inputs)
-    outputs = [DATA]
+    outputs = [ctx.rel(ctx.data_dir)]
     if p.demo is not None:
         raw = str(ctx.artifacts_dir / "demo.csv.gz")
         steps.append(crystallm("demo-data", "--out", raw, "--n", str(p.demo.n), "--seed", str(p.demo.seed)))
@@ -366,7 +276,7 @@ def _build_train(p: TrainParams, ctx: StageContext) -> Command:
     settings.update(p.overrides)
     resume = p.resume or (ctx.attempt > 1 and (ctx.ckpts_dir / "last.pt").is_file())
     flags = (["--resume"] if resume else []) + _smoke(ctx)
-    outputs = [CKPTS, PROBES]
+    outputs = [ctx.rel(ctx.ckpts_dir), ctx.rel(ctx.probes_dir)]
     if p.config is not None:  # the user's config file, with the stage's settings as key=value overrides
         overrides = (f"{k}={_setting(v)}" for k, v in settings.items())
         return Command([crystallm("train", p.config, *overrides, *flags)], fresh_dir=not resume, outputs=outputs)
