@@ -1,5 +1,8 @@
 """gRPC servicers: translate messages to controller calls and controller results to messages.
 
+The controller takes and returns plain values; the node protocol's messages are translated by
+``master/wire.py`` (:class:`~master.wire.NodeAPI`), the client protocol's here.
+
 Who may do what is decided here (the interceptor in ``master/auth.py`` has already authenticated the
 caller): a user reads and cancels only their own experiments, an admin any, and only an admin manages
 tokens and drains nodes. Another user's experiment is PERMISSION_DENIED, named.
@@ -24,7 +27,9 @@ import grpc
 from infra.plan import PlanError
 from master import auth, store
 from master.auth import Identity
-from master.controller import Controller, NotFound, ProtocolMismatch, Refused
+from master.controller import Controller
+from master.errors import NotFound, Refused
+from master.wire import NodeAPI, ProtocolMismatch
 from protos import MAX_MESSAGE_BYTES, infra_pb2, infra_pb2_grpc
 
 STATES = {k.lower(): v for k, v in infra_pb2.StageState.items()}
@@ -84,7 +89,7 @@ def _state(name: str) -> int:
 @shielded
 class NodeServicer(infra_pb2_grpc.NodeServiceServicer):
     def __init__(self, controller: Controller) -> None:
-        self.c = controller
+        self.c = NodeAPI(controller)
 
     async def Register(self, request: infra_pb2.RegisterRequest, context: grpc.aio.ServicerContext) -> Any:
         try:
