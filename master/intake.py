@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine
@@ -22,6 +23,19 @@ from master.state import ASSIGNED, CANCELLED, FAILED, RUNNING, SUCCEEDED, TERMIN
 from master.store import Changes
 
 E = TypeVar("E")
+
+
+@dataclass(frozen=True, kw_only=True)
+class StatusReport:
+    """A node's report on one of its attempts."""
+
+    node_id: str
+    attempt_id: int
+    lease: str
+    state: str  # a stage state name, or what the node sent if it is none (refused, named)
+    exit_code: int = 0
+    message: str = ""
+    failure_class: str = ""  # of a failed attempt; "" is the stage's own ``error``
 
 
 class Intake(Part):
@@ -39,19 +53,9 @@ class Intake(Part):
         self.heard_from = heard_from  # any report is a sign of life of its node
         self._events_tick = asyncio.Event()
 
-    async def report_status(
-        self,
-        node_id: str,
-        attempt_id: int,
-        lease: str,
-        *,
-        state: str,
-        exit_code: int,
-        message: str,
-        failure_class: str = "",
-    ) -> tuple[bool, str]:
-        """(accepted, why not). ``state`` is a stage state name (or what the node sent, if it is none);
-        ``failure_class`` of a failed attempt is ``error`` unless the node says otherwise."""
+    async def report_status(self, rep: StatusReport) -> tuple[bool, str]:
+        """(accepted, why not)."""
+        node_id, attempt_id, lease, state = rep.node_id, rep.attempt_id, rep.lease, rep.state
         self.heard_from(node_id)
         att = self.state.current(node_id, attempt_id, lease)
         if att is None:
@@ -71,7 +75,7 @@ class Intake(Part):
         if state == CANCELLED:
             cls = CANCELLED_CLASS
         elif state == FAILED:
-            cls = failure_class or ERROR
+            cls = rep.failure_class or ERROR
 
         def build(ch: Changes, now: float) -> None:
             if state == RUNNING:
@@ -82,7 +86,7 @@ class Intake(Part):
                 self.machine.move(att.stage, RUNNING, f"attempt {att.number} started on {where}", ch, now, att)
                 self.machine.update_experiment(att.stage.exp, ch, now)
             else:
-                self.machine.finish(att, state, exit_code, message, ch, now, cls)
+                self.machine.finish(att, state, rep.exit_code, rep.message, ch, now, cls)
 
         await self.journal.apply(att.stage.exp, build)
         return True, ""

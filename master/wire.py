@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from google.protobuf.json_format import MessageToDict
 
+from master.intake import StatusReport
 from master.state import AttemptRt, Command, Stop
 from protos import PROTOCOL_VERSION, infra_pb2
 
@@ -74,15 +75,16 @@ class NodeAPI:
 
     async def report_status(self, rep: infra_pb2.StageStatusReport) -> tuple[bool, str]:
         state = STATE_NAMES.get(rep.state, "")
-        return await self.c.intake.report_status(
-            rep.node_id,
-            rep.attempt_id,
-            rep.lease_token,
+        report = StatusReport(
+            node_id=rep.node_id,
+            attempt_id=rep.attempt_id,
+            lease=rep.lease_token,
             state=state or str(rep.state),
             exit_code=rep.exit_code,
             message=rep.message,
             failure_class=FAILURE_CLASSES.get(rep.failure_class, "") if state == "failed" else "",
         )
+        return await self.c.intake.report_status(report)
 
     async def report_events(self, batch: infra_pb2.EventBatch) -> tuple[int, list[int]]:
         node_id = batch.node_id
