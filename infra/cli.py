@@ -477,23 +477,32 @@ def connection_flags(sp: argparse.ArgumentParser) -> None:
 
 
 def _add_master(sub: Any) -> None:
-    """``infra master``: the master's own settings (master/server.py's Settings)."""
+    """``infra master``: the master's own settings, defaults from ``infra.master.config.Settings``."""
+    from infra.master.config import LOST_HEARTBEATS, Settings  # standard library only: the defaults, in one place
+
     sp = sub.add_parser("master", help="run the master (gRPC server, scheduler, database)")
     sp.add_argument("--db", metavar="URL", help="SQLAlchemy URL (default sqlite:///<config dir>/master.db)")
-    sp.add_argument("--bind", default="127.0.0.1:50051", metavar="HOST:PORT", help="listen address (port 0: any free)")
-    sp.add_argument("--heartbeat", type=float, default=5.0, help="heartbeat interval nodes are expected to keep (s)")
+    sp.add_argument("--bind", default=Settings.bind, metavar="HOST:PORT", help="listen address (port 0: any free)")
+    sp.add_argument(
+        "--heartbeat",
+        type=float,
+        default=Settings.heartbeat_interval,
+        help=f"heartbeat interval nodes are expected to keep (s; default {Settings.heartbeat_interval:g})",
+    )
     sp.add_argument(
         "--lost-timeout",
         type=float,
-        help="declare a node lost after this many seconds without a heartbeat "
-        "(default: 12 heartbeat intervals, 60 s); its stages are retried within their node_lost budget",
+        default=Settings.lost_timeout,
+        help="declare a node lost after this many seconds without a heartbeat (default: "
+        f"{LOST_HEARTBEATS} heartbeat intervals, {LOST_HEARTBEATS * Settings.heartbeat_interval:g} s); "
+        "its stages are retried within their node_lost budget",
     )
     sp.add_argument(
         "--home-wait",
         type=float,
-        default=600.0,
-        help="how long an experiment without a shared workdir waits for "
-        "its lost home node (which holds its files) before starting over on another node (default 600 s)",
+        default=Settings.home_wait,
+        help="how long an experiment without a shared workdir waits for its lost home node (which holds its "
+        f"files) before starting over on another node (default {Settings.home_wait:g} s)",
     )
     sp.add_argument("--auth", action="store_true", help="require a token on every call (see `infra token`)")
     sp.add_argument("--insecure", action="store_true", help="allow listening on a non-loopback address without --auth")

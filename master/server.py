@@ -17,34 +17,20 @@ import gc
 import logging
 import signal
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
 from infra.master.auth import Authenticator, AuthInterceptor
+from infra.master.config import Settings
 from infra.master.controller import Controller
 from infra.master.db import make_engine, migrate
 from infra.master.service import ClientServicer, NodeServicer
+from infra.master.wire import usage_row
 from infra.protos import MAX_MESSAGE_BYTES, infra_pb2_grpc
 from infra.protos.transport import is_loopback
 
 log = logging.getLogger("infra.master")
-
-
-@dataclass(frozen=True)
-class Settings:
-    db_url: str
-    bind: str = "127.0.0.1:50051"
-    heartbeat_interval: float = 5.0
-    lost_timeout: float | None = None  # default: 12 heartbeat intervals (docs/RELIABILITY.md)
-    home_wait: float = 600.0
-    persist_interval: float = 10.0
-    auth: bool = False
-    insecure: bool = False
-    tls_cert: str | None = None
-    tls_key: str | None = None
-    tls_ca: str | None = None
 
 
 class SettingsError(ValueError):
@@ -82,9 +68,7 @@ async def serve(settings: Settings) -> None:
     creds = _server_credentials(settings)
     engine = make_engine(settings.db_url)
     await asyncio.get_running_loop().run_in_executor(None, migrate, engine)
-    controller = Controller(
-        engine, settings.heartbeat_interval, settings.persist_interval, settings.lost_timeout, settings.home_wait
-    )
+    controller = Controller(engine, settings.controller(), usage_row=usage_row)
     await controller.start()
     authenticator = Authenticator(engine, controller.read) if settings.auth else None
     server = grpc.aio.server(

@@ -1,5 +1,8 @@
 """gRPC servicers: translate messages to controller calls and controller results to messages.
 
+The controller takes and returns plain values; the node protocol's messages are translated by
+``master/wire.py`` (:class:`~master.wire.NodeAPI`), the client protocol's here.
+
 Who may do what is decided here (the interceptor in ``master/auth.py`` has already authenticated the
 caller): a user reads and cancels only their own experiments, an admin any, and only an admin manages
 tokens and drains nodes. Another user's experiment is PERMISSION_DENIED, named.
@@ -23,7 +26,9 @@ import grpc
 
 from infra.master import auth, store
 from infra.master.auth import Identity
-from infra.master.controller import Controller, NotFound, ProtocolMismatch, Refused
+from infra.master.controller import Controller
+from infra.master.errors import NotFound, Refused
+from infra.master.wire import NodeAPI, ProtocolMismatch
 from infra.protos import MAX_MESSAGE_BYTES, infra_pb2, infra_pb2_grpc
 from infra.spec.plan import PlanError
 
@@ -84,7 +89,7 @@ def _state(name: str) -> int:
 @shielded
 class NodeServicer(infra_pb2_grpc.NodeServiceServicer):
     def __init__(self, controller: Controller) -> None:
-        self.c = controller
+        self.c = NodeAPI(controller)
 
     async def Register(self, request: infra_pb2.RegisterRequest, context: grpc.aio.ServicerContext) -> Any:
         try:

@@ -1,7 +1,12 @@
 """In-memory model of the live cluster: nodes with their allocations, and unfinished experiments.
 
 The master keeps this authoritative while it runs (the database is written behind it, in order, by
-the writer thread) so that heartbeats touch no database and scheduling needs no queries.
+the writer thread) so that heartbeats touch no database and scheduling needs no queries. The parts of
+the controller (``master/nodes.py``, ``scheduler.py``, ``lifecycle.py``, ``intake.py``,
+``experiments.py``) share one :class:`ClusterState` and nothing else of each other's.
+
+Plain Python only: no protobuf here (``master/wire.py`` translates for the servicers). The runtime
+objects are built with keywords: they have many fields of the same types, easy to swap by position.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ TERMINAL = frozenset({SUCCEEDED, FAILED, CANCELLED})
 ACTIVE = frozenset({ASSIGNED, RUNNING})
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, kw_only=True)
 class NodeRt:
     id: str
     name: str
@@ -29,16 +34,16 @@ class NodeRt:
     kinds: frozenset[str]
     extras: frozenset[str]
     session: int = 0  # 0: not registered with this master process
-    queue: asyncio.Queue[Any] | None = None  # the open assignment stream, if any
+    queue: asyncio.Queue[Command | None] | None = None  # the open command stream, if any (None ends it)
     last_heartbeat: float | None = None  # last heard from: a heartbeat, or any report
     beat_at: float | None = None  # when its previous heartbeat of this session was processed
-    usage: Any = None  # the last infra_pb2.Usage
+    usage: Any = None  # the last usage, opaque here (the servicers' message; ControllerOptions.usage_row)
     heartbeat_dirty: bool = False
     lost_at: float | None = None  # set when heartbeats stopped for the lost timeout; cleared on re-registration
     unavailable: str = ""  # the node's own reason to take no new stages (e.g. low disk)
     drained: bool = False  # by an operator (persisted): no new stages, running ones finish
     drain_deadline: float | None = None  # after it, what still runs here is stopped (preempted)
-    facts_message: Any = None  # infra_pb2.NodeFacts, built once for status replies
+    facts_message: Any = None  # the servicers' cache of the facts as a message, built once per registration
     used_cpus: float = 0.0
     used_memory_mib: int = 0
     used_gpus: set[int] = field(default_factory=set)
@@ -82,7 +87,7 @@ class NodeRt:
         self.used_gpus.difference_update(attempt.gpus)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, kw_only=True)
 class AttemptRt:
     id: int
     stage: StageRt
@@ -95,7 +100,7 @@ class AttemptRt:
     failure_class: str = ""  # once ended badly: node_lost | preempted | cancelled | error | infra
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, kw_only=True)
 class StageRt:
     id: int
     exp: ExperimentRt
@@ -122,7 +127,7 @@ class StageRt:
         return (-self.exp.priority, self.exp.id, self.position)
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, kw_only=True)
 class ExperimentRt:
     id: int
     key: str
@@ -147,3 +152,37 @@ class ExperimentRt:
 
     def extras(self) -> set[str]:
         return set().union(*(s.extras for s in self.stages))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Stop:
+    """A command to a node: stop its copy of an attempt (cancelled, preempted, or no longer current)."""
+
+    attempt_id: int
+    lease: str
+    reason: str
+
+
+Command = AttemptRt | Stop  # what a node's queue carries: an attempt to run (sent as an assignment), or a stop
+
+
+@dataclass(eq=False)
+class ClusterState:
+    """Everything the parts of the controller share: one object of dicts, changed only on the loop."""
+
+    nodes: dict[str, NodeRt] = field(default_factory=dict)
+    experiments: dict[str, ExperimentRt] = field(default_factory=dict)  # unfinished, by key
+    attempts: dict[int, AttemptRt] = field(default_factory=dict)  # every attempt of an unfinished experiment
+    ready: set[StageRt] = field(default_factory=set)
+    ids: dict[str, int] = field(default_factory=dict)  # the last id given, per table (the master allocates them)
+
+    def next_id(self, kind: str) -> int:
+        self.ids[kind] += 1
+        return self.ids[kind]
+
+    def current(self, node_id: str, attempt_id: int, lease: str) -> AttemptRt | None:
+        """The attempt, if ``node_id`` holds it under ``lease`` and it is its stage's current one (fencing)."""
+        att = self.attempts.get(attempt_id)
+        if att is None or att.lease != lease or att.node_id != node_id or att.stage.current is not att:
+            return None
+        return att

@@ -3,12 +3,41 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import Engine
+
+from infra.master.config import ControllerOptions
 from infra.master.controller import Controller
 from infra.master.db import make_engine, migrate
+from infra.master.wire import NodeAPI, usage_row
+from infra.protos import infra_pb2
+
+
+class WiredController(Controller):
+    """A Controller that a test drives with the node protocol's messages, translated as the node servicer
+    translates them (``master.wire.NodeAPI``); ``kw`` are its :class:`ControllerOptions`."""
+
+    def __init__(self, engine: Engine, **kw: Any) -> None:
+        super().__init__(engine, ControllerOptions(**kw), usage_row=usage_row)
+        self.wire = NodeAPI(self)
+
+    async def register(self, req: infra_pb2.RegisterRequest) -> infra_pb2.RegisterResponse:
+        return await self.wire.register(req)
+
+    def heartbeat(self, req: infra_pb2.HeartbeatRequest) -> infra_pb2.HeartbeatResponse:
+        return self.wire.heartbeat(req)
+
+    def assignments(self, node_id: str, session: int) -> AsyncIterator[infra_pb2.NodeCommand]:
+        return self.wire.assignments(node_id, session)
+
+    async def report_status(self, rep: infra_pb2.StageStatusReport) -> tuple[bool, str]:
+        return await self.wire.report_status(rep)
+
+    async def report_events(self, batch: infra_pb2.EventBatch) -> tuple[int, list[int]]:
+        return await self.wire.report_events(batch)
 
 
 def run_controller(
@@ -20,7 +49,7 @@ def run_controller(
     async def main() -> None:
         engine = make_engine(url or f"sqlite:///{tmp_path / 'm.db'}")
         migrate(engine)
-        c = Controller(engine, **{"heartbeat_interval": 1, "persist_interval": 10, **kw})
+        c = WiredController(engine, **{"heartbeat_interval": 1, "persist_interval": 10, **kw})
         await c.start()
         try:
             await scenario(c)

@@ -16,7 +16,7 @@ from infra.master.db import make_engine, migrate
 from infra.master.models import Event, Transition
 from infra.protos import PROTOCOL_VERSION, infra_pb2
 
-from .controller_kit import run_controller
+from .controller_kit import WiredController, run_controller
 
 
 def _plan(name: str, priority: int, stages: list[dict[str, Any]] | None = None) -> str:
@@ -134,7 +134,7 @@ def test_a_restarted_master_continues_where_it_stopped(tmp_path: Path) -> None:
     async def main() -> None:
         engine = make_engine(f"sqlite:///{tmp_path / 'm.db'}")
         migrate(engine)
-        c = Controller(engine, heartbeat_interval=1)
+        c = WiredController(engine, heartbeat_interval=1)
         await c.start()
         key = await c.submit(_plan("restart", 0, stages))
         _, stream = await _node(c, "n1", cpus=4)
@@ -142,7 +142,7 @@ def test_a_restarted_master_continues_where_it_stopped(tmp_path: Path) -> None:
         await _report(c, a, infra_pb2.RUNNING)
         await c.stop()
 
-        c = Controller(engine, heartbeat_interval=1)  # a new master process on the same database
+        c = WiredController(engine, heartbeat_interval=1)  # a new master process on the same database
         await c.start()
         try:
             assert c.nodes["n1"].used_cpus == 1.0  # the running attempt still holds its resources

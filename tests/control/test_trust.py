@@ -15,15 +15,16 @@ from sqlalchemy import text, update
 from sqlalchemy.orm import Session
 
 from infra.master import store
-from infra.master.controller import Controller, NotFound, Refused
+from infra.master.controller import Controller
 from infra.master.db import make_engine, migrate
+from infra.master.errors import NotFound, Refused
 from infra.master.models import Experiment, Stage
 from infra.master.service import ClientServicer, NodeServicer
 from infra.protos import PROTOCOL_VERSION, infra_pb2, infra_pb2_grpc
 from infra.spec.plan import MAX_STAGES, PlanError, validate_plan
 
 from .conftest import Cluster
-from .controller_kit import run_controller
+from .controller_kit import WiredController, run_controller
 from .test_controller import _next
 
 
@@ -121,7 +122,7 @@ def test_a_restarted_master_repairs_a_pending_stage_whose_dependency_ended(tmp_p
     async def main() -> None:
         engine = make_engine(db_url)
         migrate(engine)
-        c = Controller(engine, heartbeat_interval=0.1)
+        c = WiredController(engine, heartbeat_interval=0.1)
         await c.start()
         try:
             key = await c.submit(_plan("repair", _chain(3)))
@@ -132,7 +133,7 @@ def test_a_restarted_master_repairs_a_pending_stage_whose_dependency_ended(tmp_p
         with Session(engine) as s, s.begin():  # undo the cascade as the old RecursionError left it
             s.execute(update(Stage).where(Stage.name.in_(["s1", "s2"])).values(state="pending"))
             s.execute(update(Experiment).values(state="running", finished_at=None))
-        c = Controller(engine, heartbeat_interval=0.1)
+        c = WiredController(engine, heartbeat_interval=0.1)
         await c.start()
         try:
             stages = await _stages(c, key)
@@ -159,7 +160,7 @@ def test_a_handler_that_fails_half_way_leaves_memory_as_the_database_says(
             raise RuntimeError("a bug half-way through the change")
 
         with monkeypatch.context() as m:
-            m.setattr(c, "_cascade_cancel", broken)
+            m.setattr(c.machine, "cascade_cancel", broken)
             with pytest.raises(RuntimeError):
                 await _report(c, "n1", a, infra_pb2.FAILED, exit_code=7)
         exp = c.experiments[key]  # read back: the attempt still runs, as the database says
@@ -240,7 +241,7 @@ def test_retry_budgets_per_failure_class_survive_a_master_restart(tmp_path: Path
     async def main() -> None:
         engine = make_engine(db_url)
         migrate(engine)
-        c = Controller(engine, heartbeat_interval=0.1)
+        c = WiredController(engine, heartbeat_interval=0.1)
         await c.start()
         try:
             key = await c.submit(plan)
@@ -251,7 +252,7 @@ def test_retry_budgets_per_failure_class_survive_a_master_restart(tmp_path: Path
             assert a2.attempt == 2
         finally:
             await c.stop()
-        c = Controller(engine, heartbeat_interval=0.1)
+        c = WiredController(engine, heartbeat_interval=0.1)
         await c.start()
         try:
             assert c.experiments[key].stages[0].used == {"infra": 1}
@@ -337,7 +338,7 @@ def test_a_drained_node_takes_no_new_work_survives_a_restart_and_preempts_after_
     async def main() -> None:
         engine = make_engine(db_url)
         migrate(engine)
-        c = Controller(engine, heartbeat_interval=0.1, lost_timeout=30)
+        c = WiredController(engine, heartbeat_interval=0.1, lost_timeout=30)
         await c.start()
         try:
             _, stream1 = await _register(c, "n1")
@@ -350,7 +351,7 @@ def test_a_drained_node_takes_no_new_work_survives_a_restart_and_preempts_after_
             waiting.cancel()
         finally:
             await c.stop()
-        c = Controller(engine, heartbeat_interval=0.1, lost_timeout=30)
+        c = WiredController(engine, heartbeat_interval=0.1, lost_timeout=30)
         await c.start()
         try:
             assert c.nodes["n1"].drained  # persisted

@@ -1,0 +1,52 @@
+"""The master's settings, with their defaults in one place.
+
+``infra master`` reads its argparse defaults from :class:`Settings`, and :class:`Settings` takes the
+controller's from :class:`ControllerOptions`, so a default is written once. Standard library only: the
+``infra`` CLI imports this module to build its parser, for every verb.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+LOST_HEARTBEATS = 12  # the default lost timeout, in heartbeat intervals (docs/RELIABILITY.md says why)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ControllerOptions:
+    """How the controller keeps time with its nodes."""
+
+    heartbeat_interval: float = 5.0  # what nodes are told to keep
+    persist_interval: float = 10.0  # how often the last heartbeats are written (they stay in memory between)
+    lost_timeout: float | None = None  # a node silent this long is lost; None: LOST_HEARTBEATS intervals
+    home_wait: float = 600.0  # how long an experiment waits for its lost home node before starting over
+
+    def lost_after(self) -> float:
+        if self.lost_timeout is not None:
+            return self.lost_timeout
+        return LOST_HEARTBEATS * self.heartbeat_interval
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings:
+    """Everything ``infra master`` is started with."""
+
+    db_url: str
+    bind: str = "127.0.0.1:50051"
+    heartbeat_interval: float = ControllerOptions.heartbeat_interval
+    lost_timeout: float | None = ControllerOptions.lost_timeout
+    home_wait: float = ControllerOptions.home_wait
+    persist_interval: float = ControllerOptions.persist_interval
+    auth: bool = False
+    insecure: bool = False
+    tls_cert: str | None = None
+    tls_key: str | None = None
+    tls_ca: str | None = None
+
+    def controller(self) -> ControllerOptions:
+        return ControllerOptions(
+            heartbeat_interval=self.heartbeat_interval,
+            persist_interval=self.persist_interval,
+            lost_timeout=self.lost_timeout,
+            home_wait=self.home_wait,
+        )
