@@ -34,6 +34,15 @@ def wait_for(predicate: Callable[[], Any], timeout: float, what: str, interval: 
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
+def alive(pid: int) -> bool:
+    """Whether ``pid`` runs: it exists and is no zombie."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
+
+
 def stop_process(proc: subprocess.Popen[Any], timeout: float = 15.0) -> None:
     if proc.poll() is None:
         proc.terminate()

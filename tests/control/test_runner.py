@@ -30,6 +30,8 @@ from infra.node.runner import (
 )
 from infra.spec.stages import Command, TrainParams, get_stage_kind
 
+from .conftest import alive
+
 PY = sys.executable
 
 
@@ -128,14 +130,6 @@ def test_artifact_path() -> None:
         artifact_path("../work/s/tmp.txt", metrics, exp, work)
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
-
-
 def test_cancel_ends_the_whole_process_group(tmp_path: Path) -> None:
     # the child ignores SIGTERM: only the SIGKILL after the grace period ends it
     script = """
@@ -170,9 +164,9 @@ time.sleep(100)
     assert time.monotonic() - started < 5
     assert holder[0].state == "cancelled"
     gone_by = time.monotonic() + 2  # SIGKILL has been sent; on a loaded machine the kernel may take a moment
-    while any(_alive(p) for p in pids) and time.monotonic() < gone_by:
+    while any(alive(p) for p in pids) and time.monotonic() < gone_by:
         time.sleep(0.02)
-    assert not any(_alive(p) for p in pids)
+    assert not any(alive(p) for p in pids)
     assert "never" not in _logs(events, "stdout")
 
 
@@ -240,7 +234,7 @@ with open_sink(".") as sink:
     with pytest.raises(AgentDied):
         first.run()
     record = json.loads((exp / "work" / "s" / ".infra" / "attempt-1" / "run.json").read_text())
-    assert _alive(record["pid"])
+    assert alive(record["pid"])
 
     # the spool had recorded 20 of the 25 events when the agent died: the rest are read (and logged) again
     rest: list[tuple[str, dict[str, Any]]] = []
@@ -346,9 +340,9 @@ time.sleep(100)
     thread.join(10)
     assert holder[0].state == "cancelled" and holder[0].exit_code == 0 and holder[0].failure == "cancelled"
     gone_by = time.monotonic() + 5
-    while _alive(child) and time.monotonic() < gone_by:
+    while alive(child) and time.monotonic() < gone_by:
         time.sleep(0.05)
-    assert not _alive(child)
+    assert not alive(child)
 
 
 def test_failure_classes(tmp_path: Path) -> None:

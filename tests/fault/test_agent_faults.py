@@ -4,14 +4,12 @@ and the stage moves to another node (its orphaned copy is killed when the agent 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import time
-from pathlib import Path
 from typing import Any
 
 import pytest
-from control.conftest import Cluster
+from control.conftest import Cluster, alive
 
 from fault.conftest import assert_stream_exactly_once, stage, stored_count, stored_events
 
@@ -29,14 +27,6 @@ def _pid(cluster: Cluster, node: str, key: str, name: str) -> int:
     return int(cluster.wait_for(lambda: path.exists() and path.read_text().strip(), 30, "the stage's pid"))
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
-
-
 def test_a_killed_agent_comes_back_and_adopts_its_stage(cluster: Cluster) -> None:
     cluster.start_master("--lost-timeout", "20")
     cluster.start_node("adopt", heartbeat=0.3)
@@ -47,7 +37,7 @@ def test_a_killed_agent_comes_back_and_adopts_its_stage(cluster: Cluster) -> Non
     cluster.wait_for(lambda: stored_count(cluster.db_url, key, "s") > 40, 60, "some events to be stored")
     pid = _pid(cluster, "adopt", key, "s")
     cluster.kill_node("adopt")
-    assert _alive(pid)  # the stage outlives its agent
+    assert alive(pid)  # the stage outlives its agent
     cluster.start_node("adopt", heartbeat=0.3)
     exp = cluster.wait_finished(key, timeout=60)
     s = stage(exp, "s")
@@ -103,9 +93,9 @@ def test_an_agent_that_stays_away_loses_its_stage_to_another_node(cluster: Clust
         return len(attempts) == 2 and attempts[1]["state"] == "running"
 
     cluster.wait_for(retried, 60, "the stage to run again on the other node")
-    assert _alive(pid)  # the orphaned copy runs until its agent is back ...
+    assert alive(pid)  # the orphaned copy runs until its agent is back ...
     cluster.start_node("gone", heartbeat=0.3)
-    cluster.wait_for(lambda: not _alive(pid), 30, "the agent to kill its stale copy")  # ... then it is killed
+    cluster.wait_for(lambda: not alive(pid), 30, "the agent to kill its stale copy")  # ... then it is killed
 
     exp = cluster.wait_finished(key, timeout=90)
     s, once = stage(exp, "s"), stage(exp, "once")
@@ -187,10 +177,10 @@ def test_a_second_signal_stops_the_stages_at_once(cluster: Cluster) -> None:
     cluster.wait_for(
         lambda: any(n["name"] == "hurry" and n["unavailable"] for n in cluster.status()["nodes"]), 20, "stopping"
     )
-    assert agent.poll() is None and _alive(pid)  # the first signal waits for the stage (deadline 600 s)
+    assert agent.poll() is None and alive(pid)  # the first signal waits for the stage (deadline 600 s)
     agent.send_signal(signal.SIGINT)
     assert agent.wait(40) == 0
-    assert not _alive(pid)
+    assert not alive(pid)
     exp = cluster.wait_finished(key, timeout=60)
     attempt = stage(exp, "s")["attempts"][0]
     assert (
