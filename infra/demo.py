@@ -121,7 +121,7 @@ def stop(proc: subprocess.Popen[Any], timeout: float = 15.0) -> None:
             proc.wait(timeout)
         except subprocess.TimeoutExpired:
             proc.kill()
-            proc.wait()
+            proc.wait(5)  # bounded: a process that outlives SIGKILL is stuck in the kernel; say so, don't hang
 
 
 def _table(exp: dict[str, Any], last_metric: dict[str, str]) -> Any:

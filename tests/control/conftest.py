@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from infra.demo import start_master
+from infra.demo import start_master, stop
 
 STAGEKIT = Path(__file__).resolve().parent / "stagekit.py"
 POSTGRES_DEFAULT = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
@@ -41,16 +41,6 @@ def alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     return Path(f"/proc/{pid}/stat").read_text().split(") ", 1)[1][0] != "Z"
-
-
-def stop_process(proc: subprocess.Popen[Any], timeout: float = 15.0) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
 
 
 class Cluster:
@@ -157,7 +147,7 @@ class Cluster:
 
     def stop(self) -> None:
         for proc in reversed(self.procs):  # nodes first: they stop their stages
-            stop_process(proc)
+            stop(proc)
         kill_leftover_stages(self.tmp)
 
 
