@@ -11,10 +11,10 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
+from control import conftest as control_conftest
 from control.conftest import POSTGRES_DEFAULT, Cluster
 from sqlalchemy import create_engine, select, text
 from sqlalchemy.engine import make_url
@@ -45,12 +45,12 @@ def module_db(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathF
 
 
 @pytest.fixture
-def cluster(tmp_path: Path, module_db: str) -> Iterator[Cluster]:
-    c = Cluster(tmp_path, module_db)
-    try:
-        yield c
-    finally:
-        c.stop()
+def db_url(module_db: str) -> str:
+    """The database of this test's module, for ``cluster``."""
+    return module_db
+
+
+cluster = control_conftest.cluster  # the control suite's fixture: a Cluster on ``db_url``, stopped at teardown
 
 
 @pytest.fixture
