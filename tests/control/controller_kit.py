@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +41,17 @@ class WiredController(Controller):
         return await self.wire.report_events(batch)
 
 
+@asynccontextmanager
+async def started(engine: Engine, **kw: Any) -> AsyncIterator[WiredController]:
+    """A started :class:`WiredController` on ``engine`` (``kw``: its options), stopped on the way out."""
+    c = WiredController(engine, **kw)
+    await c.start()
+    try:
+        yield c
+    finally:
+        await c.stop()
+
+
 def run_controller(
     tmp_path: Path, scenario: Callable[[Controller], Awaitable[None]], url: str | None = None, **kw: Any
 ) -> None:
@@ -49,12 +61,10 @@ def run_controller(
     async def main() -> None:
         engine = make_engine(url or f"sqlite:///{tmp_path / 'm.db'}")
         migrate(engine)
-        c = WiredController(engine, **{"heartbeat_interval": 1, "persist_interval": 10, **kw})
-        await c.start()
         try:
-            await scenario(c)
+            async with started(engine, **{"heartbeat_interval": 1, "persist_interval": 10, **kw}) as c:
+                await scenario(c)
         finally:
-            await c.stop()
             engine.dispose()
 
     asyncio.run(main())

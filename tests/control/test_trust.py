@@ -24,7 +24,7 @@ from infra.protos import PROTOCOL_VERSION, infra_pb2, infra_pb2_grpc
 from infra.spec.plan import MAX_STAGES, PlanError, validate_plan
 
 from .conftest import Cluster
-from .controller_kit import WiredController, run_controller
+from .controller_kit import run_controller, started
 from .test_controller import _next
 
 
@@ -122,26 +122,20 @@ def test_a_restarted_master_repairs_a_pending_stage_whose_dependency_ended(tmp_p
     async def main() -> None:
         engine = make_engine(db_url)
         migrate(engine)
-        c = WiredController(engine, heartbeat_interval=0.1)
-        await c.start()
         try:
-            key = await c.submit(_plan("repair", _chain(3)))
-            _, stream = await _register(c, "n1")
-            await _run_then(c, "n1", await _next(stream), infra_pb2.FAILED)
+            async with started(engine, heartbeat_interval=0.1) as c:
+                key = await c.submit(_plan("repair", _chain(3)))
+                _, stream = await _register(c, "n1")
+                await _run_then(c, "n1", await _next(stream), infra_pb2.FAILED)
+            with Session(engine) as s, s.begin():  # undo the cascade as the old RecursionError left it
+                s.execute(update(Stage).where(Stage.name.in_(["s1", "s2"])).values(state="pending"))
+                s.execute(update(Experiment).values(state="running", finished_at=None))
+            async with started(engine, heartbeat_interval=0.1) as c:
+                stages = await _stages(c, key)
+                assert stages["s1"]["state"] == "cancelled" and "repaired at start" in stages["s1"]["reason"]
+                assert stages["s2"]["state"] == "cancelled"
+                assert await _exp_state(c, key) == "failed" and key not in c.experiments
         finally:
-            await c.stop()
-        with Session(engine) as s, s.begin():  # undo the cascade as the old RecursionError left it
-            s.execute(update(Stage).where(Stage.name.in_(["s1", "s2"])).values(state="pending"))
-            s.execute(update(Experiment).values(state="running", finished_at=None))
-        c = WiredController(engine, heartbeat_interval=0.1)
-        await c.start()
-        try:
-            stages = await _stages(c, key)
-            assert stages["s1"]["state"] == "cancelled" and "repaired at start" in stages["s1"]["reason"]
-            assert stages["s2"]["state"] == "cancelled"
-            assert await _exp_state(c, key) == "failed" and key not in c.experiments
-        finally:
-            await c.stop()
             engine.dispose()
 
     asyncio.run(main())
@@ -241,35 +235,29 @@ def test_retry_budgets_per_failure_class_survive_a_master_restart(tmp_path: Path
     async def main() -> None:
         engine = make_engine(db_url)
         migrate(engine)
-        c = WiredController(engine, heartbeat_interval=0.1)
-        await c.start()
         try:
-            key = await c.submit(plan)
-            _, stream = await _register(c, "n1")
-            a1 = await _next(stream)
-            await _run_then(c, "n1", a1, infra_pb2.FAILED, cls=infra_pb2.FAILURE_INFRA)
-            a2 = await _next(stream)
-            assert a2.attempt == 2
+            async with started(engine, heartbeat_interval=0.1) as c:
+                key = await c.submit(plan)
+                _, stream = await _register(c, "n1")
+                a1 = await _next(stream)
+                await _run_then(c, "n1", a1, infra_pb2.FAILED, cls=infra_pb2.FAILURE_INFRA)
+                a2 = await _next(stream)
+                assert a2.attempt == 2
+            async with started(engine, heartbeat_interval=0.1) as c:
+                assert c.experiments[key].stages[0].used == {"infra": 1}
+                _, stream = await _register(c, "n1")
+                await _report(c, "n1", a2, infra_pb2.RUNNING)
+                await _report(c, "n1", a2, infra_pb2.FAILED, cls=infra_pb2.FAILURE_PREEMPTED)
+                a3 = await _next(stream)
+                await _run_then(c, "n1", a3, infra_pb2.FAILED, exit_code=1)  # UNSPECIFIED from a node: error
+                stages = await _stages(c, key)
+                classes = [a["failure_class"] for a in stages["a"]["attempt_rows"]]
+                assert classes == ["infra", "preempted", "error"] and stages["a"]["state"] == "failed"
+                reasons = [t["reason"] for t in stages["a"]["transitions"]]
+                assert "attempt 1 failed (exit 0, infra); retry 1 of 1 (infra)" in reasons
+                assert "attempt 2 failed (exit 0, preempted); retry 1 of 1 (preempted)" in reasons
+                assert reasons[-1] == "attempt 3 failed (exit 1, error)"
         finally:
-            await c.stop()
-        c = WiredController(engine, heartbeat_interval=0.1)
-        await c.start()
-        try:
-            assert c.experiments[key].stages[0].used == {"infra": 1}
-            _, stream = await _register(c, "n1")
-            await _report(c, "n1", a2, infra_pb2.RUNNING)
-            await _report(c, "n1", a2, infra_pb2.FAILED, cls=infra_pb2.FAILURE_PREEMPTED)
-            a3 = await _next(stream)
-            await _run_then(c, "n1", a3, infra_pb2.FAILED, exit_code=1)  # UNSPECIFIED from a node: error
-            stages = await _stages(c, key)
-            classes = [a["failure_class"] for a in stages["a"]["attempt_rows"]]
-            assert classes == ["infra", "preempted", "error"] and stages["a"]["state"] == "failed"
-            reasons = [t["reason"] for t in stages["a"]["transitions"]]
-            assert "attempt 1 failed (exit 0, infra); retry 1 of 1 (infra)" in reasons
-            assert "attempt 2 failed (exit 0, preempted); retry 1 of 1 (preempted)" in reasons
-            assert reasons[-1] == "attempt 3 failed (exit 1, error)"
-        finally:
-            await c.stop()
             engine.dispose()
 
     asyncio.run(main())
@@ -338,43 +326,37 @@ def test_a_drained_node_takes_no_new_work_survives_a_restart_and_preempts_after_
     async def main() -> None:
         engine = make_engine(db_url)
         migrate(engine)
-        c = WiredController(engine, heartbeat_interval=0.1, lost_timeout=30)
-        await c.start()
         try:
-            _, stream1 = await _register(c, "n1")
-            waiting = asyncio.ensure_future(stream1.__anext__())  # the stream is open: n1 is online
-            await c.drain("n1")
-            key = await c.submit(_plan("drain", [_stage("a")]))
-            await asyncio.sleep(0.2)
-            assert c.experiments[key].stages[0].state == "ready" and not waiting.done()
-            assert "take no new stages now (n1" in c.experiments[key].stages[0].reason
-            waiting.cancel()
+            async with started(engine, heartbeat_interval=0.1, lost_timeout=30) as c:
+                _, stream1 = await _register(c, "n1")
+                waiting = asyncio.ensure_future(stream1.__anext__())  # the stream is open: n1 is online
+                await c.drain("n1")
+                key = await c.submit(_plan("drain", [_stage("a")]))
+                await asyncio.sleep(0.2)
+                assert c.experiments[key].stages[0].state == "ready" and not waiting.done()
+                assert "take no new stages now (n1" in c.experiments[key].stages[0].reason
+                waiting.cancel()
+            async with started(engine, heartbeat_interval=0.1, lost_timeout=30) as c:
+                assert c.nodes["n1"].drained  # persisted
+                _, stream1 = await _register(c, "n1")
+                assert c.nodes["n1"].drained
+                await asyncio.sleep(0.2)
+                assert c.experiments[key].stages[0].state == "ready"
+                await c.drain("n1", undrain=True)
+                a1 = await _next(stream1)
+                assert (await _report(c, "n1", a1, infra_pb2.RUNNING))[0]
+                _, stream2 = await _register(c, "n2")
+                await c.drain("n1", deadline_s=0.3)
+                cancel = await asyncio.wait_for(stream1.__anext__(), 5)  # the deadline passes: n1 told to stop it
+                assert cancel.WhichOneof("command") == "cancel" and cancel.cancel.attempt_id == a1.attempt_id
+                a2 = await _next(stream2)  # retried elsewhere within the preempted budget
+                assert (a2.stage, a2.attempt) == ("a", 2)
+                assert (await _report(c, "n1", a1, infra_pb2.CANCELLED))[0] is False  # fenced
+                await _run_then(c, "n2", a2, infra_pb2.SUCCEEDED)
+                stages = await _stages(c, key)
+                assert [a["failure_class"] for a in stages["a"]["attempt_rows"]] == ["preempted", ""]
+                assert "drained: its deadline passed" in stages["a"]["attempt_rows"][0]["message"]
         finally:
-            await c.stop()
-        c = WiredController(engine, heartbeat_interval=0.1, lost_timeout=30)
-        await c.start()
-        try:
-            assert c.nodes["n1"].drained  # persisted
-            _, stream1 = await _register(c, "n1")
-            assert c.nodes["n1"].drained
-            await asyncio.sleep(0.2)
-            assert c.experiments[key].stages[0].state == "ready"
-            await c.drain("n1", undrain=True)
-            a1 = await _next(stream1)
-            assert (await _report(c, "n1", a1, infra_pb2.RUNNING))[0]
-            _, stream2 = await _register(c, "n2")
-            await c.drain("n1", deadline_s=0.3)
-            cancel = await asyncio.wait_for(stream1.__anext__(), 5)  # the deadline passes: n1 told to stop it
-            assert cancel.WhichOneof("command") == "cancel" and cancel.cancel.attempt_id == a1.attempt_id
-            a2 = await _next(stream2)  # retried elsewhere within the preempted budget
-            assert (a2.stage, a2.attempt) == ("a", 2)
-            assert (await _report(c, "n1", a1, infra_pb2.CANCELLED))[0] is False  # fenced
-            await _run_then(c, "n2", a2, infra_pb2.SUCCEEDED)
-            stages = await _stages(c, key)
-            assert [a["failure_class"] for a in stages["a"]["attempt_rows"]] == ["preempted", ""]
-            assert "drained: its deadline passed" in stages["a"]["attempt_rows"][0]["message"]
-        finally:
-            await c.stop()
             engine.dispose()
 
     asyncio.run(main())
