@@ -476,6 +476,15 @@ def connection_flags(sp: argparse.ArgumentParser) -> None:
     tls_flags(sp)
 
 
+def systemd_unit_flag(sp: argparse.ArgumentParser, what: str) -> None:
+    """``--print-systemd-unit``, for the long-running commands (``what`` the unit runs)."""
+    sp.add_argument(
+        "--print-systemd-unit",
+        action="store_true",
+        help=f"print a systemd unit running {what} with the other options given here, and exit",
+    )
+
+
 def _add_master(sub: Any) -> None:
     """``infra master``: the master's own settings, defaults from ``infra.master.config.Settings``."""
     from infra.master.config import LOST_HEARTBEATS, Settings  # standard library only: the defaults, in one place
@@ -509,11 +518,7 @@ def _add_master(sub: Any) -> None:
     sp.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate (chain)")
     sp.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
     sp.add_argument("--tls-ca", metavar="PEM", help="require client certificates signed by this CA (mutual TLS)")
-    sp.add_argument(
-        "--print-systemd-unit",
-        action="store_true",
-        help="print a systemd unit running the master with the other options given here, and exit",
-    )
+    systemd_unit_flag(sp, "the master")
     sp.set_defaults(func=cmd_master, parser=sp)
 
 
@@ -572,11 +577,7 @@ def _add_node(sub: Any) -> None:
         "(failed, preempted: retried elsewhere); 0: stop them at once; a second signal stops them now "
         f"(default {Options.stop_deadline:g})",
     )
-    sp.add_argument(
-        "--print-systemd-unit",
-        action="store_true",
-        help="print a systemd unit running this node agent with the other options given here, and exit",
-    )
+    systemd_unit_flag(sp, "this node agent")
     sp.set_defaults(func=cmd_node, parser=sp)
 
 
