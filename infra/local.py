@@ -22,7 +22,7 @@ from crystallm_core.layout import experiment_dir
 from crystallm_core.plugins import DEFAULT_TIMEOUT
 from infra.node.stage_plugins import load_stage_modules, workdir_stage_plugins
 from infra.spec.plan import Plan, PlanError, load_plan_data, resolve_inputs, validate_plan, with_defaults
-from infra.spec.stages import get_stage_kind
+from infra.spec.stages import get_stage_kind, world_size
 from infra.wkdir import WorkdirError, get_workdir, prepare_workdir
 
 
@@ -122,7 +122,7 @@ def run_plan(
             attempt = 0
             while True:
                 attempt += 1
-                ctx = stage_context(exp_dir, stage.name, plan.smoke, attempt)
+                ctx = stage_context(exp_dir, stage.name, plan.smoke, attempt, world_size(stage.resources))
                 emit, metrics, artifacts = _printer(stage.name, quiet)
                 gpus = list(range(stage.resources.gpus))
                 run = StageRun(kind.build(params, ctx), exp_dir, stage.name, workdir, gpus, emit, attempt)

@@ -17,6 +17,7 @@ Keeping the two in one place is what lets a failed commit be undone by reading t
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable
 from typing import Any
@@ -242,7 +243,9 @@ class StageMachine:
             name=s["name"],
             kind=s["kind"],
             params=s["params"],
-            resources=Resources(s["gpus"], s["cpus"], s["memory_mib"]),
+            resources=Resources(
+                s["gpus"], s["cpus"], s["memory_mib"], _plan_processes(exp.plan_json).get(s["name"], 1)
+            ),
             max_retries=s["max_retries"],
             state=s["state"],
             attempts=s["attempts"],
@@ -270,3 +273,14 @@ class StageMachine:
         self.state.attempts[att.id] = att
         if att.state in ACTIVE and att.node_id in self.state.nodes:
             self.state.nodes[att.node_id].allocate(att)
+
+
+@functools.lru_cache(maxsize=4)
+def _plan_processes(plan_json: str) -> dict[str, int]:
+    """Each stage's ``resources.processes`` as the stored normalised plan gives it (no column of its own: it
+    only travels to the node; plans stored before it existed give none, that is 1)."""
+    try:
+        stages = json.loads(plan_json).get("stages", [])
+        return {s["name"]: int(s.get("resources", {}).get("processes", 1)) for s in stages}
+    except (ValueError, TypeError, KeyError, AttributeError):
+        return {}

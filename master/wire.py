@@ -121,7 +121,7 @@ def assignment(att: AttemptRt) -> infra_pb2.NodeCommand:
             kind=st.kind,
             params_json=json.dumps(st.params),
             smoke=st.exp.smoke,
-            resources=infra_pb2.Resources(gpus=r.gpus, cpus=r.cpus, memory_mib=r.memory_mib),
+            resources=infra_pb2.Resources(gpus=r.gpus, cpus=r.cpus, memory_mib=r.memory_mib, processes=r.processes),
             gpu_indices=list(att.gpus),
             plan_json=st.exp.plan_json,
         )

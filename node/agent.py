@@ -58,7 +58,7 @@ from infra.node.stage_plugins import load_stage_modules, workdir_stage_plugins
 from infra.protos import PROTOCOL_VERSION, infra_pb2, infra_pb2_grpc
 from infra.protos.transport import KEEPALIVE, RECONNECT, Connection
 from infra.spec.plan import validation_issues, with_defaults
-from infra.spec.stages import Command, get_stage_kind
+from infra.spec.stages import Command, Resources, get_stage_kind, world_size
 
 log = logging.getLogger("infra.node")
 BATCH = 1000
@@ -591,7 +591,8 @@ class Agent:
             return None, f"node {self.opts.name}: " + str(e).strip("'\""), "infra"
         try:
             params = kind.params.model_validate(json.loads(a.params_json or "{}"))
-            return kind.build(params, stage_context(exp_dir, a.stage, a.smoke, a.attempt)), "", ""
+            world = world_size(Resources(gpus=len(a.gpu_indices), processes=a.resources.processes or 1))
+            return kind.build(params, stage_context(exp_dir, a.stage, a.smoke, a.attempt, world)), "", ""
         except ValidationError as e:
             return None, "invalid params: " + "; ".join(str(i) for i in validation_issues(e, "params")), "error"
         except (KeyError, ValueError) as e:

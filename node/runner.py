@@ -89,8 +89,11 @@ def aside(path: Path, n: int, suffix: str = "") -> Path:
     return path.with_name(f"{path.name.removesuffix(suffix)}.attempt-{n}{suffix}")
 
 
-def stage_context(experiment_dir: Path, stage: str, smoke: bool = False, attempt: int = 1) -> StageContext:
-    """What a stage kind's builder receives: the stage's paths, as the experiment layout places them."""
+def stage_context(
+    experiment_dir: Path, stage: str, smoke: bool = False, attempt: int = 1, processes: int = 1
+) -> StageContext:
+    """What a stage kind's builder receives: the stage's paths, as the experiment layout places them, and its
+    world size (``processes``: :func:`infra.spec.stages.world_size` of its resources)."""
     lay = ExperimentLayout(experiment_dir)
     return StageContext(
         experiment_dir=lay.root,
@@ -103,6 +106,7 @@ def stage_context(experiment_dir: Path, stage: str, smoke: bool = False, attempt
         artifacts_dir=lay.artifacts_dir / check_stage_name(stage),
         smoke=smoke,
         attempt=attempt,
+        processes=processes,
     )
 
 

@@ -49,14 +49,16 @@ FAILURE_ERROR: FailureClass
 FAILURE_INFRA: FailureClass
 
 class Resources(_message.Message):
-    __slots__ = ("gpus", "cpus", "memory_mib")
+    __slots__ = ("gpus", "cpus", "memory_mib", "processes")
     GPUS_FIELD_NUMBER: _ClassVar[int]
     CPUS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_MIB_FIELD_NUMBER: _ClassVar[int]
+    PROCESSES_FIELD_NUMBER: _ClassVar[int]
     gpus: int
     cpus: float
     memory_mib: int
-    def __init__(self, gpus: _Optional[int] = ..., cpus: _Optional[float] = ..., memory_mib: _Optional[int] = ...) -> None: ...
+    processes: int
+    def __init__(self, gpus: _Optional[int] = ..., cpus: _Optional[float] = ..., memory_mib: _Optional[int] = ..., processes: _Optional[int] = ...) -> None: ...
 
 class Gpu(_message.Message):
     __slots__ = ("index", "uuid", "name", "memory_mib", "driver_version")

@@ -26,7 +26,7 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator, Field, ValidationError
 
-from infra.spec.stages import Resources, Spec, get_stage_kind, stage_kinds
+from infra.spec.stages import Resources, Spec, get_stage_kind, stage_kinds, world_size
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MAX_PLAN_BYTES = 16 << 20  # below the gRPC message limit, so that the field at fault can be named
@@ -40,6 +40,7 @@ MAX_LIMIT_ISSUES = 20
 INT32_MAX = 2**31 - 1
 MAX_PRIORITY = INT32_MAX  # experiments.priority is an INTEGER column, ExperimentStatus.priority an int32
 MAX_GPUS = 1024
+MAX_PROCESSES = 1024
 MAX_CPUS = 65536.0
 MAX_MEMORY_MIB = 2**32 - 1  # Resources.memory_mib is a uint32 of MiB (4 PiB)
 MAX_INT_DIGITS = 40  # longer integer literals are refused while parsing (Python limits int() to 4300 digits)
@@ -88,6 +89,7 @@ class ResourcesSpec(Spec):
     gpus: int | None = Field(None, ge=0, le=MAX_GPUS)
     cpus: float | None = Field(None, gt=0, le=MAX_CPUS)
     memory: Memory | None = None
+    processes: int | None = Field(None, ge=1, le=MAX_PROCESSES)  # CPU processes of a multi-process kind (train)
 
 
 # Why an attempt ended badly (the master records one per attempt); each class but ``cancelled`` has its
@@ -174,7 +176,12 @@ class Plan:
                     "kind": s.kind,
                     "params": s.params,
                     "after": list(s.after),
-                    "resources": {"gpus": s.resources.gpus, "cpus": s.resources.cpus, "memory": s.resources.memory_mib},
+                    "resources": {
+                        "gpus": s.resources.gpus,
+                        "cpus": s.resources.cpus,
+                        "memory": s.resources.memory_mib,
+                        "processes": s.resources.processes,
+                    },
                     "max_retries": s.max_retries,
                     "retries": dict(s.retries),
                 }
@@ -215,12 +222,51 @@ def validation_issues(err: ValidationError, prefix: str = "") -> list[Issue]:
 
 def _merge(kind_default: Resources, *layers: ResourcesSpec | None) -> Resources:
     gpus, cpus, mem = kind_default.gpus, kind_default.cpus, kind_default.memory_mib
+    procs = kind_default.processes
     for layer in layers:
         if layer is not None:
             gpus = layer.gpus if layer.gpus is not None else gpus
             cpus = layer.cpus if layer.cpus is not None else cpus
             mem = layer.memory if layer.memory is not None else mem
-    return Resources(gpus, float(cpus), mem)
+            procs = layer.processes if layer.processes is not None else procs
+    return Resources(gpus, float(cpus), mem, procs)
+
+
+def _resources(s: StageSpec, default: ResourcesSpec | None, local: bool, i: int, issues: list[Issue]) -> Resources:
+    """The stage's resources: the kind's, then the plan's, then its own. ``processes`` > 1 is for kinds that
+    run several processes (``StageKind.processes``: train): given on the stage of another kind it is an
+    error; the plan's default reaches only such kinds (the others run one process). With GPUs, a stage runs
+    one process per GPU, so ``processes`` > 1 needs ``gpus`` 0 (CPU processes) or the same number."""
+    kind = get_stage_kind(s.kind) if local else None
+    r = _merge(kind.resources if kind is not None else Resources(), default, s.resources)
+    own = s.resources.processes if s.resources is not None else None
+    path = f"stages[{i}].resources.processes" if own is not None else "resources.processes"
+    if kind is not None and not kind.processes:
+        if own is not None and own > 1:
+            issues.append(Issue(path, f"kind {s.kind!r} runs one process; only train runs several"))
+        return Resources(r.gpus, r.cpus, r.memory_mib, 1)
+    if r.processes > 1 and r.gpus not in (0, r.processes):
+        issues.append(
+            Issue(
+                path,
+                f"{r.processes} processes with {r.gpus} GPU(s): a stage runs one process per GPU; give gpus 0 "
+                f"(CPU processes) or gpus {r.processes}",
+            )
+        )
+    return r
+
+
+def _accum_issue(stage: Stage, smoke: bool, i: int) -> Issue | None:
+    """A train stage's ``grad_accum`` override must be a multiple of its world size (crystallm_core refuses
+    anything else); one set in a config file is the stage's own check. Smoke runs set one per rank."""
+    accum = stage.params.get("overrides", {}).get("grad_accum") if stage.kind == "train" else None
+    n = world_size(stage.resources)
+    if smoke or n <= 1 or not isinstance(accum, int) or isinstance(accum, bool) or accum % n == 0:
+        return None
+    return Issue(
+        f"stages[{i}].params.overrides.grad_accum",
+        f"grad_accum {accum} counts micro-batches over all {n} processes and must be a multiple of {n}",
+    )
 
 
 def _cycles(deps: dict[str, list[str]]) -> list[list[str]]:
@@ -448,10 +494,11 @@ def validate_plan(data: Any, known_kinds: Iterable[str] | None = None) -> Plan:
         s = spec_at.get(i)
         if s is None or params is None:
             continue
-        default = get_stage_kind(s.kind).resources if s.kind in local else Resources()
-        resources = _merge(default, header.resources if header is not None else None, s.resources)
+        resources = _resources(s, header.resources if header is not None else None, s.kind in local, i, issues)
         retries = _retries(s, header.retries if header is not None else None, i, issues)
         stages.append(Stage(s.name, s.kind, params, tuple(s.after), resources, retries["error"], retries))
+        if accum := _accum_issue(stages[-1], header is not None and header.smoke, i):
+            issues.append(accum)
     issues += _shared_outputs(stages, raw_index)
     for cycle in _cycles(deps):
         issues.append(Issue(f"stages[{raw_index[cycle[0]]}].after", "dependency cycle: " + " -> ".join(cycle)))

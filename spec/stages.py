@@ -15,7 +15,8 @@ products with paths relative to the experiment directory:
   ``artifacts/<stage>/demo.csv.gz``; runs [``crystallm demo-data``], ``crystallm prepare``
 - train: the experiment directory is its ``out_dir``: ``ckpts/{last,best}.pt``, ``plots/``,
   ``probes/<probe>/``; runs ``crystallm train work/<stage>/train.json``, with ``--resume`` on a retry
-  that finds ``ckpts/last.pt``
+  that finds ``ckpts/last.pt``, under ``torch.distributed.run`` when its world size (GPUs or ``processes``)
+  is above 1 (docs/DISTRIBUTED.md)
 - sample, mcts, benchmark: ``samples/<stage>/``; run ``crystallm sample|mcts|benchmark csp``
 - evaluate: ``artifacts/<stage>/evaluation.jsonl`` (per-CIF results); runs ``crystallm evaluate``
 - analyze: ``plots/<probe>/`` (ΦID tables and heatmaps); runs ``crystallm probes analyze``
@@ -99,6 +100,13 @@ class Resources:
     gpus: int = 0
     cpus: float = 1.0
     memory_mib: int = 2048
+    processes: int = 1  # CPU processes of a kind that runs several (``StageKind.processes``); see world_size
+
+
+def world_size(r: Resources) -> int:
+    """How many processes a multi-process stage starts: one per GPU when it has several, else ``processes``
+    (CPU processes, gloo; what tests use)."""
+    return r.gpus if r.gpus > 1 else max(1, r.processes)
 
 
 @dataclass(frozen=True)
@@ -117,6 +125,7 @@ class StageContext:
     artifacts_dir: Path  # this stage's products that have no folder of their own (a plugin's outputs, reports)
     smoke: bool = False
     attempt: int = 1
+    processes: int = 1  # the stage's world size (world_size of its resources); used by kinds with ``processes``
 
     def artifact(self, rel: str) -> str:
         """An experiment-relative path (a param) as an absolute one."""
@@ -158,6 +167,7 @@ class StageKind:
     extras: Callable[[Any], set[str]] | None = None  # optional features a node needs for these params
     description: str = ""
     owns: tuple[str, ...] = ()  # experiment-wide folders it writes (not per stage): one such stage per plan
+    processes: bool = False  # runs ``StageContext.processes`` processes (torchrun); others always run one
 
 
 _KINDS: dict[str, tuple[StageKind, str]] = {}
@@ -188,6 +198,19 @@ def stage_kinds() -> list[str]:
 def crystallm(verb: str, *args: str) -> list[str]:
     """The argv of a ``crystallm`` verb, run with the same interpreter as the caller."""
     return [sys.executable, "-m", "crystallm_core.cli", verb, *args]
+
+
+def torchrun(n: int, argv: list[str]) -> list[str]:
+    """``argv`` (a ``python -m MODULE ...`` line of :func:`crystallm`) launched as ``n`` processes on this
+    machine by ``torch.distributed.run --standalone`` (a free rendezvous port of its own, so two such stages
+    on one machine do not collide); itself when ``n`` is 1. Each rank sees the stage's
+    ``CUDA_VISIBLE_DEVICES`` and takes its ``LOCAL_RANK``-th GPU."""
+    if n <= 1:
+        return argv
+    python, flag, module, *rest = argv
+    if flag != "-m":
+        raise ValueError(f"torchrun launches a module (python -m MODULE ...), not {argv!r}")
+    return [python, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n), "-m", module, *rest]
 
 
 def _opt(flag: str, value: object) -> list[str]:
@@ -266,7 +289,8 @@ def _setting(value: object) -> str:
 def _build_train(p: TrainParams, ctx: StageContext) -> Command:
     """The experiment directory is train's ``out_dir`` (ckpts/, plots/, probes/ land where the layout says).
     A retry (a failed attempt, or a node that was lost) continues from the last checkpoint when the earlier
-    attempt left one: ``--resume``, in place."""
+    attempt left one: ``--resume``, in place. With a world size above 1 (``ctx.processes``: the stage's GPUs, or
+    its CPU ``processes``) it runs under ``torch.distributed.run`` (:func:`torchrun`)."""
     settings: dict[str, Any] = {"data_dir": ctx.artifact(p.data_dir), "out_dir": str(ctx.experiment_dir)}
     settings.update(
         {k: v for k, v in (("model", p.model), ("max_steps", p.max_steps), ("batch_size", p.batch_size)) if v}
@@ -279,10 +303,12 @@ def _build_train(p: TrainParams, ctx: StageContext) -> Command:
     outputs = [ctx.rel(ctx.ckpts_dir), ctx.rel(ctx.probes_dir)]
     if p.config is not None:  # the user's config file, with the stage's settings as key=value overrides
         overrides = (f"{k}={_setting(v)}" for k, v in settings.items())
-        return Command([crystallm("train", p.config, *overrides, *flags)], fresh_dir=not resume, outputs=outputs)
+        argv = torchrun(ctx.processes, crystallm("train", p.config, *overrides, *flags))
+        return Command([argv], fresh_dir=not resume, outputs=outputs)
     config = ctx.work_dir / "train.json"
     files = {"train.json": json.dumps(settings, indent=2)}
-    return Command([crystallm("train", str(config), *flags)], files=files, fresh_dir=not resume, outputs=outputs)
+    argv = torchrun(ctx.processes, crystallm("train", str(config), *flags))
+    return Command([argv], files=files, fresh_dir=not resume, outputs=outputs)
 
 
 # --- sample ----------------------------------------------------------------------------------
@@ -436,6 +462,7 @@ BUILTIN_KINDS: dict[str, StageKind] = {
         ("config",),
         description="train a model",
         owns=(CKPTS, PROBES),
+        processes=True,
     ),
     "sample": StageKind(
         SampleParams, _build_sample, GPU_STAGE, ("sample",), ("prompts",), description="sample CIFs from a model"

@@ -65,3 +65,25 @@ def test_what_the_plan_got_wrong_is_an_error_and_what_the_node_lacks_is_infra(tm
     agent.disk.min_free_mib = 1 << 40  # the node is short of disk
     assert build(kind="train")[1] == "infra"
     agent.conn.close()
+
+
+def test_a_train_assignment_of_several_processes_runs_under_torchrun(tmp_path: Path) -> None:
+    agent = Agent(Options(master="127.0.0.1:1", workdir=tmp_path, name="n", fake_gpus=0, min_free_disk_mib=0))
+
+    def argv(resources: infra_pb2.Resources, gpus: list[int] = []) -> list[str]:  # noqa: B006
+        a = infra_pb2.Assignment(
+            attempt_id=1, lease_token="l", attempt=1, experiment="e", stage="t", kind="train", params_json="{}"
+        )
+        a.resources.CopyFrom(resources)
+        a.gpu_indices.extend(gpus)
+        command, problem, _ = agent._build(a)
+        assert command is not None, problem
+        (step,) = command.steps
+        return step[2:8]
+
+    torchrun = ["torch.distributed.run", "--standalone", "--nproc-per-node"]
+    assert argv(infra_pb2.Resources(processes=2)) == [*torchrun, "2", "-m", "crystallm_core.cli"]
+    assert argv(infra_pb2.Resources(gpus=4, processes=1), [0, 1, 2, 3])[:4] == [*torchrun, "4"]  # one per GPU
+    assert argv(infra_pb2.Resources())[:2] == ["crystallm_core.cli", "train"]  # 0 (an older master): one process
+    assert argv(infra_pb2.Resources(gpus=1), [2])[:2] == ["crystallm_core.cli", "train"]
+    agent.conn.close()

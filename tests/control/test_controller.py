@@ -161,3 +161,43 @@ def test_a_restarted_master_continues_where_it_stopped(tmp_path: Path) -> None:
             engine.dispose()
 
     asyncio.run(main())
+
+
+def test_a_stage_s_processes_reach_the_node_also_after_a_master_restart(tmp_path: Path) -> None:
+    """``resources.processes`` has no column: the master keeps it in the stored plan and sends it in the
+    assignment's Resources (issue 16)."""
+    small = {"gpus": 0, "cpus": 1, "memory": 512}
+    stages = [
+        {"name": "a", "kind": "evaluate", "params": {"inputs": ["x"]}, "resources": small},
+        {"name": "t", "kind": "train", "after": ["a"], "resources": {**small, "processes": 3}},
+    ]
+    facts = infra_pb2.NodeFacts(name="n1", cpu_count=4, memory_mib=4096, stage_kinds=["evaluate", "train"])
+
+    async def register(c: Controller, running: list[infra_pb2.RunningAttempt]) -> Any:
+        req = infra_pb2.RegisterRequest(protocol_version=PROTOCOL_VERSION, node_id="n1", facts=facts, running=running)
+        return c.assignments("n1", (await c.register(req)).session).__aiter__()
+
+    async def main() -> None:
+        engine = make_engine(f"sqlite:///{tmp_path / 'm.db'}")
+        migrate(engine)
+        c = WiredController(engine, heartbeat_interval=1)
+        await c.start()
+        await c.submit(_plan("procs", 0, stages))
+        a = await _next(await register(c, []))
+        assert a.resources.processes == 1
+        await _report(c, a, infra_pb2.RUNNING)
+        await c.stop()
+
+        c = WiredController(engine, heartbeat_interval=1)  # a new master process on the same database
+        await c.start()
+        try:
+            stream = await register(c, [infra_pb2.RunningAttempt(attempt_id=a.attempt_id, lease_token=a.lease_token)])
+            assert await _report(c, a, infra_pb2.SUCCEEDED) == (True, "")
+            t = await _next(stream)
+            assert (t.stage, t.resources.processes, list(t.gpu_indices)) == ("t", 3, [])
+            assert json.loads(t.plan_json)["stages"][1]["resources"]["processes"] == 3
+        finally:
+            await c.stop()
+            engine.dispose()
+
+    asyncio.run(main())

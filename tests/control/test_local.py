@@ -117,6 +117,31 @@ def test_a_plan_run_by_infra_train_is_exactly_the_experiment_layout(tmp_path: Pa
     assert time.monotonic() - started < 120
 
 
+@pytest.mark.slow
+def test_a_train_stage_of_two_processes_runs_as_two_ranks_and_writes_one_checkpoint(tmp_path: Path) -> None:
+    """``"processes": 2`` on the CPU: torchrun with gloo, rank 0 alone writing checkpoints and events."""
+    started = time.monotonic()
+    plan = {
+        **DEMO,
+        "name": "ranks",
+        "stages": [*DEMO["stages"][:1], {**DEMO["stages"][1], "resources": {"processes": 2}}],
+    }
+    result = _infra_train(tmp_path, plan, "--experiment", "ranks", "--quiet")
+    assert result.returncode == 0, result.stdout + result.stderr
+    exp = tmp_path / "w" / "experiments" / "ranks"
+    log = (exp / "logs" / "train.log").read_text()
+    assert "-m torch.distributed.run --standalone --nproc-per-node 2 -m crystallm_core.cli train" in log
+    assert "rank 0 of 2" in log and "rank 1 of 2" not in log  # rank 0 alone prints
+    assert {p.name for p in (exp / "ckpts").iterdir()} == {"last.pt", "best.pt"}
+    assert not list(exp.rglob("*.pt.*")) and sorted(p.name for p in exp.rglob("*.pt")) == ["best.pt", "last.pt"]
+    events = [json.loads(line) for line in (exp / "metrics" / "train.jsonl").read_text().splitlines()]
+    steps = [e["step"] for e in events if e["type"] == "metric" and "loss" in e["values"]]
+    assert steps and len(steps) == len(set(steps))  # each step's metrics once, not once per rank
+    assert [e["seq"] for e in events] == sorted({e["seq"] for e in events})  # one writer
+    assert json.loads((exp / "plan.json").read_text())["stages"][1]["resources"]["processes"] == 2
+    assert time.monotonic() - started < 90
+
+
 def test_infra_train_retries_within_the_budget_of_each_failure_class() -> None:
     """The classes a local run sees: the stage's own error (budget ``error``) and the platform's (``infra``)."""
     from dataclasses import dataclass

@@ -235,6 +235,11 @@ def test_the_demo_runs_what_the_installation_offers() -> None:
         ({"resources": {"memory": 2**32}}, "resources.memory"),
         ({"resources": {"memory": "9" * 400 + "TiB"}}, "resources.memory"),
         ({"resources": {"memory": "5000000TiB"}}, "resources.memory"),
+        ({"resources": {"processes": 0}}, "resources.processes"),
+        ({"resources": {"processes": 1025}}, "resources.processes"),
+        ({"resources": {"processes": 2**32}}, "resources.processes"),
+        ({"resources": {"processes": 2.0}}, "resources.processes"),
+        ({"resources": {"processes": True}}, "resources.processes"),
     ],
 )
 def test_every_number_of_a_plan_is_bounded_and_named(top: dict[str, Any], path: str) -> None:
@@ -313,3 +318,53 @@ def test_a_plan_file_that_is_not_utf8_is_named_with_the_byte_offset(tmp_path: Pa
     ]
     path.write_bytes(b'\xef\xbb\xbf{"name": "bom", "stages": []}')  # a byte-order mark is fine
     assert load_plan_data(path) == {"name": "bom", "stages": []}
+
+
+# --- several processes of one stage (issue 16) -------------------------------------------------------------
+
+TRAIN = {"name": "t", "kind": "train", "params": {"model": "tiny"}}
+
+
+def test_processes_default_to_one_and_reach_only_train_stages() -> None:
+    plan = validate_plan(_plan(PREP, TRAIN, resources={"gpus": 0, "processes": 1024}))
+    prep, train = plan.stages
+    assert (prep.resources.processes, train.resources.processes) == (1, 1024)  # prepare runs one process
+    assert plan.to_dict()["stages"][1]["resources"]["processes"] == 1024  # the node reads it from here
+    assert validate_plan(_plan(TRAIN)).stages[0].resources.processes == 1
+    four = validate_plan(_plan({**TRAIN, "resources": {"gpus": 4, "processes": 4}})).stages[0].resources
+    assert (four.gpus, four.processes) == (4, 4)
+
+
+def test_processes_are_refused_where_they_cannot_run() -> None:
+    errors = _errors(_plan({**PREP, "resources": {"processes": 2}}, {**TRAIN, "resources": {"processes": 2}}))
+    assert errors == [
+        "stages[0].resources.processes: kind 'prepare' runs one process; only train runs several",
+        "stages[1].resources.processes: 2 processes with 1 GPU(s): a stage runs one process per GPU; "
+        "give gpus 0 (CPU processes) or gpus 2",  # train's default is 1 GPU
+    ]
+    assert _errors(_plan({**TRAIN, "resources": {"gpus": 4, "processes": 2}})) == [
+        "stages[0].resources.processes: 2 processes with 4 GPU(s): a stage runs one process per GPU; "
+        "give gpus 0 (CPU processes) or gpus 2"
+    ]
+    assert _errors(_plan(TRAIN, resources={"processes": 2})) == [  # the plan's default, named where given
+        "resources.processes: 2 processes with 1 GPU(s): a stage runs one process per GPU; "
+        "give gpus 0 (CPU processes) or gpus 2"
+    ]
+    # a plugin kind the master does not know is passed on as given
+    plan = validate_plan(_plan({"name": "x", "kind": "relax", "resources": {"processes": 3}}), {"relax"})
+    assert plan.stages[0].resources.processes == 3
+
+
+def test_grad_accum_must_be_a_multiple_of_the_world_size() -> None:
+    def train(accum: object, **resources: int) -> dict[str, Any]:
+        return {**TRAIN, "params": {"overrides": {"grad_accum": accum}}, "resources": resources}
+
+    errors = _errors(_plan(train(3, gpus=0, processes=2)))
+    assert errors == [
+        "stages[0].params.overrides.grad_accum: grad_accum 3 counts micro-batches over all 2 processes and "
+        "must be a multiple of 2"
+    ]
+    assert _errors(_plan(train(2, gpus=4)))[0].startswith("stages[0].params.overrides.grad_accum: grad_accum 2 ")
+    validate_plan(_plan(train(4, gpus=0, processes=2)))
+    validate_plan(_plan(train(3, gpus=0, processes=2), smoke=True))  # smoke runs one micro-batch per rank
+    validate_plan(_plan(train(3, gpus=1)))

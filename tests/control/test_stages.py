@@ -107,3 +107,22 @@ def test_analyze_and_plot_read_the_experiment_root() -> None:
 def test_a_command_s_outputs_stay_in_the_experiment(bad: str) -> None:
     with pytest.raises(ValueError):
         Command([["true"]], outputs=[bad])
+
+
+def test_train_runs_under_torchrun_when_its_world_size_is_above_one() -> None:
+    kind = get_stage_kind("train")
+    params = kind.params.model_validate({"model": "tiny"})
+    (one,) = kind.build(params, stage_context(EXP, "train")).steps
+    (two,) = kind.build(params, stage_context(EXP, "train", processes=2)).steps
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m"]
+    assert two == launcher + one[2:]  # the same crystallm_core.cli train line, launched as two ranks
+    with_config = kind.params.model_validate({"config": "/c.yaml"})
+    (argv,) = kind.build(with_config, stage_context(EXP, "train", processes=8)).steps
+    assert argv[:7] == [*launcher[:5], "8", "-m"] and argv[7:10] == ["crystallm_core.cli", "train", "/c.yaml"]
+    # other kinds run one process whatever the world size
+    sample = get_stage_kind("sample")
+    (argv,) = sample.build(sample.params.model_validate({"prompt": "NaCl"}), stage_context(EXP, "s", processes=2)).steps
+    assert argv[:3] == [sys.executable, "-m", "crystallm_core.cli"]
+    assert stages.world_size(stages.Resources(gpus=4, processes=1)) == 4
+    assert stages.world_size(stages.Resources(gpus=1, processes=1)) == 1
+    assert stages.world_size(stages.Resources(gpus=0, processes=3)) == 3
