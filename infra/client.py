@@ -69,7 +69,12 @@ def node_dict(n: infra_pb2.NodeStatus) -> dict[str, Any]:
         "heartbeat_age_s": round(n.heartbeat_age_s, 3) if n.heartbeat_age_s >= 0 else None,
         **facts,
         "usage": _dict(n.usage) if n.HasField("usage") else None,
-        "allocated": {**_dict(n.allocated), "gpu_indices": list(n.allocated_gpus)},
+        "allocated": {  # what the node's attempts hold (a stage's processes are not a node resource)
+            "gpus": n.allocated.gpus,
+            "cpus": n.allocated.cpus,
+            "memory_mib": n.allocated.memory_mib,
+            "gpu_indices": list(n.allocated_gpus),
+        },
     }
 
 

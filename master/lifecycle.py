@@ -39,7 +39,7 @@ from infra.master.state import (
     StageRt,
 )
 from infra.master.store import Changes
-from infra.spec.plan import DEFAULT_RETRIES
+from infra.spec.plan import DEFAULT_RETRIES, stage_processes
 from infra.spec.stages import Resources, get_stage_kind, stage_kinds
 
 NODE_LOST, PREEMPTED, CANCELLED_CLASS, ERROR, INFRA = "node_lost", "preempted", "cancelled", "error", "infra"
@@ -277,10 +277,8 @@ class StageMachine:
 
 @functools.lru_cache(maxsize=4)
 def _plan_processes(plan_json: str) -> dict[str, int]:
-    """Each stage's ``resources.processes`` as the stored normalised plan gives it (no column of its own: it
-    only travels to the node; plans stored before it existed give none, that is 1)."""
+    """:func:`stage_processes` of an experiment's stored plan (its stages are restored one by one)."""
     try:
-        stages = json.loads(plan_json).get("stages", [])
-        return {s["name"]: int(s.get("resources", {}).get("processes", 1)) for s in stages}
-    except (ValueError, TypeError, KeyError, AttributeError):
+        return stage_processes(json.loads(plan_json))
+    except ValueError:
         return {}

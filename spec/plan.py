@@ -348,6 +348,16 @@ def with_defaults(plan: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def stage_processes(plan: Any) -> dict[str, int]:
+    """Each stage's ``resources.processes`` in a stored normalised plan (``Plan.to_dict``). It has no database
+    column of its own (it only travels to the node), so the master reads it here; a plan stored before the
+    field existed, or one that is not readable, gives none: every stage then runs one process."""
+    try:
+        return {s["name"]: int(s.get("resources", {}).get("processes", 1)) for s in plan.get("stages", [])}
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return {}
+
+
 def limit_issues(data: Any) -> list[Issue]:
     """Problems of size and shape, found without recursion (a hostile plan may nest thousands deep)."""
     issues: list[Issue] = []
