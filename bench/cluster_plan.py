@@ -11,7 +11,7 @@ last metric values.
     python bench/cluster_plan.py start examples/perov5.json --work W
     python bench/cluster_plan.py wait --work W --timeout 500
     python bench/cluster_plan.py stop --work W
-    python bench/cluster_plan.py start examples/perov5.json --work W --smoke --fake-gpus 1   # CPU rehearsal
+    python bench/cluster_plan.py start examples/perov5.json --work W --smoke   # CPU rehearsal
 
 A rehearsal on a CPU machine needs a node that can run every stage of the plan (examples/perov5.json:
 4 CPUs for train, the ``oid`` extra for analyze); otherwise ``wait`` shows the stages waiting and why.

@@ -134,11 +134,12 @@ def _client(args: argparse.Namespace) -> Any:
 
 def cmd_submit(args: argparse.Namespace) -> int:
     from infra.node.stage_plugins import load_stage_modules
-    from infra.spec.plan import PlanError, load_plan_data, resolve_inputs
+    from infra.spec.plan import PlanError, force_smoke, load_plan_data, resolve_inputs
 
     load_stage_modules()
     try:
-        data = resolve_inputs(load_plan_data(args.plan), Path.cwd())
+        data = load_plan_data(args.plan)
+        data = resolve_inputs(force_smoke(data) if args.smoke else data, Path.cwd())
         with _client(args) as client:
             key = client.submit(data)
             if args.json and not args.wait:
@@ -594,6 +595,11 @@ def _add_client_verbs(sub: Any) -> None:
     sp = client_verb("submit", "submit a plan; prints the experiment id")
     sp.add_argument("plan", help="plan JSON file")
     sp.add_argument("--wait", action="store_true", help="follow until it finishes; exit 1 unless it succeeded")
+    sp.add_argument(
+        "--smoke",
+        action="store_true",
+        help='run in smoke mode, as "smoke": true in the plan does: every stage on the CPU with tiny limits',
+    )
     sp.set_defaults(func=cmd_submit)
 
     sp = client_verb("status", "nodes and experiments")

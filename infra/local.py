@@ -21,7 +21,15 @@ from typing import Any
 from crystallm_core.layout import experiment_dir
 from crystallm_core.plugins import DEFAULT_TIMEOUT
 from infra.node.stage_plugins import load_stage_modules, workdir_stage_plugins
-from infra.spec.plan import Plan, PlanError, load_plan_data, resolve_inputs, validate_plan, with_defaults
+from infra.spec.plan import (
+    Plan,
+    PlanError,
+    force_smoke,
+    load_plan_data,
+    resolve_inputs,
+    validate_plan,
+    with_defaults,
+)
 from infra.spec.stages import get_stage_kind, world_size
 from infra.wkdir import WorkdirError, get_workdir, prepare_workdir
 
@@ -34,6 +42,7 @@ class LocalOptions:
     experiment: str | None = None  # the experiment directory's name; default: <plan name>-<date>-<time>
     quiet: bool = False  # do not echo the stages' output
     plugin_timeout: float = DEFAULT_TIMEOUT  # seconds a plugin may take to import
+    smoke: bool = False  # run the plan in smoke mode whatever it says (no GPUs, tiny limits)
 
 
 FALLBACK_WORKDIR = "infra-work"
@@ -188,15 +197,22 @@ def main(argv: list[str] | None = None) -> int:
         default=d.plugin_timeout,
         help=f"seconds a plugin may take to import (default {d.plugin_timeout:g})",
     )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        default=d.smoke,
+        help='run in smoke mode, as "smoke": true in the plan does: every stage on the CPU with tiny limits',
+    )
     args = parser.parse_args(argv)
-    opts = LocalOptions(args.workdir, args.experiment, args.quiet, args.plugin_timeout)
+    opts = LocalOptions(args.workdir, args.experiment, args.quiet, args.plugin_timeout, args.smoke)
     try:
         workdir = prepare_workdir(opts.workdir or get_workdir() or FALLBACK_WORKDIR)
         problems: list[str] = []
         load_stage_modules(timeout=opts.plugin_timeout, problems=problems, files=workdir_stage_plugins(workdir))
         for problem in problems:
             print(f"infra-train: {problem}; running without it", file=sys.stderr)
-        plan = validate_plan(resolve_inputs(load_plan_data(args.plan), Path.cwd()))
+        data = load_plan_data(args.plan)
+        plan = validate_plan(resolve_inputs(force_smoke(data) if opts.smoke else data, Path.cwd()))
     except PlanError as e:
         print(f"infra-train: {args.plan}: plan rejected:", file=sys.stderr)
         for issue in e.issues:

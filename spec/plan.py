@@ -232,11 +232,18 @@ def _merge(kind_default: Resources, *layers: ResourcesSpec | None) -> Resources:
     return Resources(gpus, float(cpus), mem, procs)
 
 
-def _resources(s: StageSpec, default: ResourcesSpec | None, local: bool, i: int, issues: list[Issue]) -> Resources:
+def _resources(
+    s: StageSpec, default: ResourcesSpec | None, smoke: bool, local: bool, i: int, issues: list[Issue]
+) -> Resources:
     """The stage's resources: the kind's, then the plan's, then its own. ``processes`` > 1 is for kinds that
     run several processes (``StageKind.processes``: train): given on the stage of another kind it is an
     error; the plan's default reaches only such kinds (the others run one process). With GPUs, a stage runs
-    one process per GPU, so ``processes`` > 1 needs ``gpus`` 0 (CPU processes) or the same number."""
+    one process per GPU, so ``processes`` > 1 needs ``gpus`` 0 (CPU processes) or the same number.
+
+    A smoke plan is checked as the real run would be, then asks for no GPU: a smoke run rehearses the code
+    path with tiny limits on any machine, so this one place drops the GPUs and every placement (the master's
+    scheduler, infra-train's local check) sees gpus 0. A stage of several GPUs keeps its world size as CPU
+    processes, so the distributed path is rehearsed too."""
     kind = get_stage_kind(s.kind) if local else None
     r = _merge(kind.resources if kind is not None else Resources(), default, s.resources)
     own = s.resources.processes if s.resources is not None else None
@@ -244,8 +251,8 @@ def _resources(s: StageSpec, default: ResourcesSpec | None, local: bool, i: int,
     if kind is not None and not kind.processes:
         if own is not None and own > 1:
             issues.append(Issue(path, f"kind {s.kind!r} runs one process; only train runs several"))
-        return Resources(r.gpus, r.cpus, r.memory_mib, 1)
-    if r.processes > 1 and r.gpus not in (0, r.processes):
+        r = Resources(r.gpus, r.cpus, r.memory_mib, 1)
+    elif r.processes > 1 and r.gpus not in (0, r.processes):
         issues.append(
             Issue(
                 path,
@@ -253,7 +260,7 @@ def _resources(s: StageSpec, default: ResourcesSpec | None, local: bool, i: int,
                 f"(CPU processes) or gpus {r.processes}",
             )
         )
-    return r
+    return Resources(0, r.cpus, r.memory_mib, world_size(r)) if smoke else r
 
 
 def _accum_issue(stage: Stage, smoke: bool, i: int) -> Issue | None:
@@ -504,10 +511,11 @@ def validate_plan(data: Any, known_kinds: Iterable[str] | None = None) -> Plan:
         s = spec_at.get(i)
         if s is None or params is None:
             continue
-        resources = _resources(s, header.resources if header is not None else None, s.kind in local, i, issues)
+        smoke = header is not None and header.smoke
+        resources = _resources(s, header.resources if header is not None else None, smoke, s.kind in local, i, issues)
         retries = _retries(s, header.retries if header is not None else None, i, issues)
         stages.append(Stage(s.name, s.kind, params, tuple(s.after), resources, retries["error"], retries))
-        if accum := _accum_issue(stages[-1], header is not None and header.smoke, i):
+        if accum := _accum_issue(stages[-1], smoke, i):
             issues.append(accum)
     issues += _shared_outputs(stages, raw_index)
     for cycle in _cycles(deps):
@@ -605,6 +613,12 @@ def load_plan_data(path: str | Path) -> Any:
     if len(raw) > 4 * MAX_PLAN_BYTES:  # the text limit, checked on the text too; a huge file is not decoded
         raise PlanError([Issue(str(p), f"plan is {len(raw) / 2**20:.1f} MiB; the limit is {MAX_PLAN_BYTES >> 20} MiB")])
     return parse_plan_text(decode_plan_bytes(raw, str(p)), str(p))
+
+
+def force_smoke(data: Any) -> Any:
+    """The parsed plan with ``smoke`` on: ``--smoke`` of ``infra-train`` and ``infra submit`` overrides the
+    plan's own flag. Anything but an object is returned as it is, for validation to name."""
+    return {**data, "smoke": True} if isinstance(data, dict) else data
 
 
 def resolve_inputs(data: Any, base: Path) -> Any:

@@ -106,18 +106,16 @@ def _smoke_gaps(plan: dict) -> list[str]:
 
 @pytest.mark.slow
 def test_perov5_example_plan_runs_end_to_end_in_smoke_mode(tmp_path):
-    """examples/perov5.json with "smoke": true, through infra-train on this CPU, in under a minute."""
+    """examples/perov5.json, a one-GPU plan, through ``infra-train --smoke`` on this CPU, in under a minute."""
     for path in (PEROV_VAL, PEROV_TEST):
         if not path.exists():
             pytest.skip(f"{path} is missing: the shared data sets live beside the checkout in ../shared/data")
     plan = json.loads((ROOT / "examples" / "perov5.json").read_text())
-    plan["smoke"] = True
     expected = ["prepare", "train", "analyze", "benchmark", "evaluate"]
     if importlib.util.find_spec("omegaid") is None:  # Python < 3.12: no ΦID, so no analyze stage
         plan["stages"] = [s for s in plan["stages"] if s["kind"] != "analyze"]
         expected.remove("analyze")
-    for stage in plan["stages"]:
-        stage.setdefault("resources", {})["gpus"] = 0  # this machine has none; smoke mode runs on the CPU
+    assert plan["smoke"] is False and plan["stages"][1]["resources"]["gpus"] == 1  # --smoke overrides both
     assert _smoke_gaps(plan) == []  # else prepare alone would canonicalize all 3,787 perov_5 structures
     plan_path = tmp_path / "perov5-smoke.json"
     plan_path.write_text(json.dumps(plan))
@@ -137,6 +135,7 @@ def test_perov5_example_plan_runs_end_to_end_in_smoke_mode(tmp_path):
             "--experiment",
             "smoke",
             "--quiet",
+            "--smoke",
         ],
         cwd=ROOT,  # the plan's input paths are relative to the repository root
         env=env,

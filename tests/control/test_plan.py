@@ -10,6 +10,7 @@ import pytest
 
 from infra.spec.plan import (
     PlanError,
+    force_smoke,
     load_plan_data,
     parse_memory,
     parse_plan_text,
@@ -368,3 +369,21 @@ def test_grad_accum_must_be_a_multiple_of_the_world_size() -> None:
     validate_plan(_plan(train(4, gpus=0, processes=2)))
     validate_plan(_plan(train(3, gpus=0, processes=2), smoke=True))  # smoke runs one micro-batch per rank
     validate_plan(_plan(train(3, gpus=1)))
+
+
+def test_a_smoke_plan_asks_for_no_gpu_and_keeps_its_world_size() -> None:
+    """Smoke mode runs anywhere: resolution drops the GPUs, so the master and infra-train place it on a CPU."""
+    example = load_plan_data(ROOT / "examples" / "perov5.json")
+    assert validate_plan(example).stages[1].resources.gpus == 1
+    smoke = validate_plan(force_smoke(example))
+    assert smoke.smoke and [s.resources.gpus for s in smoke.stages] == [0] * len(smoke.stages)
+    assert smoke.to_dict()["stages"][1]["resources"]["gpus"] == 0  # what the master stores and schedules
+    four = validate_plan(_plan({**TRAIN, "resources": {"gpus": 4}}, PREP, smoke=True)).stages
+    assert (four[0].resources.gpus, four[0].resources.processes) == (0, 4)  # four CPU ranks rehearse DDP
+    assert (four[1].resources.gpus, four[1].resources.processes) == (0, 1)
+    # checked as the real run would be: smoke does not hide a plan that cannot run on its GPUs
+    assert _errors(_plan({**TRAIN, "resources": {"gpus": 4, "processes": 2}}, smoke=True)) == [
+        "stages[0].resources.processes: 2 processes with 4 GPU(s): a stage runs one process per GPU; "
+        "give gpus 0 (CPU processes) or gpus 2"
+    ]
+    assert force_smoke(["not", "a", "plan"]) == ["not", "a", "plan"]
