@@ -100,9 +100,14 @@ def export(path: str | Path, out: str | Path, dtype: torch.dtype = torch.bfloat1
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("checkpoint")
-    p.add_argument("out")
-    p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
+    p.add_argument("checkpoint", help="training checkpoint (.pt)")
+    p.add_argument("out", help="file to write the inference-only copy to")
+    p.add_argument(
+        "--dtype",
+        choices=["bfloat16", "float16", "float32"],
+        default="bfloat16",
+        help="dtype of the stored weights (default bfloat16)",
+    )
 
 
 def run(args: argparse.Namespace) -> int:

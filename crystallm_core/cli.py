@@ -30,7 +30,12 @@ PLUGIN_VERBS = {"prepare", "evaluate", "train", "sample", "benchmark", "export",
 
 
 def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    from crystallm_core import __version__
+
     parser = argparse.ArgumentParser(prog="crystallm", description="CrystaLLM-style language models of CIF files")
+    parser.add_argument(
+        "--version", action="version", version=f"%(prog)s {__version__}", help="print the version and exit"
+    )
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for name, (module, help_text) in VERBS.items():
         p = sub.add_parser(name, help=help_text, description=help_text)

@@ -147,16 +147,21 @@ def run_csp(
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("task", choices=["csp"], help="benchmark to run")
-    p.add_argument("--model", required=True)
+    p.add_argument("--model", required=True, help="checkpoint (.pt)")
     p.add_argument("--test", required=True, help="CSV(.gz) with a cif column, a directory or a tarball")
     p.add_argument("--n", type=int, default=20, help="attempts per composition")
     p.add_argument("--limit", type=int, default=None, help="first LIMIT test structures only")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--batch-size", type=int, default=None)
-    p.add_argument("--workers", type=int, default=None)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default 1)")
+    p.add_argument("--top-k", type=int, default=None, help="sample among the K likeliest tokens only")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator (default 0)")
+    p.add_argument("--batch-size", type=int, default=None, help="slots generated together (default: 1024 GPU, 32 CPU)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=None,
+        help="processes for the validity checks and structure matching (default: all cores)",
+    )
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
     p.add_argument("--out", default=None, help="directory for samples.csv.gz and csp.json")
     p.add_argument(
         "--smoke", action="store_true", help=f"8 test structures, 2 attempts each of at most {SMOKE_TOKENS} tokens"

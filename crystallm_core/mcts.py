@@ -621,7 +621,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--scorer-option", action="append", default=[], metavar="K=V", help="scorer option, repeatable")
     d = MctsConfig()
     p.add_argument("--iterations", type=int, default=d.iterations, help="rollouts in total")
-    p.add_argument("--selector", default=d.selector, choices=SELECTORS)
+    p.add_argument(
+        "--selector", default=d.selector, choices=SELECTORS, help=f"child selection rule (default {d.selector})"
+    )
     p.add_argument("--c", type=float, default=d.c, help="exploration constant")
     p.add_argument("--top-k", type=int, default=d.top_k, help="children per node and the rollouts' top-k")
     p.add_argument("--min-prior", type=float, default=d.min_prior, help="smallest probability that makes a child")
@@ -637,8 +639,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         action="store_false",
         help="evaluate each step before selecting the next (no overlap of scoring with rollouts)",
     )
-    p.add_argument("--seed", type=int, default=d.seed)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--seed", type=int, default=d.seed, help=f"seed of the search and its rollouts (default {d.seed})")
+    p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
     p.add_argument("--out", required=True, help="output directory")
     p.add_argument("--smoke", action="store_true", help="at most 8 rollouts, 4 per step")
 

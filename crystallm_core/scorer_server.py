@@ -223,8 +223,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         q.add_argument("--device", default="auto", help="device for scorers that take one")
     serve.add_argument("--bind", default="tcp://127.0.0.1:5555", help="ZeroMQ address, e.g. tcp://127.0.0.1:5555")
     serve.add_argument("--max-bytes", type=int, default=DEFAULT_MAX_BYTES, help="largest request answered")
-    score.add_argument("paths", nargs="+", metavar="PATH")
-    score.add_argument("--batch-size", type=int, default=256)
+    score.add_argument("paths", nargs="+", metavar="PATH", help="CIF files, directories or CSV(.gz) files to score")
+    score.add_argument("--batch-size", type=int, default=256, help="CIFs per scorer call (default 256)")
 
 
 def _error(message: str) -> int:

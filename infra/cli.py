@@ -1,19 +1,33 @@
 """The ``infra`` command line: master, node, submit, status, logs, metrics, artifacts, cancel, token, demo.
 
 Each verb imports what it needs when it runs (``infra status`` never loads the master or node code).
-Read commands take ``--json`` for machine-readable output.
+Read commands take ``--json`` for machine-readable output. The connection options and ``--json``
+(:data:`GLOBAL_OPTIONS`) may come before the verb too: ``infra --master HOST:PORT status``.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 TERMINAL = ("succeeded", "failed", "cancelled")
+# Options a user types once for the session rather than per verb, so they may come before the verb; value:
+# whether the option takes a value. Each is still defined (and checked) by the verbs that accept it.
+GLOBAL_OPTIONS = {
+    "--master": True,
+    "--token-file": True,
+    "--tls-ca": True,
+    "--tls-cert": True,
+    "--tls-key": True,
+    "--json": False,
+}
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_LEVEL_ENV = "INFRA_LOG_LEVEL"
 STATE_STYLE = {"succeeded": "green", "failed": "red", "cancelled": "yellow", "running": "cyan", "assigned": "blue"}
 
 
@@ -56,6 +70,11 @@ def cmd_master(args: argparse.Namespace) -> int:
     from infra.master.db import default_db_url
     from infra.master.server import Settings, main
 
+    try:
+        level = log_level(args.log_level, Settings.log_level)
+    except ValueError as e:
+        print(f"infra master: {e}", file=sys.stderr)
+        return 2
     settings = Settings(
         db_url=args.db or default_db_url(),
         bind=args.bind,
@@ -67,6 +86,7 @@ def cmd_master(args: argparse.Namespace) -> int:
         tls_cert=args.tls_cert,
         tls_key=args.tls_key,
         tls_ca=args.tls_ca,
+        log_level=level,
     )
     return main(settings)
 
@@ -88,6 +108,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         )
         if args.stop_deadline < 0:
             raise ValueError(f"--stop-deadline must be 0 or more seconds, not {args.stop_deadline:g}")
+        level = log_level(args.log_level, Options.log_level)
         if args.print_systemd_unit:
             from infra.systemd import node_unit
 
@@ -116,6 +137,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         stop_free_disk_mib=stop_free,
         plugin_timeout=args.plugin_timeout,
         stop_deadline=args.stop_deadline,
+        log_level=level,
     )
     return main(opts)
 
@@ -477,6 +499,27 @@ def connection_flags(sp: argparse.ArgumentParser) -> None:
     tls_flags(sp)
 
 
+def log_level_flag(sp: argparse.ArgumentParser, default: str) -> None:
+    """``--log-level`` of the long-running commands; unset, :func:`log_level` reads ``$INFRA_LOG_LEVEL``."""
+    sp.add_argument(
+        "--log-level",
+        type=str.upper,
+        choices=LOG_LEVELS,
+        metavar="LEVEL",
+        help=f"log threshold: {', '.join(LOG_LEVELS)} (default: ${LOG_LEVEL_ENV}, else {default})",
+    )
+
+
+def log_level(given: str | None, default: str) -> str:
+    """The log level: ``--log-level``, else ``$INFRA_LOG_LEVEL``, else ``default``; a bad value names its source."""
+    if given is not None:
+        return given
+    value = os.environ.get(LOG_LEVEL_ENV, "").strip().upper() or default
+    if value not in LOG_LEVELS:
+        raise ValueError(f"${LOG_LEVEL_ENV} is {os.environ[LOG_LEVEL_ENV]!r}; give one of {', '.join(LOG_LEVELS)}")
+    return value
+
+
 def systemd_unit_flag(sp: argparse.ArgumentParser, what: str) -> None:
     """``--print-systemd-unit``, for the long-running commands (``what`` the unit runs)."""
     sp.add_argument(
@@ -519,6 +562,7 @@ def _add_master(sub: Any) -> None:
     sp.add_argument("--tls-cert", metavar="PEM", help="serve TLS with this certificate (chain)")
     sp.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
     sp.add_argument("--tls-ca", metavar="PEM", help="require client certificates signed by this CA (mutual TLS)")
+    log_level_flag(sp, Settings.log_level)
     systemd_unit_flag(sp, "the master")
     sp.set_defaults(func=cmd_master, parser=sp)
 
@@ -578,6 +622,7 @@ def _add_node(sub: Any) -> None:
         "(failed, preempted: retried elsewhere); 0: stop them at once; a second signal stops them now "
         f"(default {Options.stop_deadline:g})",
     )
+    log_level_flag(sp, Options.log_level)
     systemd_unit_flag(sp, "this node agent")
     sp.set_defaults(func=cmd_node, parser=sp)
 
@@ -631,12 +676,14 @@ def _add_client_verbs(sub: Any) -> None:
     sp.set_defaults(func=cmd_artifacts)
 
     sp = client_verb("cancel", "cancel an experiment (running stages are stopped)")
-    sp.add_argument("experiment")
+    sp.add_argument("experiment", help="experiment id")
     sp.add_argument("--reason", default="", help="recorded with the cancellation")
     sp.set_defaults(func=cmd_cancel)
 
     sp = client_verb("rerun", "run an experiment's unfinished stages again, or a stage and every stage after it")
-    sp.add_argument("target", metavar="EXPERIMENT[/STAGE]")
+    sp.add_argument(
+        "target", metavar="EXPERIMENT[/STAGE]", help="an experiment, or one stage of it (that stage and what follows)"
+    )
     sp.set_defaults(func=cmd_rerun)
 
 
@@ -669,7 +716,7 @@ def _add_token(sub: Any) -> None:
     tp.add_argument("--label", default="nodes", help="a join token's name in listings (default: nodes)")
     token_verb("list", "list tokens (never their secrets)")
     tp = token_verb("revoke", "revoke a token by id")
-    tp.add_argument("id", type=int)
+    tp.add_argument("id", type=int, help="the token's id (infra token list)")
 
 
 def _add_demo(sub: Any) -> None:
@@ -680,8 +727,19 @@ def _add_demo(sub: Any) -> None:
     sp.set_defaults(func=cmd_demo)
 
 
+def version_flag(p: argparse.ArgumentParser) -> None:
+    from infra import __version__
+
+    p.add_argument("--version", action="version", version=f"%(prog)s {__version__}", help="print the version and exit")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="infra", description="Run experiment plans on a cluster of GPU machines.")
+    p = argparse.ArgumentParser(
+        prog="infra",
+        description="Run experiment plans on a cluster of GPU machines.",
+        epilog=f"{', '.join(GLOBAL_OPTIONS)} may come before or after the verb: infra --master HOST:PORT status",
+    )
+    version_flag(p)
     sub = p.add_subparsers(dest="verb", metavar="VERB", required=True)
     for add in (_add_master, _add_node, _add_client_verbs, _add_token, _add_demo):
         add(sub)
@@ -716,8 +774,17 @@ def node_admin_parser() -> argparse.ArgumentParser:
     return p
 
 
+def globals_after_verb(argv: list[str]) -> list[str]:
+    """``argv`` with the :data:`GLOBAL_OPTIONS` given before the verb moved to the end, where the verb's own
+    parser reads them (and refuses one that the verb does not take, as it would after the verb)."""
+    i = 0
+    while i < len(argv) and (name := argv[i].split("=", 1)[0]) in GLOBAL_OPTIONS:
+        i += 2 if GLOBAL_OPTIONS[name] and "=" not in argv[i] else 1
+    return argv[i:] + argv[:i] if i else argv
+
+
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    argv = globals_after_verb(sys.argv[1:] if argv is None else argv)
     if len(argv) >= 2 and argv[0] == "node" and argv[1] in NODE_ACTIONS:
         args = node_admin_parser().parse_args(argv[1:])
     else:

@@ -178,7 +178,7 @@ def failure_class(result: Any) -> str:
     return "error"
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     d = LocalOptions()
     parser = argparse.ArgumentParser(prog="infra-train", description="Run a plan locally, without a master.")
     parser.add_argument("plan", help="plan JSON file")
@@ -203,7 +203,11 @@ def main(argv: list[str] | None = None) -> int:
         default=d.smoke,
         help='run in smoke mode, as "smoke": true in the plan does: every stage on the CPU with tiny limits',
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     opts = LocalOptions(args.workdir, args.experiment, args.quiet, args.plugin_timeout, args.smoke)
     try:
         workdir = prepare_workdir(opts.workdir or get_workdir() or FALLBACK_WORKDIR)

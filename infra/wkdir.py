@@ -36,13 +36,17 @@ def require_workdir() -> Path:
     return setting.require_workdir(WORKDIR_FOLDERS)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="infra-wkdir", description="Set, show or clear this node's workdir.")
     group = parser.add_mutually_exclusive_group(required=True)
     group.add_argument("--set", metavar="PATH", help="create PATH if needed, check it is writable and remember it")
     group.add_argument("--get", action="store_true", help="print the workdir (exit 1 if none is set)")
     group.add_argument("--clear", action="store_true", help="forget the workdir (its files stay)")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         if args.set:
             print(set_workdir(args.set))

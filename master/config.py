@@ -42,6 +42,7 @@ class Settings:
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None
+    log_level: str = "INFO"  # the master's log threshold
 
     def controller(self) -> ControllerOptions:
         return ControllerOptions(

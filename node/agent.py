@@ -698,7 +698,9 @@ class Agent:
 
 
 def main(opts: Options) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.basicConfig(
+        level=opts.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr
+    )
     listing = node_facts.PluginListing.start(opts.workdir, opts.plugin_timeout)  # runs while the rest loads
     problems: list[str] = []
     load_stage_modules(timeout=opts.plugin_timeout, problems=problems, files=workdir_stage_plugins(opts.workdir))

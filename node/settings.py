@@ -31,3 +31,4 @@ class Options:
     stop_free_disk_mib: int | None = None  # stop a running stage below this much; default: half of min_free_disk_mib
     plugin_timeout: float = DEFAULT_TIMEOUT  # seconds a stage-kind plugin may take to import
     stop_deadline: float = 60.0  # on SIGTERM/SIGINT, how long running stages may take to finish
+    log_level: str = "INFO"  # the agent's log threshold (the stages' own output is never filtered)

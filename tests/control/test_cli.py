@@ -1,0 +1,137 @@
+"""The command lines themselves: help for every option, global options on either side of the verb,
+``--version``, ``--log-level``."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from crystallm_core import __version__ as core_version
+from crystallm_core.cli import VERBS
+from crystallm_core.cli import build_parser as crystallm_parser
+from crystallm_core.cli import main as crystallm_main
+from infra import __version__
+from infra.cli import build_parser, globals_after_verb, log_level, main, node_admin_parser
+from infra.local import build_parser as infra_train_parser
+from infra.wkdir import build_parser as infra_wkdir_parser
+
+from .conftest import Cluster, wait_for
+
+
+def _parsers() -> Iterator[tuple[str, argparse.ArgumentParser]]:
+    yield "infra", build_parser()
+    yield "infra node", node_admin_parser()
+    yield "infra-train", infra_train_parser()
+    yield "infra-wkdir", infra_wkdir_parser()
+    for verb in VERBS:  # a crystallm verb adds its arguments only when it is the one parsed
+        yield f"crystallm {verb}", _sub(crystallm_parser(verb), verb)
+
+
+def _sub(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))  # noqa: SLF001
+    return sub.choices[name]
+
+
+def _undocumented(prog: str, parser: argparse.ArgumentParser) -> Iterator[str]:
+    for action in parser._actions:  # noqa: SLF001 (argparse lists its actions nowhere else)
+        if isinstance(action, argparse._SubParsersAction):  # noqa: SLF001
+            for name, sub in action.choices.items():
+                yield from _undocumented(f"{prog} {name}", sub)
+        elif not action.help or action.help == argparse.SUPPRESS:
+            yield f"{prog} {'/'.join(action.option_strings) or action.dest}"
+
+
+def test_every_option_and_argument_has_help() -> None:
+    missing = [name for prog, parser in _parsers() for name in _undocumented(prog, parser)]
+    assert missing == []
+
+
+def test_the_walk_sees_options_without_help() -> None:
+    parser = argparse.ArgumentParser(prog="x")
+    sub = parser.add_subparsers().add_parser("verb")
+    sub.add_argument("--bare")
+    sub.add_argument("--told", help="documented")
+    assert list(_undocumented("x", parser)) == ["x verb --bare"]
+
+
+@pytest.mark.parametrize(
+    ("argv", "moved"),
+    [
+        (["--master", "h:1", "status"], ["status", "--master", "h:1"]),
+        (["--master=h:1", "--json", "status", "x"], ["status", "x", "--master=h:1", "--json"]),
+        (["--tls-ca", "ca.pem", "node", "drain", "n"], ["node", "drain", "n", "--tls-ca", "ca.pem"]),
+        (["status", "--master", "h:1"], ["status", "--master", "h:1"]),
+        (["--limit", "3", "status"], ["--limit", "3", "status"]),  # a verb's own option stays where it is
+    ],
+)
+def test_global_options_before_the_verb_move_after_it(argv: list[str], moved: list[str]) -> None:
+    assert globals_after_verb(argv) == moved
+
+
+def test_a_global_option_the_verb_does_not_take_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--json", "master"])
+    assert exit_.value.code == 2 and "unrecognized arguments: --json" in capsys.readouterr().err
+
+
+def test_version(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out == f"infra {__version__}\n"
+    with pytest.raises(SystemExit) as exit_:
+        crystallm_main(["--version"])
+    assert exit_.value.code == 0 and capsys.readouterr().out == f"crystallm {core_version}\n"
+
+
+def _infra(cluster: Cluster, *args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [sys.executable, "-m", "infra.cli", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, env=cluster.env, timeout=60, cwd=cluster.tmp)
+
+
+def test_global_options_and_log_levels_against_a_real_master(tmp_path: Path) -> None:
+    cluster = Cluster(tmp_path, f"sqlite:///{tmp_path / 'master.db'}")
+    try:
+        address = cluster.start_master("--log-level", "warning")
+        cluster.start_node("n1")
+
+        def online() -> list[str] | None:
+            done = _infra(cluster, "--master", address, "--json", "status")
+            assert done.returncode == 0, done.stderr
+            return [n["name"] for n in json.loads(done.stdout)["nodes"] if n["online"]] or None
+
+        assert wait_for(online, 60, "the node online") == ["n1"]
+        listed = _infra(cluster, f"--master={address}", "node", "list", "--json")
+        assert listed.returncode == 0 and [n["name"] for n in json.loads(listed.stdout)] == ["n1"], listed.stderr
+        # the registration, logged at INFO: by the node (default level), not by the master (--log-level warning)
+        assert "INFO infra.node: registered with" in (tmp_path / "n1.log").read_text()
+        assert " INFO " not in (tmp_path / "master.log").read_text()
+    finally:
+        cluster.stop()
+
+
+def test_the_log_level_comes_from_the_flag_then_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("INFRA_LOG_LEVEL", raising=False)
+    assert log_level(None, "INFO") == "INFO"
+    monkeypatch.setenv("INFRA_LOG_LEVEL", "debug")
+    assert log_level(None, "INFO") == "DEBUG" and log_level("ERROR", "INFO") == "ERROR"
+    monkeypatch.setenv("INFRA_LOG_LEVEL", "loud")
+    with pytest.raises(ValueError, match=r"\$INFRA_LOG_LEVEL is 'loud'; give one of DEBUG, INFO, WARNING, ERROR"):
+        log_level(None, "INFO")
+
+
+def test_a_bad_log_level_stops_the_command_with_the_reason(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("INFRA_CONFIG_DIR", str(tmp_path))
+    with pytest.raises(SystemExit) as exit_:
+        main(["master", "--log-level", "loud"])
+    assert exit_.value.code == 2 and "--log-level: invalid choice: 'LOUD'" in capsys.readouterr().err
+    monkeypatch.setenv("INFRA_LOG_LEVEL", "loud")
+    assert main(["node", "--workdir", str(tmp_path / "w")]) == 2
+    assert "infra node: $INFRA_LOG_LEVEL is 'loud'" in capsys.readouterr().err
