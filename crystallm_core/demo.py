@@ -21,7 +21,7 @@ import itertools
 import math
 import random
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
@@ -405,9 +405,15 @@ def _balanced(pools: list[list[Candidate]], n: int) -> list[Candidate]:
     return [c for _, _, c in ranked[:n]]
 
 
-def demo_entries(n: int = 200, seed: int = 0) -> list[DemoEntry]:
-    """``n`` distinct demo crystals, balanced over prototypes, the same for the same seed."""
-    pools = [candidates(p) for p in PROTOTYPES.values()]
+def demo_entries(n: int = 200, seed: int = 0, prototypes: Sequence[str] | None = None) -> list[DemoEntry]:
+    """``n`` distinct demo crystals, balanced over ``prototypes`` (default: all), the same for the same seed.
+
+    Fewer prototypes make a more regular language: a small model learns it in fewer steps (the demo)."""
+    names = list(PROTOTYPES) if prototypes is None else list(dict.fromkeys(prototypes))
+    unknown = [name for name in names if name not in PROTOTYPES]
+    if unknown or not names:
+        raise ValueError(f"prototypes must be some of {', '.join(PROTOTYPES)}; got {', '.join(unknown) or 'none'}")
+    pools = [candidates(PROTOTYPES[name]) for name in names]
     total = sum(map(len, pools))
     if not 1 <= n <= total:
         raise ValueError(f"n must be between 1 and {total} (the number of distinct demo compositions), got {n}")
@@ -427,9 +433,11 @@ def demo_entries(n: int = 200, seed: int = 0) -> list[DemoEntry]:
     ]
 
 
-def demo_structures(n: int = 200, seed: int = 0) -> list[tuple[str, Structure]]:
+def demo_structures(
+    n: int = 200, seed: int = 0, prototypes: Sequence[str] | None = None
+) -> list[tuple[str, Structure]]:
     """``(material_id, structure)`` pairs of :func:`demo_entries`."""
-    return [(e.material_id, e.structure) for e in demo_entries(n, seed)]
+    return [(e.material_id, e.structure) for e in demo_entries(n, seed, prototypes)]
 
 
 # ---------------------------------------------------------------- CSV and CLI
@@ -448,7 +456,7 @@ def _write_rows(fh: TextIO, entries: list[DemoEntry]) -> None:
     writer.writerows(_rows(entries))
 
 
-def write_demo_csv(path: str | Path, n: int = 200, seed: int = 0) -> Path:
+def write_demo_csv(path: str | Path, n: int = 200, seed: int = 0, prototypes: Sequence[str] | None = None) -> Path:
     """Write the demo set as CSV (gzip when the name ends in .gz); never overwrites a file.
 
     The gzip header carries no time stamp or name, so the same seed gives the same bytes.
@@ -457,7 +465,7 @@ def write_demo_csv(path: str | Path, n: int = 200, seed: int = 0) -> Path:
     path = Path(path)
     if path.exists():
         raise FileExistsError(f"{path} exists")
-    entries = demo_entries(n, seed)
+    entries = demo_entries(n, seed, prototypes)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("xb") as raw:
         if path.name.endswith(".gz"):
@@ -483,11 +491,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", required=True, type=Path, help="CSV file to write (.csv or .csv.gz); must not exist")
     parser.add_argument("--n", type=_positive_int, default=200, help="number of structures (default 200)")
     parser.add_argument("--seed", type=int, default=0, help="selection seed (default 0)")
+    parser.add_argument(
+        "--prototypes",
+        type=lambda text: [name.strip() for name in text.split(",") if name.strip()],
+        metavar="NAME,NAME",
+        help=f"draw from these prototypes only (default: all of {', '.join(PROTOTYPES)})",
+    )
 
 
 def run(args: argparse.Namespace) -> int:
     try:
-        path = write_demo_csv(args.out, n=args.n, seed=args.seed)
+        path = write_demo_csv(args.out, n=args.n, seed=args.seed, prototypes=args.prototypes)
     except FileExistsError:
         print(f"crystallm demo-data: {args.out} already exists; refusing to overwrite it", file=sys.stderr)
         return 2

@@ -230,6 +230,10 @@ DEFAULT_MODEL = f"{CKPTS}/best.pt"  # written at every validation that improved 
 class DemoSpec(Spec):
     n: int = Field(200, ge=1, le=MAX_COUNT)
     seed: int = Field(0, ge=0, le=MAX_SEED)
+    # a subset of the demo prototypes (crystallm_core/demo.py, which names an unknown one); default: all
+    prototypes: list[Annotated[str, Field(pattern=r"^[a-z0-9_]{1,32}$")]] | None = Field(
+        None, min_length=1, max_length=64
+    )
 
 
 class PrepareParams(Spec):
@@ -255,7 +259,8 @@ def _build_prepare(p: PrepareParams, ctx: StageContext) -> Command:
     outputs = [ctx.rel(ctx.data_dir)]
     if p.demo is not None:
         raw = str(ctx.artifacts_dir / "demo.csv.gz")
-        steps.append(crystallm("demo-data", "--out", raw, "--n", str(p.demo.n), "--seed", str(p.demo.seed)))
+        chosen = _opt("--prototypes", None if p.demo.prototypes is None else ",".join(p.demo.prototypes))
+        steps.append(crystallm("demo-data", "--out", raw, "--n", str(p.demo.n), "--seed", str(p.demo.seed), *chosen))
         inputs.append(raw)
         outputs.append(ctx.rel(ctx.artifacts_dir))
     args = [*inputs, "--out", str(ctx.data_dir), "--decimals", str(p.decimals)]

@@ -52,6 +52,17 @@ def test_prototypes_are_balanced(entries):
     assert max(counts.values()) - min(counts.values()) <= 1
 
 
+def test_a_subset_of_prototypes_is_balanced_over_those_only():
+    chosen = demo.demo_entries(30, seed=0, prototypes=["cscl", "rocksalt", "cscl"])
+    counts = Counter(e.prototype for e in chosen)
+    assert counts == {"rocksalt": 15, "cscl": 15}
+    every_cscl = len(demo.candidates(demo.PROTOTYPES["cscl"]))
+    with pytest.raises(ValueError, match="prototypes must be some of rocksalt, .*; got perovskit"):
+        demo.demo_entries(5, prototypes=["rocksalt", "perovskit"])
+    with pytest.raises(ValueError, match=f"n must be between 1 and {every_cscl} "):
+        demo.demo_entries(every_cscl + 1, prototypes=["cscl"])
+
+
 def test_impossible_sizes_are_refused():
     total = sum(len(demo.candidates(p)) for p in demo.PROTOTYPES.values())
     assert len(demo.demo_entries(total)) == total
@@ -160,3 +171,26 @@ def test_cli_writes_plain_csv_and_rejects_too_many(tmp_path, monkeypatch, capsys
     assert main(["demo-data", "--out", str(too_many), "--n", "100000"]) == 2
     assert "n must be between" in capsys.readouterr().err
     assert not too_many.exists()
+
+
+def test_cli_draws_from_the_prototypes_given_and_names_an_unknown_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv(ENV_VAR, raising=False)
+    out = tmp_path / "two.csv"
+    assert main(["demo-data", "--out", str(out), "--n", "4", "--prototypes", "cscl, rocksalt"]) == 0
+    with out.open(newline="") as fh:
+        assert sorted(row["prototype"] for row in csv.DictReader(fh)) == ["cscl", "cscl", "rocksalt", "rocksalt"]
+    assert main(["demo-data", "--out", str(tmp_path / "bad.csv"), "--prototypes", "rocksalt,halite"]) == 2
+    assert "got halite" in capsys.readouterr().err and not (tmp_path / "bad.csv").exists()
+
+
+def test_the_demo_plan_prompts_a_composition_of_its_own_data_set():
+    """The demo samples from a prompt its model has seen the like of: same prototypes, same cell counts."""
+    from pymatgen.core import Composition
+
+    from infra.demo import DEMO_PLAN
+
+    prepare, sample = DEMO_PLAN["stages"][0]["params"]["demo"], DEMO_PLAN["stages"][2]["params"]
+    entries = demo.demo_entries(prepare["n"], prepare["seed"], prepare["prototypes"])
+    cells = {e.structure.composition for e in entries}
+    assert Composition(sample["prompt"]) in cells
+    assert {e.prototype for e in entries} == set(prepare["prototypes"])

@@ -112,7 +112,10 @@ def test_plan_json_gets_the_defaults_of_every_known_kind() -> None:
     )
     full = with_defaults(plan.to_dict())
     assert full["stages"][1]["params"]["data_dir"] == "data" and full["stages"][1]["params"]["resume"] is False
-    assert full["stages"][0]["params"]["demo"] == {"n": 5, "seed": 0} and full["stages"][2]["params"] == {}
+    assert (
+        full["stages"][0]["params"]["demo"] == {"n": 5, "seed": 0, "prototypes": None}
+        and full["stages"][2]["params"] == {}
+    )
     assert plan.to_dict()["stages"][1]["params"] == {}  # what the master stores stays as submitted
 
 
@@ -220,6 +223,34 @@ def test_the_demo_runs_what_the_installation_offers() -> None:
     reduced, note = demo_plan({"prepare", "evaluate"})
     assert [s.name for s in validate_plan(reduced).stages] == ["prepare", "evaluate"]
     assert "lacks stage kind(s) sample, train" in note
+
+
+def test_the_demo_reports_its_valid_rate_from_the_evaluate_stage() -> None:
+    from rich.console import Console
+
+    from infra.demo import _show, validity
+
+    evaluate = [{"step": 0, "values": {"is_valid_rate": 0.75, "count": 16, "sensible_rate": 1.0}}]
+    assert validity({"train": [{"step": 9, "values": {"val_loss": 1.0}}], "evaluate": evaluate}) == {
+        "valid": 12,
+        "count": 16,
+        "rate": 0.75,
+    }
+    assert validity({"evaluate": []}) is None and validity({}) is None
+    console = Console(record=True, width=200)
+    exp = {"experiment": "demo-1", "state": "succeeded", "stages": []}
+    _show(
+        console,
+        {
+            "experiment": exp,
+            "metrics": {},
+            "artifacts": [],
+            "seconds": 61,
+            "validity": validity({"evaluate": evaluate}),
+        },
+        as_json=False,
+    )
+    assert console.export_text().splitlines()[-1].startswith("valid: 12 of 16 evaluated structures (75%)")
 
 
 # --- numbers, encodings, duplicate keys (issue 14) --------------------------------------------------------

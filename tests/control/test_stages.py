@@ -39,6 +39,9 @@ def test_prepare_writes_data_and_keeps_the_demo_set_in_artifacts() -> None:
     demo = str(EXP / "artifacts" / "prep" / "demo.csv.gz")
     assert _argv(command, 0)[:3] == ["demo-data", "--out", demo]
     assert _argv(command, 1) == ["prepare", "/in.csv", demo, "--out", str(EXP / "data"), "--decimals", "4", "--smoke"]
+    assert _argv(command, 0)[3:] == ["--n", "5", "--seed", "0"]
+    command, _ = _build("prepare", {"demo": {"n": 5, "prototypes": ["rocksalt", "cscl"]}}, "prep")
+    assert _argv(command, 0)[3:] == ["--n", "5", "--seed", "0", "--prototypes", "rocksalt,cscl"]
     assert command.outputs == ["data", "artifacts/prep"]
     assert "--smoke" not in _argv(_build("prepare", {"inputs": ["/in.csv"]})[0])
 
