@@ -108,6 +108,14 @@ def test_global_options_and_log_levels_against_a_real_master(tmp_path: Path) -> 
         assert wait_for(online, 60, "the node online") == ["n1"]
         listed = _infra(cluster, f"--master={address}", "node", "list", "--json")
         assert listed.returncode == 0 and [n["name"] for n in json.loads(listed.stdout)] == ["n1"], listed.stderr
+        # a one-GPU plan submitted with --smoke is placed on this CPU node and runs
+        plan = tmp_path / "gpu.json"
+        plan.write_text(
+            json.dumps({"name": "gpu", "stages": [{"name": "a", "kind": "probe", "resources": {"gpus": 1}}]})
+        )
+        key = _infra(cluster, "submit", str(plan), "--smoke", "--wait", "--master", address).stdout.split()[0]
+        exp = cluster.status(key)["experiments"][0]
+        assert exp["state"] == "succeeded" and exp["smoke"] is True and exp["stages"][0]["node"] == "n1"
         # the registration, logged at INFO: by the node (default level), not by the master (--log-level warning)
         assert "INFO infra.node: registered with" in (tmp_path / "n1.log").read_text()
         assert " INFO " not in (tmp_path / "master.log").read_text()
