@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 # The three cubic AX prototypes: every one of their 117 compositions, a language regular enough for the tiny
-# model to learn on two CPU cores in about a minute (docs/DEMO_DATA.md, "Tuning the demo").
+# model to learn in about a minute of CPU time (docs/DEMO_DATA.md, "Tuning the demo").
 DEMO_PROTOTYPES = ["rocksalt", "cscl", "zincblende"]
 DEMO_PLAN: dict[str, Any] = {
     "name": "demo",
