@@ -42,6 +42,7 @@ class Settings:
     tls_cert: str | None = None
     tls_key: str | None = None
     tls_ca: str | None = None
+    web_port: int | None = 8080  # the dashboard and /metrics, on --bind's host; 0: any free port; None: off
 
     def controller(self) -> ControllerOptions:
         return ControllerOptions(
