@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from html import escape
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote, urlencode
+from urllib.parse import quote, urlencode, urlsplit
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -132,7 +132,9 @@ class Dashboard:
 
     @web.middleware
     async def _guard(self, request: web.Request, handler: Handler) -> web.StreamResponse:
-        if request.path.startswith("/static/") or request.path == "/login":
+        if request.method == "POST" and not _same_origin(request):
+            response: web.StreamResponse = web.Response(status=403, text="cross-site request refused\n")
+        elif request.path.startswith("/static/") or request.path == "/login":
             response = await handler(request)
         else:
             try:
@@ -476,9 +478,7 @@ async def start(
     except OSError as e:
         await runner.cleanup()
         raise OSError(f"the dashboard cannot listen on {host}:{port}: {e.strerror}") from None
-    sockets = [s for server in runner.sites for s in (getattr(server._server, "sockets", None) or ())]  # noqa: SLF001
-    bound = sockets[0].getsockname()[1] if sockets else port
-    return runner, bound
+    return runner, int(runner.addresses[0][1])
 
 
 # --- HTML pieces ------------------------------------------------------------------------------------
@@ -599,6 +599,12 @@ def _artifact_row(r: dict[str, Any], now: float) -> str:
     kind = escape(r["data"].get("kind", ""))
     return f"""<tr><td>{escape(r["stage"])}</td><td class="num">{r["attempt"]}</td><td>{kind}</td>
 <td><code>{path}</code></td><td>{escape(r["node_name"])}</td><td>{_ago(r["time"], now)}</td></tr>"""
+
+
+def _same_origin(request: web.Request) -> bool:
+    """A browser names the page a POST comes from; one from another site is refused (login included)."""
+    origin = request.headers.get("Origin")
+    return origin is None or urlsplit(origin).netloc == request.host
 
 
 def _local_path(path: str) -> str:

@@ -182,7 +182,15 @@ def test_dashboard_in_a_browser(sqlite_cluster: Cluster) -> None:
             c.wait_for(lambda: c.status(long)["experiments"][0]["state"] == "running", 60, "the probe to run")
             forged = page.request.post(f"{web.url}/experiments/{long}/cancel", form={"csrf": "guess"})
             assert forged.status == 403 and c.status(long)["experiments"][0]["state"] == "running"
+            csrf = page.locator("#cancel-form input[name=csrf]")
             page.goto(f"{web.url}/experiments/{long}")
+            elsewhere = {"Origin": "http://elsewhere.example"}
+            cross = page.request.post(
+                f"{web.url}/experiments/{long}/cancel",
+                form={"csrf": csrf.get_attribute("value") or ""},
+                headers=elsewhere,
+            )
+            assert cross.status == 403 and c.status(long)["experiments"][0]["state"] == "running"
             page.once("dialog", lambda d: d.accept())
             page.click("#cancel")
             c.wait_for(lambda: c.status(long)["experiments"][0]["state"] == "cancelled", 60, "the cancel")
