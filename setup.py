@@ -61,7 +61,7 @@ setup(
         "pyyaml>=6",
         "matplotlib>=3.7",
         "psycopg2-binary>=2.9",
-        "aiohttp>=3.9",  # the master's dashboard and /metrics, on its asyncio loop
+        "aiohttp>=3.13",  # the master's dashboard and /metrics, on its asyncio loop
         "prometheus-client>=0.20",
     ],
     extras_require={

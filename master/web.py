@@ -46,7 +46,8 @@ EXPERIMENTS_SHOWN = 100
 MAX_METRIC_ROWS = 200_000  # read for one stage's charts at most; then thinned to MAX_POINTS per series
 MAX_POINTS = 1_500
 KEEPALIVE_S = 15.0
-IDENTITY = web.AppKey("identity", Identity)
+IDENTITY = web.RequestKey("identity", Identity)
+CSRF = web.RequestKey("csrf", str)
 EXP_STATES = ("pending", "running", "succeeded", "failed", "cancelled")
 CSP = (
     "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; img-src 'self' data:; "
@@ -138,7 +139,7 @@ class Dashboard:
             response = await handler(request)
         else:
             try:
-                request[IDENTITY], request["csrf"] = await self._identity(request)
+                request[IDENTITY], request[CSRF] = await self._identity(request)
                 if request.method == "POST":
                     await self._check_csrf(request)
                 response = await handler(request)
@@ -161,7 +162,7 @@ class Dashboard:
         """The form's token must be this session's; a cross-site page can neither read nor guess it."""
         form = await request.post()
         sent = str(form.get("csrf", ""))
-        if not request["csrf"] or not hmac.compare_digest(sent.encode(), request["csrf"].encode()):
+        if not request[CSRF] or not hmac.compare_digest(sent.encode(), request[CSRF].encode()):
             raise Denied(403, "the form's CSRF token is missing or stale: reload the page and try again")
 
     # --- login ------------------------------------------------------------------------------------
@@ -261,7 +262,7 @@ class Dashboard:
             + "</tbody></table>"
         )
         body = f'<h1>Cluster</h1><div id="summary" data-live>{cards}{table}</div>'
-        return _html("Cluster", body, request[IDENTITY], request["csrf"], refresh=5)
+        return _html("Cluster", body, request[IDENTITY], request[CSRF], refresh=5)
 
     async def experiments(self, request: web.Request) -> web.StreamResponse:
         me: Identity = request[IDENTITY]
@@ -301,7 +302,7 @@ class Dashboard:
             + "</tbody></table>"
         )
         shown = f'<p class="muted small">the newest {EXPERIMENTS_SHOWN} that match</p>'
-        return _html("Experiments", f"<h1>Experiments</h1>{filters}{table}{shown}", me, request["csrf"])
+        return _html("Experiments", f"<h1>Experiments</h1>{filters}{table}{shown}", me, request[CSRF])
 
     async def _may_read(self, request: web.Request, key: str) -> None:
         """The gRPC side's rule: a user reads their own experiments only."""
@@ -328,7 +329,7 @@ class Dashboard:
         cancel = ""
         if me.admin and e["state"] not in TERMINAL:
             cancel = f"""<form method="post" action="{base}/cancel" class="inline" id="cancel-form">
-<input type="hidden" name="csrf" value="{escape(request["csrf"])}">
+<input type="hidden" name="csrf" value="{escape(request[CSRF])}">
 <button type="submit" class="danger" id="cancel">Cancel experiment</button></form>"""
         facts = _cards(
             [
@@ -371,7 +372,7 @@ class Dashboard:
 <h2>Logs</h2><div class="tabs" id="log-tabs">{tabs}</div><pre id="log" class="log" aria-live="polite"></pre>
 <h2>Artifacts</h2><div id="artifact-list" data-live>{art}</div>"""
         refresh = 5 if e["state"] not in TERMINAL else 0
-        return _html(key, body, me, request["csrf"], refresh=refresh, scripts=("chart.js", "experiment.js"))
+        return _html(key, body, me, request[CSRF], refresh=refresh, scripts=("chart.js", "experiment.js"))
 
     async def cancel(self, request: web.Request) -> web.StreamResponse:
         key = request.match_info["key"]
