@@ -7,23 +7,24 @@ there (how docs/images/dashboard-*.png are made).
 
 from __future__ import annotations
 
-import json
 import os
 import socket
-import subprocess
-import sys
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from sqlalchemy.orm import Session
 
 from control.conftest import Cluster, wait_for
+from infra.master import auth
+from infra.master.db import make_engine
 
 CHROMIUM = Path("/usr/bin/chromium")
+Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]  # (name, sorted labels) -> value
 pytestmark = pytest.mark.timeout(240)
 
 
@@ -46,7 +47,16 @@ class Web:
         except urllib.error.HTTPError as e:
             return e.code, e.read().decode()
 
-    def scrape(self, token: str = "") -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    def wait(self, predicate: Callable[[Samples], Any], what: str, token: str = "") -> Samples:
+        """The first scrape that satisfies ``predicate`` (scrapes are cheap: no CLI process per poll)."""
+
+        def met() -> Samples | None:
+            samples = self.scrape(token)
+            return samples if predicate(samples) else None
+
+        return wait_for(met, 60, what)  # type: ignore[no-any-return]
+
+    def scrape(self, token: str = "") -> Samples:
         status, text = self.get("/metrics", token)
         assert status == 200, text
         return {
@@ -83,9 +93,7 @@ def test_metrics_follow_a_stage(sqlite_cluster: Cluster) -> None:
     c = sqlite_cluster
     web = _start(c)
     c.start_node("alpha", "--fake-gpus", "2", "--cpus", "2", "--memory", "4GiB")
-    c.wait_online("alpha")
-    before = web.scrape()
-    assert before[("infra_nodes", (("state", "online"),))] == 1
+    before = web.wait(lambda m: m[("infra_nodes", (("state", "online"),))] == 1, "the node to be online")
     assert before[("infra_gpus", (("node", "alpha"),))] == 2
     assert before[("infra_gpus_allocated", (("node", "alpha"),))] == 0
     assert before[("infra_stage_queue_wait_seconds_count", ())] == 0
@@ -94,40 +102,40 @@ def test_metrics_follow_a_stage(sqlite_cluster: Cluster) -> None:
 
     gate = c.tmp / "go"
     key = c.submit(_stream_plan("metrics", gate, gpus=1))
-    running = wait_for(
-        lambda: (m := web.scrape())[("infra_stages", (("state", "running"),))] == 1 and m,
-        60,
-        "the stage to run",
-    )
+    running = web.wait(lambda m: m[("infra_stages", (("state", "running"),))] == 1, "the stage to run")
     assert running[("infra_gpus_allocated", (("node", "alpha"),))] == 1
     assert running[("infra_stage_queue_wait_seconds_count", ())] == 1
     assert running[("infra_stage_dispatch_seconds_count", ())] == 1
     assert running[("infra_experiments", (("state", "running"),))] == 1
     gate.touch()
-    assert c.wait_finished(key)["state"] == "succeeded"
-    after = web.scrape()
+    after = web.wait(lambda m: not m.get(("infra_experiments", (("state", "running"),))), "the experiment to end")
+    assert c.status(key)["experiments"][0]["state"] == "succeeded"
     assert after[("infra_events_stored_total", ())] >= 12 + 6 + 1  # lines, metrics, the artifact
     assert after[("infra_stages", (("state", "running"),))] == 0
     assert after[("infra_gpus_allocated", (("node", "alpha"),))] == 0
     assert after[("infra_db_commit_seconds_count", ())] > running[("infra_db_commit_seconds_count", ())]
 
 
-def _token(cluster: Cluster, *args: str) -> str:
-    cmd = [sys.executable, "-m", "infra.cli", "token", "create", *args, "--db", cluster.db_url, "--json"]
-    out = subprocess.run(cmd, capture_output=True, text=True, env=cluster.env, timeout=60, check=True)
-    return str(json.loads(out.stdout)["token"])
+def _tokens(db_url: str, *who: tuple[str, str]) -> list[str]:
+    """Tokens (user, role) written straight into the master's database, as `infra token create --db` does."""
+    engine = make_engine(db_url)
+    try:
+        with Session(engine) as s, s.begin():
+            return [auth.create_token(s, user, role)[0] for user, role in who]
+    finally:
+        engine.dispose()
 
 
 @pytest.mark.skipif(not CHROMIUM.exists(), reason="no /usr/bin/chromium (apt-get install chromium; .ci/run does)")
 def test_dashboard_in_a_browser(sqlite_cluster: Cluster) -> None:
     sync_api = pytest.importorskip("playwright.sync_api", reason="the browser test drives Chromium with playwright")
     c = sqlite_cluster
-    admin, join, bob = _token(c, "--user", "root", "--admin"), _token(c, "--join"), _token(c, "--user", "bob")
     web = _start(c, "--auth")
+    admin, join, bob = _tokens(c.db_url, ("root", "admin"), ("alpha", "node"), ("bob", "user"))
     (c.tmp / "join.token").write_text(join)
     c.start_node("alpha", "--join-token-file", str(c.tmp / "join.token"), "--fake-gpus", "2", "--cpus", "2")
     c.env["INFRA_TOKEN"] = admin
-    c.wait_online("alpha")
+    web.wait(lambda m: m[("infra_nodes", (("state", "online"),))] == 1, "the node to be online", admin)
     shots = os.environ.get("INFRA_DASHBOARD_SCREENSHOTS")
 
     # without a token: the metrics endpoint says 401, a node's token is no login
@@ -137,7 +145,8 @@ def test_dashboard_in_a_browser(sqlite_cluster: Cluster) -> None:
 
     gate = c.tmp / "go"
     key = c.submit(_stream_plan("browse", gate, lines=40))
-    c.wait_for(lambda: c.status(key)["experiments"][0]["stages"][0]["state"] == "running", 60, "the stage to run")
+    running = (("infra_stages", (("state", "running"),)), 1)
+    web.wait(lambda m: m[running[0]] == running[1], "the stage to run", admin)
 
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), args=["--no-sandbox"])
@@ -161,7 +170,7 @@ def test_dashboard_in_a_browser(sqlite_cluster: Cluster) -> None:
             assert "line 0" in log.inner_text()
             # the stage's metric is charted once the page's next poll sees it
             page.wait_for_selector("figure.chart path.series[data-name=value]", timeout=60_000)
-            c.wait_finished(key)
+            web.wait(lambda m: m[running[0]] == 0, "the stage to end", admin)
             page.reload()
             points = page.locator("figure.chart path.series[data-name=value]").get_attribute("data-points")
             assert int(points or 0) == 20
@@ -179,9 +188,9 @@ def test_dashboard_in_a_browser(sqlite_cluster: Cluster) -> None:
 
             # an admin cancels a running experiment (a form carrying its CSRF token; without it, refused)
             long = c.submit({"name": "long", "stages": [{"name": "wait", "kind": "probe", "params": {"seconds": 120}}]})
-            c.wait_for(lambda: c.status(long)["experiments"][0]["state"] == "running", 60, "the probe to run")
+            web.wait(lambda m: m[running[0]] == running[1], "the probe to run", admin)
             forged = page.request.post(f"{web.url}/experiments/{long}/cancel", form={"csrf": "guess"})
-            assert forged.status == 403 and c.status(long)["experiments"][0]["state"] == "running"
+            assert forged.status == 403
             csrf = page.locator("#cancel-form input[name=csrf]")
             page.goto(f"{web.url}/experiments/{long}")
             elsewhere = {"Origin": "http://elsewhere.example"}
@@ -190,10 +199,11 @@ def test_dashboard_in_a_browser(sqlite_cluster: Cluster) -> None:
                 form={"csrf": csrf.get_attribute("value") or ""},
                 headers=elsewhere,
             )
-            assert cross.status == 403 and c.status(long)["experiments"][0]["state"] == "running"
+            assert cross.status == 403 and web.scrape(admin)[running[0]] == 1  # neither cancelled it
             page.once("dialog", lambda d: d.accept())
             page.click("#cancel")
-            c.wait_for(lambda: c.status(long)["experiments"][0]["state"] == "cancelled", 60, "the cancel")
+            web.wait(lambda m: m[running[0]] == 0, "the cancel", admin)
+            assert c.status(long)["experiments"][0]["state"] == "cancelled"
 
             # a user reads only their own experiments, and cannot cancel
             other = browser.new_page()
