@@ -3,7 +3,9 @@
 Two kinds, so that heartbeats and scheduling pay next to nothing:
 
 - what the cluster *is* (nodes by state, GPUs, stages by state) is read from :class:`ClusterState`
-  only when Prometheus scrapes (:class:`ClusterCollector`, run on the master's loop);
+  only when Prometheus scrapes: copied as plain tuples on the master's loop (:func:`snapshot`), turned
+  into metric families and text in a thread (:meth:`Metrics.render`), so a scrape of a large cluster
+  never stalls heartbeats;
 - what *happened* (queue wait, dispatch latency, heartbeat handling, events stored, commits) is counted
   where it happens, into histograms and counters. Stage transitions are read from the units the writer
   thread has just committed (:meth:`Metrics.committed`), so the scheduler and the state machine carry no
@@ -15,11 +17,11 @@ Each controller has its own registry: several masters in one process (tests) nev
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.registry import Collector
 
 from infra.master.state import ASSIGNED, READY, RUNNING, ClusterState, NodeRt
 
@@ -31,57 +33,76 @@ FAST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
 MIB = 1 << 20
 
 
-class ClusterCollector(Collector):
-    """Gauges computed at scrape time from the in-memory state (the loop's thread: no locks needed)."""
+@dataclass
+class ClusterSnapshot:
+    """What the gauges say, copied from :class:`ClusterState` as plain tuples: cheap enough for the loop."""
 
-    def __init__(self, state: ClusterState, node_state: Callable[[NodeRt], str]) -> None:
-        self.state = state
-        self.node_state = node_state
+    nodes: list[tuple[str, str, bool, int, int]]  # name, state, drained, GPUs, GPUs allocated
+    gpus: list[tuple[str, int, float, int, int]]  # node, index, utilisation %, memory used, total (MiB)
+    stages: dict[str, int]
+    experiments: dict[str, int]
 
-    def collect(self) -> Iterator[GaugeMetricFamily]:
-        nodes = GaugeMetricFamily("infra_nodes", "Registered nodes by state", labels=["state"])
-        drained = GaugeMetricFamily("infra_nodes_drained", "Nodes drained by an operator (take no new stages)")
-        total = GaugeMetricFamily("infra_gpus", "GPUs a node advertises", labels=["node"])
-        used = GaugeMetricFamily("infra_gpus_allocated", "GPUs of a node allocated to attempts", labels=["node"])
-        util = GaugeMetricFamily(
-            "infra_gpu_utilization_percent", "GPU utilisation from the last heartbeat", labels=["node", "gpu"]
-        )
-        mem = GaugeMetricFamily(
-            "infra_gpu_memory_used_bytes", "GPU memory in use from the last heartbeat", labels=["node", "gpu"]
-        )
-        mem_total = GaugeMetricFamily("infra_gpu_memory_total_bytes", "GPU memory size", labels=["node", "gpu"])
-        counts = dict.fromkeys(NODE_STATES, 0)
-        n_drained = 0
-        for n in self.state.nodes.values():
-            counts[self.node_state(n)] = counts.get(self.node_state(n), 0) + 1
-            n_drained += n.drained
-            total.add_metric([n.name], len(n.gpus))
-            used.add_metric([n.name], len(n.used_gpus))
-            for g in getattr(n.usage, "gpus", ()):
-                gpu = str(g.index)
-                util.add_metric([n.name, gpu], g.utilization_percent)
-                mem.add_metric([n.name, gpu], g.memory_used_mib * MIB)
-                mem_total.add_metric([n.name, gpu], g.memory_total_mib * MIB)
-        for state, count in counts.items():
-            nodes.add_metric([state], count)
-        drained.add_metric([], n_drained)
-        stages = GaugeMetricFamily(
-            "infra_stages",
-            "Stages of the unfinished experiments (those in the master's memory) by state",
-            labels=["state"],
-        )
-        exps = GaugeMetricFamily("infra_experiments", "Unfinished experiments by state", labels=["state"])
-        by_stage = dict.fromkeys(STAGE_STATES, 0)
-        by_exp: dict[str, int] = {}
-        for e in self.state.experiments.values():
-            by_exp[e.state] = by_exp.get(e.state, 0) + 1
-            for st in e.stages:
-                by_stage[st.state] = by_stage.get(st.state, 0) + 1
-        for state, count in by_stage.items():
-            stages.add_metric([state], count)
-        for state, count in sorted(by_exp.items()):
-            exps.add_metric([state], count)
-        yield from (nodes, drained, total, used, util, mem, mem_total, stages, exps)
+
+def snapshot(state: ClusterState, node_state: Callable[[NodeRt], str]) -> ClusterSnapshot:
+    """Read on the loop (the only thread that changes the state), so no lock is needed."""
+    nodes, gpus = [], []
+    for n in state.nodes.values():
+        nodes.append((n.name, node_state(n), n.drained, len(n.gpus), len(n.used_gpus)))
+        for g in getattr(n.usage, "gpus", ()):
+            gpus.append((n.name, g.index, g.utilization_percent, g.memory_used_mib, g.memory_total_mib))
+    stages = dict.fromkeys(STAGE_STATES, 0)
+    experiments: dict[str, int] = {}
+    for e in state.experiments.values():
+        experiments[e.state] = experiments.get(e.state, 0) + 1
+        for st in e.stages:
+            stages[st.state] = stages.get(st.state, 0) + 1
+    return ClusterSnapshot(nodes, gpus, stages, experiments)
+
+
+def families(snap: ClusterSnapshot) -> list[GaugeMetricFamily]:
+    """The gauges of a snapshot (built off the loop: on a large cluster this is most of a scrape's work)."""
+    nodes = GaugeMetricFamily("infra_nodes", "Registered nodes by state", labels=["state"])
+    drained = GaugeMetricFamily("infra_nodes_drained", "Nodes drained by an operator (take no new stages)")
+    total = GaugeMetricFamily("infra_gpus", "GPUs a node advertises", labels=["node"])
+    used = GaugeMetricFamily("infra_gpus_allocated", "GPUs of a node allocated to attempts", labels=["node"])
+    gpu = ["node", "gpu"]
+    util = GaugeMetricFamily("infra_gpu_utilization_percent", "GPU utilisation from the last heartbeat", labels=gpu)
+    mem = GaugeMetricFamily("infra_gpu_memory_used_bytes", "GPU memory in use from the last heartbeat", labels=gpu)
+    mem_total = GaugeMetricFamily("infra_gpu_memory_total_bytes", "GPU memory size", labels=gpu)
+    counts = dict.fromkeys(NODE_STATES, 0)
+    for name, state, _, n_gpus, n_used in snap.nodes:
+        counts[state] = counts.get(state, 0) + 1
+        total.add_metric([name], n_gpus)
+        used.add_metric([name], n_used)
+    for state, count in counts.items():
+        nodes.add_metric([state], count)
+    drained.add_metric([], sum(row[2] for row in snap.nodes))
+    for node, index, percent, mem_used, mem_size in snap.gpus:
+        labels = [node, str(index)]
+        util.add_metric(labels, percent)
+        mem.add_metric(labels, mem_used * MIB)
+        mem_total.add_metric(labels, mem_size * MIB)
+    stages = GaugeMetricFamily(
+        "infra_stages", "Stages of the unfinished experiments (those the master holds) by state", labels=["state"]
+    )
+    for state, count in snap.stages.items():
+        stages.add_metric([state], count)
+    exps = GaugeMetricFamily("infra_experiments", "Unfinished experiments by state", labels=["state"])
+    for state, count in sorted(snap.experiments.items()):
+        exps.add_metric([state], count)
+    return [nodes, drained, total, used, util, mem, mem_total, stages, exps]
+
+
+class _Exposition:
+    """The registry's instruments and a snapshot's gauges, as one thing to render."""
+
+    def __init__(self, registry: CollectorRegistry, gauges: list[GaugeMetricFamily]) -> None:
+        self.registry = registry
+        self.gauges = gauges
+
+    def collect(self) -> Iterator[Any]:
+        yield from self.registry.collect()
+        yield from self.gauges
 
 
 class Metrics:
@@ -106,10 +127,19 @@ class Metrics:
         self.commit = Histogram(
             "infra_db_commit_seconds", "One group commit of the database writer", buckets=FAST_BUCKETS, registry=r
         )
-        r.register(ClusterCollector(state, node_state))
+        self.state = state
+        self.node_state = node_state
         # when a stage entered the state it is in (writer thread only): ready and assigned stages only
         self._ready_at: dict[int, float] = {}
         self._assigned_at: dict[int, float] = {}
+
+    def snapshot(self) -> ClusterSnapshot:
+        """On the loop: the gauges' data, copied."""
+        return snapshot(self.state, self.node_state)
+
+    def render(self, snap: ClusterSnapshot) -> bytes:
+        """Prometheus' text format of everything; in any thread (the instruments lock for themselves)."""
+        return generate_latest(_Exposition(self.registry, families(snap)))  # type: ignore[arg-type]
 
     def committed(self, units: Iterable[Any], seconds: float) -> None:
         """The writer committed ``units`` in ``seconds``: time it, and time the transitions they record."""

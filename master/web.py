@@ -16,6 +16,7 @@ the page's CSRF token (per session; per process without ``--auth``), and the ses
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 import math
@@ -30,7 +31,7 @@ from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from infra.master import auth, store
 from infra.master.auth import Authenticator, AuthError, Identity
@@ -459,7 +460,8 @@ class Dashboard:
         return web.json_response({"stage": stage["name"], "state": stage["state"], "series": out})
 
     async def prometheus(self, request: web.Request) -> web.StreamResponse:
-        body = generate_latest(self.c.metrics.registry)  # the collector reads memory: on the loop, no lock
+        snap = self.c.metrics.snapshot()  # on the loop; the rest, most of the work, in a thread
+        body = await asyncio.get_running_loop().run_in_executor(None, self.c.metrics.render, snap)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
 
