@@ -50,6 +50,8 @@ def check(settings: Settings) -> None:
         )
     if bool(settings.tls_cert) != bool(settings.tls_key):
         raise SettingsError("TLS needs both --tls-cert and --tls-key")
+    if settings.web_port is not None and not 0 <= settings.web_port <= 65535:
+        raise SettingsError(f"--web-port must be 0 (any free port) to 65535, not {settings.web_port}")
     if settings.tls_ca and not settings.tls_cert:
         raise SettingsError("--tls-ca (mutual TLS) needs --tls-cert and --tls-key")
 

@@ -9,13 +9,16 @@ import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
+import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.orm import Session
 
 from infra.master import auth
 from infra.master.auth import Authenticator
+from infra.master.config import Settings
 from infra.master.controller import Controller
+from infra.master.server import SettingsError, check
 from infra.master.web import Dashboard
 from infra.protos import PROTOCOL_VERSION, infra_pb2
 
@@ -156,3 +159,9 @@ def test_sessions_follow_tokens(tmp_path: Path) -> None:
         assert gone.status == 303 and not dashboard.sessions  # the session went with its token
 
     _serve(tmp_path, scenario, auth_on=True)
+
+
+def test_a_web_port_out_of_range_is_refused_by_name() -> None:
+    with pytest.raises(SettingsError, match="--web-port must be 0 .* not 70000"):
+        check(Settings(db_url="sqlite://", web_port=70000))
+    check(Settings(db_url="sqlite://", web_port=None))  # --no-web
