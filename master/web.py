@@ -303,7 +303,8 @@ class Dashboard:
             + "</tbody></table>"
         )
         shown = f'<p class="muted small">the newest {EXPERIMENTS_SHOWN} that match</p>'
-        return _html("Experiments", f"<h1>Experiments</h1>{filters}{table}{shown}", me, request[CSRF])
+        body = f'<h1>Experiments</h1>{filters}<div id="listing" data-live>{table}{shown}</div>'
+        return _html("Experiments", body, me, request[CSRF], refresh=10)
 
     async def _may_read(self, request: web.Request, key: str) -> None:
         """The gRPC side's rule: a user reads their own experiments only."""
