@@ -368,7 +368,7 @@ class Dashboard:
         )
         live = "true" if e["state"] not in TERMINAL else "false"
         body = f"""<div id="head" data-live><div class="title-row"><h1>{escape(key)}</h1>{cancel}</div>{facts}
-<h2>Stages</h2>{stages}</div>
+<h2>Stages</h2>{_graph(e["stages"])}{stages}</div>
 <h2>Metrics</h2><div id="charts" data-running="{live}">{charts}
 <p class="muted small" id="no-metrics">no metric reported yet</p></div>
 <h2>Logs</h2><div class="tabs" id="log-tabs">{tabs}</div><pre id="log" class="log" aria-live="polite"></pre>
@@ -595,6 +595,62 @@ def _stage_row(st: dict[str, Any], now: float) -> str:
 <td>{after}</td><td>{_badge(st["state"])}</td><td class="small">{resources}</td>
 <td>{attempts or '<span class="muted">-</span>'}</td>
 <td class="small reason">{escape(st["reason"])}<div class="muted">{_ago(st["updated_at"], now)}</div></td></tr>"""
+
+
+GRAPH_FILL = {
+    "succeeded": ("#dcf3e3", "#17643a"),
+    "running": ("#dbe8ff", "#1b4fae"),
+    "assigned": ("#dbe8ff", "#1b4fae"),
+    "ready": ("#fdf1d6", "#8a5a00"),
+    "pending": ("#fdf1d6", "#8a5a00"),
+    "failed": ("#fde0de", "#a02018"),
+    "cancelled": ("#eceff4", "#596273"),
+}
+
+
+def _graph(stages: list[dict[str, Any]]) -> str:
+    """The stages as a left-to-right graph: a stage's column is its longest chain of dependencies, so every
+    arrow points right; boxes take their state's colour. Plain SVG in the page (no script)."""
+    if len(stages) < 2:
+        return ""
+    after = {st["name"]: st["after"] for st in stages}
+    depth: dict[str, int] = {}
+    for name in after:  # depth-first without recursion (a chain may be 1,000 stages long; plans have no cycles)
+        todo = [name]
+        while todo:
+            top = todo[-1]
+            missing = [a for a in after[top] if a not in depth]
+            if missing:
+                todo.extend(missing)
+                continue
+            depth[top] = 1 + max((depth[a] for a in after[top]), default=-1)
+            todo.pop()
+    rows: dict[int, int] = {}
+    at: dict[str, tuple[int, int]] = {}
+    for st in stages:
+        col = depth[st["name"]]
+        at[st["name"]] = (16 + col * 170, 10 + rows.get(col, 0) * 44)
+        rows[col] = rows.get(col, 0) + 1
+    w, h = 16 + (max(depth.values()) + 1) * 170, 10 + max(rows.values()) * 44
+    parts = [f'<svg class="graph" width="{w}" height="{h}" viewBox="0 0 {w} {h}" role="img" aria-label="stage graph">']
+    for st in stages:
+        x, y = at[st["name"]]
+        for dep in st["after"]:
+            dx, dy = at[dep]
+            parts.append(
+                f'<path d="M{dx + 140},{dy + 15} C{dx + 155},{dy + 15} {x - 15},{y + 15} {x},{y + 15}" '
+                'fill="none" stroke="#9aa3b2" stroke-width="1.2"/>'
+            )
+    for st in stages:
+        x, y = at[st["name"]]
+        fill, ink = GRAPH_FILL.get(st["state"], ("#eceff4", "#3b4452"))
+        name = escape(st["name"] if len(st["name"]) <= 18 else st["name"][:17] + "…")
+        parts.append(
+            f'<g data-stage="{escape(st["name"])}"><title>{escape(st["name"])}: {escape(st["state"])}</title>'
+            f'<rect x="{x}" y="{y}" width="140" height="30" rx="5" fill="{fill}" stroke="{ink}" stroke-opacity=".35"/>'
+            f'<text x="{x + 10}" y="{y + 19}" fill="{ink}">{name}</text></g>'
+        )
+    return "".join(parts) + "</svg>"
 
 
 def _artifact_row(r: dict[str, Any], now: float) -> str:

@@ -8,6 +8,7 @@ import json
 import re
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
@@ -19,7 +20,7 @@ from infra.master.auth import Authenticator
 from infra.master.config import Settings
 from infra.master.controller import Controller
 from infra.master.server import SettingsError, check
-from infra.master.web import Dashboard
+from infra.master.web import Dashboard, _graph
 from infra.protos import PROTOCOL_VERSION, infra_pb2
 
 from .controller_kit import run_controller
@@ -165,3 +166,24 @@ def test_a_web_port_out_of_range_is_refused_by_name() -> None:
     with pytest.raises(SettingsError, match="--web-port must be 0 .* not 70000"):
         check(Settings(db_url="sqlite://", web_port=70000))
     check(Settings(db_url="sqlite://", web_port=None))  # --no-web
+
+
+def test_the_stage_graph_puts_each_stage_right_of_what_it_waits_for() -> None:
+    def st(name: str, after: list[str], state: str = "pending") -> dict[str, Any]:
+        return {"name": name, "after": after, "state": state}
+
+    # listed out of order on purpose: columns come from the dependencies, not the listing
+    svg = _graph(
+        [
+            st("evaluate", ["sample"]),
+            st("prepare", [], "succeeded"),
+            st("train", ["prepare"], "running"),
+            st("sample", ["train"]),
+            st("plot", ["train"]),
+        ]
+    )
+    boxes = dict(re.findall(r'<g data-stage="([^"]+)">.*?<rect x="(\d+)"', svg))
+    assert [int(boxes[n]) for n in ("prepare", "train", "sample", "evaluate")] == [16, 186, 356, 526]
+    assert boxes["plot"] == boxes["sample"] and svg.count("<path") == 4
+    assert 'fill="#dbe8ff"' in svg  # the running stage in its state's colour
+    assert _graph([st("alone", [])]) == ""
