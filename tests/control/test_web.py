@@ -2,7 +2,7 @@
 in the system's headless Chromium (Playwright's driver, no downloaded browser).
 
 With ``INFRA_DASHBOARD_SCREENSHOTS=<dir>`` the browser test also saves the cluster and experiment pages
-there (how docs/images/dashboard-*.png are made).
+there, to look at.
 """
 
 from __future__ import annotations
