@@ -359,7 +359,7 @@ class Dashboard:
             f'data-src="{base}/stages/{quote(n)}/metrics.json"></div>'
             for n in names
         )
-        art_rows = "".join(_artifact_row(r, now) for r in artifacts)
+        art_rows = "".join(_artifact_row(r, n, now) for r, n in _latest(artifacts))
         art = (
             '<table class="grid" id="artifacts"><thead><tr><th>stage</th><th>attempt</th><th>kind</th><th>path</th>'
             "<th>node</th><th>reported</th></tr></thead><tbody>"
@@ -653,12 +653,24 @@ def _graph(stages: list[dict[str, Any]]) -> str:
     return "".join(parts) + "</svg>"
 
 
-def _artifact_row(r: dict[str, Any], now: float) -> str:
+def _latest(artifacts: list[dict[str, Any]]) -> list[tuple[dict[str, Any], int]]:
+    """Each artifact once, as last reported, with how often (a checkpoint is reported at every save)."""
+    latest: dict[tuple[str, int, str], dict[str, Any]] = {}
+    counts: dict[tuple[str, int, str], int] = {}
+    for r in artifacts:
+        key = (r["stage"], r["attempt"], r["data"].get("path", ""))
+        latest[key] = r
+        counts[key] = counts.get(key, 0) + 1
+    return [(r, counts[key]) for key, r in latest.items()]
+
+
+def _artifact_row(r: dict[str, Any], times: int, now: float) -> str:
     """One reported artifact. Its path is text; a download link, once the master relays files, wraps it here."""
     path = escape(r["data"].get("path", ""))
+    again = f' <span class="muted small">×{times}</span>' if times > 1 else ""
     kind = escape(r["data"].get("kind", ""))
     return f"""<tr><td>{escape(r["stage"])}</td><td class="num">{r["attempt"]}</td><td>{kind}</td>
-<td><code>{path}</code></td><td>{escape(r["node_name"])}</td><td>{_ago(r["time"], now)}</td></tr>"""
+<td><code>{path}</code></td><td>{escape(r["node_name"])}</td><td>{_ago(r["time"], now)}{again}</td></tr>"""
 
 
 def _same_origin(request: web.Request) -> bool:

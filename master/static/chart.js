@@ -118,5 +118,5 @@
     return groups;
   }
 
-  window.InfraChart = { draw, group, ticks };
+  window.InfraChart = { draw, group, ticks, fmt };
 })();

@@ -14,17 +14,41 @@ async function loadCharts() {
       if (!resp.ok) continue;
       const data = await resp.json();
       box.textContent = "";
-      const groups = window.InfraChart.group(data.series);
-      for (const [name, series] of Object.entries(groups)) {
+      // A metric reported once (a stage's summary: counts, timings) is a value, not a curve.
+      const curves = {}, values = {};
+      for (const [name, points] of Object.entries(data.series)) (points.length > 1 ? curves : values)[name] = points;
+      for (const [name, series] of Object.entries(window.InfraChart.group(curves))) {
         const holder = document.createElement("div");
         holder.style.display = "contents";
         box.appendChild(holder);
         if (window.InfraChart.draw(holder, data.stage + " · " + name, series)) any = true;
       }
+      if (Object.keys(values).length) {
+        box.appendChild(summary(data.stage, values));
+        any = true;
+      }
     } catch (e) { /* shown as missing; the next refresh tries again */ }
   }
   document.getElementById("no-metrics").hidden = any;
   if (root.dataset.running === "true") setTimeout(loadCharts, 10000);
+}
+
+function summary(stage, values) {
+  const fig = document.createElement("figure");
+  fig.className = "chart summary";
+  const cap = document.createElement("figcaption");
+  cap.textContent = stage + " · reported once";
+  fig.appendChild(cap);
+  const table = document.createElement("table");
+  for (const [name, points] of Object.entries(values)) {
+    const row = table.insertRow();
+    row.insertCell().textContent = name;
+    const cell = row.insertCell();
+    cell.className = "num";
+    cell.textContent = window.InfraChart.fmt(points[0][1]);
+  }
+  fig.appendChild(table);
+  return fig;
 }
 
 function appendLine(log, text, cls) {

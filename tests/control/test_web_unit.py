@@ -20,7 +20,7 @@ from infra.master.auth import Authenticator
 from infra.master.config import Settings
 from infra.master.controller import Controller
 from infra.master.server import SettingsError, check
-from infra.master.web import Dashboard, _graph
+from infra.master.web import Dashboard, _graph, _latest
 from infra.protos import PROTOCOL_VERSION, infra_pb2
 
 from .controller_kit import run_controller
@@ -187,3 +187,13 @@ def test_the_stage_graph_puts_each_stage_right_of_what_it_waits_for() -> None:
     assert boxes["plot"] == boxes["sample"] and svg.count("<path") == 4
     assert 'fill="#dbe8ff"' in svg  # the running stage in its state's colour
     assert _graph([st("alone", [])]) == ""
+
+
+def test_an_artifact_reported_again_is_listed_once_as_last_reported() -> None:
+    def row(path: str, t: float) -> dict[str, Any]:
+        return {"stage": "train", "attempt": 1, "time": t, "data": {"path": path, "kind": "checkpoint"}}
+
+    assert [(r["time"], n) for r, n in _latest([row("last.pt", 1), row("best.pt", 2), row("last.pt", 3)])] == [
+        (3, 2),
+        (2, 1),
+    ]
