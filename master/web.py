@@ -474,9 +474,10 @@ async def start(
     tls: ssl.SSLContext | None = None,
 ) -> tuple[web.AppRunner, int]:
     """Serve the dashboard on the running loop; returns the runner (``cleanup()`` stops it) and the port."""
-    runner = web.AppRunner(Dashboard(controller, authenticator, secure=tls is not None).app(), access_log=None)
+    dashboard = Dashboard(controller, authenticator, secure=tls is not None).app()
+    runner = web.AppRunner(dashboard, access_log=None, shutdown_timeout=1.0)  # open log streams end at stop
     await runner.setup()
-    site = web.TCPSite(runner, host, port, ssl_context=tls, shutdown_timeout=1.0)
+    site = web.TCPSite(runner, host, port, ssl_context=tls)
     try:
         await site.start()
     except OSError as e:

@@ -6,6 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import ssl
+import urllib.error
+import urllib.request
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -15,7 +18,7 @@ from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.orm import Session
 
-from infra.master import auth
+from infra.master import auth, web
 from infra.master.auth import Authenticator
 from infra.master.config import Settings
 from infra.master.controller import Controller
@@ -197,3 +200,29 @@ def test_an_artifact_reported_again_is_listed_once_as_last_reported() -> None:
         (3, 2),
         (2, 1),
     ]
+
+
+def test_https_with_the_master_s_certificate_and_client_certificates(tmp_path: Path) -> None:
+    certs = pytest.importorskip("control.certs", reason="the TLS test needs the cryptography package")
+    ca = certs.Authority(tmp_path / "pki", "ca")
+    server, user = ca.issue("master", server=True), ca.issue("user")
+
+    async def scenario(c: Controller) -> None:
+        tls = web.tls_context(str(server.cert), str(server.key), str(ca.pem.cert))
+        runner, port = await web.start(c, None, "127.0.0.1", 0, tls)
+        try:
+
+            def fetch(with_cert: bool) -> int:
+                ctx = ssl.create_default_context(cafile=str(ca.pem.cert))
+                if with_cert:
+                    ctx.load_cert_chain(str(user.cert), str(user.key))
+                with urllib.request.urlopen(f"https://127.0.0.1:{port}/metrics", context=ctx, timeout=10) as resp:
+                    return int(resp.status)
+
+            assert await asyncio.to_thread(fetch, True) == 200
+            with pytest.raises((ssl.SSLError, urllib.error.URLError, ConnectionError)):
+                await asyncio.to_thread(fetch, False)  # mutual TLS: no client certificate, no answer
+        finally:
+            await runner.cleanup()
+
+    run_controller(tmp_path, scenario)
