@@ -34,7 +34,14 @@ setup(
     package_dir=PACKAGE_DIRS,
     package_data={
         "infra.protos": ["*.proto"],
-        "infra.master": ["migrations/*.ini", "migrations/*.mako", "migrations/*.py", "migrations/versions/*.py"],
+        "infra.master": [
+            "migrations/*.ini",
+            "migrations/*.mako",
+            "migrations/*.py",
+            "migrations/versions/*.py",
+            "static/*.js",
+            "static/*.css",
+        ],
     },
     install_requires=[
         # torch 2.11 (GPU nodes) to 2.13 (CPU wheel in CI) are both exercised.
@@ -54,6 +61,8 @@ setup(
         "pyyaml>=6",
         "matplotlib>=3.7",
         "psycopg2-binary>=2.9",
+        "aiohttp>=3.13",  # the master's dashboard and /metrics, on its asyncio loop
+        "prometheus-client>=0.20",
     ],
     extras_require={
         "dev": [
@@ -63,6 +72,7 @@ setup(
             "grpcio-tools==1.85.1",
             "import-linter>=2.0",
             "cryptography>=42",
+            "playwright>=1.40",  # drives the system's Chromium in the dashboard tests (no browser download)
         ],
         # The scorer batches graphs with CHGNet's model internals (BatchedGraph, _compute): the versions
         # its test has been run against.

@@ -87,6 +87,7 @@ def cmd_master(args: argparse.Namespace) -> int:
         tls_key=args.tls_key,
         tls_ca=args.tls_ca,
         log_level=level,
+        web_port=None if args.no_web else args.web_port,
     )
     return main(settings)
 
@@ -563,6 +564,15 @@ def _add_master(sub: Any) -> None:
     sp.add_argument("--tls-key", metavar="PEM", help="the certificate's private key")
     sp.add_argument("--tls-ca", metavar="PEM", help="require client certificates signed by this CA (mutual TLS)")
     log_level_flag(sp, Settings.log_level)
+    sp.add_argument(
+        "--web-port",
+        type=int,
+        default=Settings.web_port,
+        metavar="PORT",
+        help=f"serve the dashboard and Prometheus /metrics on --bind's host at this port (default {Settings.web_port}; "
+        "0: any free port); same authentication and TLS as gRPC",
+    )
+    sp.add_argument("--no-web", action="store_true", help="serve no dashboard and no /metrics")
     systemd_unit_flag(sp, "the master")
     sp.set_defaults(func=cmd_master, parser=sp)
 

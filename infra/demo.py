@@ -108,6 +108,8 @@ def start_master(
     ``log_path``; returns the process and the address it printed once listening. The demo, the
     control-plane tests and the benchmarks all start their masters here."""
     log = log_path.open("a")
+    if "--web-port" not in flags and "--no-web" not in flags:
+        flags = (*flags, "--web-port", "0")  # a free port: several masters may run on one machine
     proc = subprocess.Popen(
         _python("master", "--db", db_url, "--bind", f"127.0.0.1:{port}", *flags),
         stdout=subprocess.PIPE,

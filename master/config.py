@@ -43,6 +43,7 @@ class Settings:
     tls_key: str | None = None
     tls_ca: str | None = None
     log_level: str = "INFO"  # the master's log threshold
+    web_port: int | None = 8080  # the dashboard and /metrics, on --bind's host; 0: any free port; None: off
 
     def controller(self) -> ControllerOptions:
         return ControllerOptions(

@@ -10,7 +10,8 @@ given what else they need explicitly, so none holds a reference back to this obj
 - :class:`~master.nodes.NodeRegistry`: registration, heartbeats, lost nodes, drains, command streams;
 - :class:`~master.scheduler.Scheduler`: placement and waiting reasons;
 - :class:`~master.intake.Intake`: status reports and events, fenced by lease;
-- :class:`~master.experiments.Experiments`: submit, cancel, rerun.
+- :class:`~master.experiments.Experiments`: submit, cancel, rerun;
+- :class:`~master.metrics.Metrics`: the Prometheus registry (fed by the writer's commits and the servicers).
 
 Every change becomes a :class:`~master.store.Changes` unit committed by the writer thread, in order;
 a reply that acknowledges a change is sent only once the change is committed. No protobuf here: the
@@ -36,6 +37,7 @@ from infra.master.experiments import Experiments
 from infra.master.intake import Intake
 from infra.master.journal import Journal
 from infra.master.lifecycle import StageMachine
+from infra.master.metrics import Metrics
 from infra.master.nodes import NodeRegistry
 from infra.master.scheduler import Scheduler
 from infra.master.state import AttemptRt, ClusterState, ExperimentRt, NodeRt, StageRt
@@ -60,9 +62,10 @@ class Controller:
         options = options or ControllerOptions()
         self.engine = engine
         self.options = options
-        self.writer = Writer(engine)
-        self.readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="db-read")
         self.state = ClusterState()
+        self.metrics = Metrics(self.state, node_state=lambda node: self.registry.node_state(node))
+        self.writer = Writer(engine, on_commit=self.metrics.committed)
+        self.readers = ThreadPoolExecutor(max_workers=4, thread_name_prefix="db-read")
         self._wake = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
         self.machine = StageMachine(self.state, wake=self.wake, forgotten=self._forgotten)

@@ -63,7 +63,7 @@ class Experiments(Part):
         deps = [{"stage_id": st.id, "depends_on_id": d.id} for st in exp.stages for d in st.deps]
         ids_after = dict(ids)
         try:
-            await self.journal.commit(lambda s: store.create_experiment(s, rows[0], rows[1], deps, transitions))
+            await self.journal.commit(store.NewExperiment(rows[0], rows[1], deps, transitions))
         except Exception:
             # nothing of it is in memory yet; its ids are given back unless another submit took ids since
             if ids == ids_after:

@@ -7,7 +7,8 @@ runs in threads beside the loop (one writer with group commit, a few readers).
 
 Security: with ``--auth`` every call needs a token (``master/auth.py``); ``--tls-cert/--tls-key`` serve
 TLS, and ``--tls-ca`` additionally requires client certificates signed by that CA (mutual TLS). Without
-``--auth`` the master only binds a loopback address unless ``--insecure`` says otherwise.
+``--auth`` the master only binds a loopback address unless ``--insecure`` says otherwise. The dashboard and
+``/metrics`` (``master/web.py``, ``--web-port``) listen on the same host under the same rules and TLS.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from pathlib import Path
 
 import grpc
 
+from infra.master import web
 from infra.master.auth import Authenticator, AuthInterceptor
 from infra.master.config import Settings
 from infra.master.controller import Controller
@@ -48,6 +50,8 @@ def check(settings: Settings) -> None:
         )
     if bool(settings.tls_cert) != bool(settings.tls_key):
         raise SettingsError("TLS needs both --tls-cert and --tls-key")
+    if settings.web_port is not None and not 0 <= settings.web_port <= 65535:
+        raise SettingsError(f"--web-port must be 0 (any free port) to 65535, not {settings.web_port}")
     if settings.tls_ca and not settings.tls_cert:
         raise SettingsError("--tls-ca (mutual TLS) needs --tls-cert and --tls-key")
 
@@ -88,12 +92,23 @@ async def serve(settings: Settings) -> None:
     if port == 0:
         raise SystemExit(f"infra master: cannot listen on {settings.bind}")
     await server.start()
+    host = settings.bind.rsplit(":", 1)[0]
+    dashboard = None
+    if settings.web_port is not None:
+        tls = web.tls_context(settings.tls_cert, settings.tls_key or "", settings.tls_ca) if creds else None
+        try:
+            dashboard, web_port = await web.start(controller, authenticator, host.strip("[]"), settings.web_port, tls)
+        except OSError as e:
+            await server.stop(grace=0)
+            await controller.stop()
+            raise SettingsError(f"{e} (another --web-port, or --no-web)") from None
+        scheme = "https" if tls else "http"
+        print(f"infra master dashboard on {scheme}://{host}:{web_port}/ (Prometheus metrics at /metrics)", flush=True)
     # Everything loaded so far lives as long as the process: keep it out of the collector's scans, and
     # collect less often, so that a full collection over a large cluster never stalls calls.
     gc.collect()
     gc.freeze()
     gc.set_threshold(50_000, 50, 100)
-    host = settings.bind.rsplit(":", 1)[0]
     shown = engine.url.render_as_string(hide_password=True)
     security = ("auth" if settings.auth else "no auth") + (
         ", mutual TLS" if settings.tls_ca else ", TLS" if creds else ", plaintext"
@@ -111,6 +126,8 @@ async def serve(settings: Settings) -> None:
         loop.add_signal_handler(sig, stop.set)
     await stop.wait()
     log.info("stopping")
+    if dashboard is not None:
+        await dashboard.cleanup()
     await server.stop(grace=2)
     await controller.stop()
     engine.dispose()

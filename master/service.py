@@ -90,6 +90,7 @@ def _state(name: str) -> int:
 class NodeServicer(infra_pb2_grpc.NodeServiceServicer):
     def __init__(self, controller: Controller) -> None:
         self.c = NodeAPI(controller)
+        self.metrics = controller.metrics
 
     async def Register(self, request: infra_pb2.RegisterRequest, context: grpc.aio.ServicerContext) -> Any:
         try:
@@ -100,7 +101,10 @@ class NodeServicer(infra_pb2_grpc.NodeServiceServicer):
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(e))
 
     async def Heartbeat(self, request: infra_pb2.HeartbeatRequest, context: grpc.aio.ServicerContext) -> Any:
-        return self.c.heartbeat(request)
+        started = time.perf_counter()
+        reply = self.c.heartbeat(request)
+        self.metrics.heartbeat.observe(time.perf_counter() - started)
+        return reply
 
     async def Assignments(
         self,
@@ -115,6 +119,7 @@ class NodeServicer(infra_pb2_grpc.NodeServiceServicer):
 
     async def ReportEvents(self, request: infra_pb2.EventBatch, context: grpc.aio.ServicerContext) -> Any:
         stored, rejected = await self.c.report_events(request)
+        self.metrics.events_stored.inc(stored)
         return infra_pb2.EventAck(stored=stored, rejected_attempts=rejected)
 
     async def ReportStatus(self, request: infra_pb2.StageStatusReport, context: grpc.aio.ServicerContext) -> Any:

@@ -79,6 +79,19 @@ def create_experiment(s: Session, experiment: dict[str, Any], stages: Rows, deps
     s.execute(insert(Transition), transitions)
 
 
+@dataclass
+class NewExperiment:
+    """A submitted experiment as one writer unit: its transitions stay readable to what observes commits."""
+
+    experiment: dict[str, Any]
+    stages: Rows
+    deps: Rows
+    transitions: Rows
+
+    def __call__(self, s: Session) -> None:
+        create_experiment(s, self.experiment, self.stages, self.deps, self.transitions)
+
+
 def upsert_node(s: Session, node: dict[str, Any], gpus: list[dict[str, Any]]) -> None:
     if s.get(Node, node["id"]) is None:
         s.execute(insert(Node), [node])
@@ -203,13 +216,17 @@ def experiment_owner(engine: Engine, key: str) -> tuple[bool, str | None]:
         return (row is not None, row[0] if row is not None else None)
 
 
-def status(engine: Engine, key: str | None, limit: int, owner: str | None = None) -> list[dict[str, Any]]:
+def status(
+    engine: Engine, key: str | None, limit: int, owner: str | None = None, state: str | None = None
+) -> list[dict[str, Any]]:
     """Experiments (newest first; one by key, with its transitions) with stages and attempts; with
-    ``owner``, only that user's."""
+    ``owner``, only that user's; with ``state``, only those in it."""
     with Session(engine) as s:
         q = select(*_cols(Experiment))
         if owner is not None:
             q = q.where(Experiment.owner == owner)
+        if state is not None:
+            q = q.where(Experiment.state == state)
         q = q.where(Experiment.key == key) if key else q.order_by(Experiment.id.desc()).limit(limit)
         exps = _rows(s, q)
         ids = [e["id"] for e in exps]

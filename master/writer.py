@@ -15,6 +15,7 @@ import contextlib
 import logging
 import queue
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import Future, InvalidStateError
 from typing import Any, TypeVar
@@ -30,8 +31,10 @@ MAX_BATCH = 256
 
 
 class Writer:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, on_commit: Callable[[list[Any], float], None] | None = None) -> None:
+        """``on_commit(units, seconds)`` hears of every committed transaction, in this thread (metrics)."""
         self.engine = engine
+        self.on_commit = on_commit
         self._queue: queue.SimpleQueue[tuple[Callable[[Session], Any], Future[Any]] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="db-writer", daemon=True)
         self._thread.start()
@@ -70,6 +73,7 @@ class Writer:
                 log.exception("database writer")
 
     def _commit(self, batch: list[tuple[Callable[[Session], Any], Future[Any]]]) -> None:
+        started = time.perf_counter()
         try:
             with Session(self.engine) as session, session.begin():
                 results = self._apply(session, [unit for unit, _ in batch])
@@ -82,6 +86,11 @@ class Writer:
             for item in batch:  # isolate the faulty unit
                 self._commit([item])
             return
+        if self.on_commit is not None:
+            try:
+                self.on_commit([unit for unit, _ in batch], time.perf_counter() - started)
+            except Exception:  # an observer never costs a commit its acknowledgement
+                log.exception("commit observer")
         for (_, fut), result in zip(batch, results, strict=True):
             with contextlib.suppress(InvalidStateError):  # the caller went away; the change is committed anyway
                 fut.set_result(result)

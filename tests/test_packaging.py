@@ -33,6 +33,8 @@ def test_the_wheel_installs_only_infra_and_crystallm_core(tmp_path: Path) -> Non
     for package in ("infra/master", "infra/node", "infra/protos", "infra/plugins/scorers", "infra/spec"):
         assert f"{package}/__init__.py" in names
     assert {"infra/protos/infra.proto", "infra/master/migrations/alembic.ini"} <= set(names)
+    dashboard = {"app.js", "chart.js", "experiment.js", "style.css"}  # served by the master, nothing fetched elsewhere
+    assert {f"infra/master/static/{f}" for f in dashboard} <= set(names)
     entry_points = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     text = zipfile.ZipFile(wheel).read(entry_points).decode().replace(" ", "")
     assert "[crystallm.plugins]" in text and "random-scorer=infra.plugins.scorers.random_scorer" in text

@@ -5,9 +5,10 @@
 in ``pids.txt`` (in its working directory, ``work/<stage>/``), writes ``out.txt`` into
 ``artifacts/<stage>/``, sleeps, and exits with ``exit_code``.
 
-``stream`` writes a known sequence, paced, after ``delay`` seconds: ``lines`` stdout lines ``line <i>``
-(``width`` characters), a metric every ``metric_every`` lines, one artifact at the end; the fault tests
-compare what the master stored with exactly this. ``fill`` writes ``mib`` MiB into its working directory, then sleeps.
+``stream`` writes a known sequence, paced, after ``delay`` seconds (and, with ``gate``, once that file exists):
+``lines`` stdout lines ``line <i>`` (``width`` characters), a metric every ``metric_every`` lines, one artifact
+at the end; the fault tests compare what the master stored with exactly this. ``fill`` writes ``mib`` MiB into
+its working directory, then sleeps.
 """
 
 from __future__ import annotations
@@ -67,6 +68,10 @@ p = json.loads(sys.argv[1])
 stage, out = Path.cwd(), Path(sys.argv[2])
 (stage / "pids.txt").write_text(f"{os.getpid()}\n")
 time.sleep(p["delay"])
+waited = 0.0
+while p["gate"] and not Path(p["gate"]).exists() and waited < 120:
+    time.sleep(0.1)
+    waited += 0.1
 with open_sink(stage) as sink:
     for i in range(p["lines"]):
         print(f"line {i} ".ljust(p["width"], "."), flush=True)
@@ -87,6 +92,7 @@ class StreamParams(Spec):
     metric_every: int = Field(10, ge=1)
     interval: float = Field(0.0, ge=0)
     delay: float = Field(0.0, ge=0)
+    gate: str = ""  # a file: the lines start once it exists (at most 120 s later), so a test says when
     exit_code: int = 0
 
 
