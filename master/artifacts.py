@@ -142,6 +142,7 @@ class ArtifactRelay:
                 yield first
                 piece = first
                 while not piece.last:
+                    await asyncio.sleep(0)  # a turn for every other call between two chunks (heartbeats)
                     piece = await self._next(t, self.stall_timeout, exp_key, rel)
                     if piece.error:
                         raise ArtifactError(piece.error_kind or "failed", f"{exp_key}: node {node.name}: {piece.error}")
