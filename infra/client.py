@@ -253,10 +253,21 @@ class Client:
         Resumable: without ``offset`` an existing ``out`` is taken as the part already fetched (its size is
         the offset); with ``offset``, ``out`` is cut there. The sha256 the node sends covers the whole file, so
         the check also covers the part fetched earlier. ``on_progress(bytes so far, size)`` after each chunk."""
-        have = out.stat().st_size if out.exists() else 0
+        existed = out.exists()
+        have = out.stat().st_size if existed else 0
         start = have if offset is None else offset
         if start > have:
             raise ClientError(f"--offset {start} is beyond the end of {out} ({have} bytes fetched so far)")
+        try:
+            return self._fetch_into(experiment, path, out, start, on_progress)
+        except ClientError:
+            if not existed and out.exists() and out.stat().st_size == 0:
+                out.unlink()  # nothing came: leave no empty file behind
+            raise
+
+    def _fetch_into(
+        self, experiment: str, path: str, out: Path, start: int, on_progress: Callable[[int, int], None] | None
+    ) -> dict[str, Any]:
         digest = hashlib.sha256()
         with out.open("r+b" if out.exists() else "w+b") as fh:
             fh.truncate(start)
@@ -295,6 +306,7 @@ class Client:
             "fetched": pos - start,
             "resumed_from": start,
             "sha256": sha,
+            "node_id": node,
         }
 
     def cancel(self, experiment: str, reason: str = "") -> dict[str, Any]:

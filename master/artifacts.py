@@ -131,6 +131,9 @@ class ArtifactRelay:
         nodes, shared = await self._holders(exp_key, f"{EXPERIMENTS}/{exp_key}/{rel}", user)
         misses: list[str] = []
         for node in nodes:
+            if node.queue is None:  # its stream closed while an earlier node was asked
+                misses.append(f"{node.name}: {self.node_state(node)}")
+                continue
             t = self._ask(node, exp_key, rel, offset, stat)
             try:
                 first = await self._next(t, self.answer_timeout, exp_key, rel)
@@ -212,9 +215,9 @@ class ArtifactRelay:
         return online, True
 
     def _ask(self, node: NodeRt, key: str, rel: str, offset: int, stat: bool) -> _Transfer:
+        assert node.queue is not None  # checked by the caller, with no await since
         t = _Transfer(next(self._ids), node)
         self.transfers[t.id] = t
-        assert node.queue is not None  # online
         node.queue.put_nowait(
             Fetch(transfer_id=t.id, experiment=key, path=rel, offset=offset, max_bytes=self.max_bytes, stat=stat)
         )
