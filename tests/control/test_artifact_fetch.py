@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from infra.client import Client, ClientError
+from infra.node.uploads import upload_messages
 from infra.protos import infra_pb2
 
 pytestmark = pytest.mark.timeout(180)
@@ -78,6 +79,8 @@ def test_fetch_through_the_master(cluster: Any, tmp_path: Path) -> None:
         result = client.fetch_artifact(key, "artifacts/big.bin", part)
         assert result["resumed_from"] == have and result["fetched"] == big.stat().st_size - have
         assert part.read_bytes() == big.read_bytes()
+        again = client.fetch_artifact(key, "artifacts/big.bin", part, offset=1000)  # --offset: cut there, resume
+        assert again["fetched"] == big.stat().st_size - 1000 and part.read_bytes() == big.read_bytes()
         # a partial copy of another file: the sha256 of the whole file says so
         other = tmp_path / "other.bin"
         other.write_bytes(b"x" * 1000)
@@ -165,3 +168,41 @@ def test_fetch_needs_the_owner(tmp_path: Path) -> None:
     with pytest.raises(ArtifactError, match="without '..'") as e:
         asyncio.run(fetch("e-1", "../e-2/plan.json", "alice"))
     assert e.value.kind == "invalid"
+
+
+def _fetch(record_root: Path, path: str, **kw: Any) -> list[Any]:
+    f = infra_pb2.FetchArtifact(transfer_id=7, experiment="e-1", path=path, **kw)
+    return list(upload_messages(record_root.parent.parent, f, "node-a", 3, chunk=1000))
+
+
+def test_the_node_sends_chunks_of_the_record_only(tmp_path: Path) -> None:
+    root = tmp_path / "work" / "experiments" / "e-1"
+    (root / "ckpts").mkdir(parents=True)
+    data = os.urandom(2500)
+    (root / "ckpts" / "last.pt").write_bytes(data)
+    (tmp_path / "outside.txt").write_text("secret")
+    (root / "ckpts" / "link").symlink_to(tmp_path / "outside.txt")
+
+    first, *chunks, last = _fetch(root, "ckpts/last.pt", offset=1200)
+    assert (first.node_id, first.session, first.transfer_id, first.size, first.data) == ("node-a", 3, 7, 2500, b"")
+    assert [(c.offset, len(c.data)) for c in chunks] == [(1200, 1000), (2200, 300)]
+    assert b"".join(c.data for c in chunks) == data[1200:]
+    assert last.last and last.sha256 == hashlib.sha256(data).hexdigest()  # of the whole file, resumed or not
+    assert [(m.size, m.last, m.data) for m in _fetch(root, "ckpts/last.pt", stat=True)] == [(2500, True, b"")]
+
+    def refused(path: str, **kw: Any) -> tuple[str, str]:
+        (m,) = _fetch(root, path, **kw)
+        return m.error_kind, m.error
+
+    assert refused("ckpts/last.pt", max_bytes=2000) == (
+        "too_large",
+        "ckpts/last.pt is 2500 bytes, over the master's limit of 2000 bytes",
+    )
+    assert refused("ckpts/last.pt", offset=2501)[0] == "invalid"
+    assert refused("ckpts/link")[0] == "invalid" and "outside the experiment directory" in refused("ckpts/link")[1]
+    assert refused("../../outside.txt")[0] == "invalid"
+    assert refused("ckpts")[1] == "path 'ckpts' is not a regular file"
+    assert refused("ckpts/none.pt") == ("not_found", "no file ckpts/none.pt in the experiment record")
+    f = infra_pb2.FetchArtifact(transfer_id=7, experiment="e-2", path="plan.json")
+    (m,) = upload_messages(tmp_path / "work", f, "node-a", 3)
+    assert (m.error_kind, m.error) == ("not_found", "this node has no directory for experiment e-2")
