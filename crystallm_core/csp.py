@@ -16,16 +16,18 @@ validity of all generated CIFs.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing as mp
 import os
 import sys
 import time
 import warnings
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from crystallm_core.events import open_sink
+from crystallm_core.events import JsonlSink, ProgressReporter, open_sink
 
 MATCHER = dict(stol=0.5, angle_tol=10, ltol=0.3)
 SMOKE_TOKENS = 64  # --smoke: generated tokens per attempt, as `crystallm sample --smoke`
@@ -60,11 +62,22 @@ def _match_one(job: tuple[str, list[str | None]]) -> list[float | None]:
     return out
 
 
-def match_all(jobs: list[tuple[str, list[str | None]]], workers: int) -> list[list[float | None]]:
-    if workers <= 1:
-        return [_match_one(j) for j in jobs]
-    with mp.get_context("forkserver").Pool(workers) as pool:
-        return pool.map(_match_one, jobs, chunksize=max(1, len(jobs) // (8 * workers)))
+def match_all(
+    jobs: list[tuple[str, list[str | None]]], workers: int, on_progress: Callable[[int], None] | None = None
+) -> list[list[float | None]]:
+    """Every job's RMS distances, in order; ``on_progress(jobs done)`` as they finish."""
+    out: list[list[float | None]] = []
+    with contextlib.ExitStack() as stack:
+        if workers <= 1:
+            results: Iterable[list[float | None]] = map(_match_one, jobs)
+        else:
+            pool = stack.enter_context(mp.get_context("forkserver").Pool(workers))
+            results = pool.imap(_match_one, jobs, chunksize=max(1, len(jobs) // (8 * workers)))
+        for rms in results:
+            out.append(rms)
+            if on_progress is not None:
+                on_progress(len(out))
+    return out
 
 
 def score(rms: list[list[float | None]], n: int) -> tuple[float, float | None]:
@@ -87,7 +100,9 @@ def run_csp(
     device: str = "auto",
     out: Path | None = None,
     max_tokens: int | None = None,
+    sink: JsonlSink | None = None,
 ) -> CspResult:
+    """The benchmark; progress of its sampling and matching goes to ``sink`` (and a bar on a terminal)."""
     from pymatgen.core import Structure
 
     from crystallm_core.cif import canonicalize
@@ -116,14 +131,16 @@ def run_csp(
     sampler = Sampler(model, vocab, batch_size=batch_size or (1024 if on_gpu else 32))
     length = min(model.cfg.block_size, max_tokens or model.cfg.block_size)  # default: up to the whole context
     params = SamplingParams(temperature=temperature, top_k=top_k, seed=seed, max_tokens=length)
-    samples, stats = generate(sampler, prompts, n, params)
+    with ProgressReporter(sink, "csp sample", n * len(prompts)) as progress:
+        samples, stats = generate(sampler, prompts, n, params, progress.update)
     cifs = [s.cif for s in samples]
     phase(f"{len(cifs)} samples generated ({stats.samples_per_s:.0f}/s)")
     workers = workers or os.cpu_count() or 1
     verdicts = list(check_texts(cifs, workers))
     phase("validity checked")
     valid = [c if v.is_valid else None for c, v in zip(cifs, verdicts)]
-    rms = match_all([(truths[i], valid[i * n : (i + 1) * n]) for i in range(len(truths))], workers)
+    with ProgressReporter(sink, "csp match", len(truths)) as progress:
+        rms = match_all([(truths[i], valid[i * n : (i + 1) * n]) for i in range(len(truths))], workers, progress.update)
     phase("matched")
     rate_1, rmse_1 = score(rms, 1)
     rate_n, rmse_n = score(rms, n)
@@ -176,6 +193,7 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else None
     if out is not None:
         out.mkdir(parents=True, exist_ok=True)
+    sink = open_sink(out or Path(".")) if out is not None or os.environ.get("CRYSTALLM_EVENTS") else None
     try:
         result = run_csp(
             args.model,
@@ -190,14 +208,17 @@ def run(args: argparse.Namespace) -> int:
             args.device,
             out,
             SMOKE_TOKENS if args.smoke else None,
+            sink,
         )
-    except (ValueError, FileNotFoundError) as e:
-        print(f"crystallm benchmark: {e}", file=sys.stderr)
-        return 2
-    if out is not None or os.environ.get("CRYSTALLM_EVENTS"):
-        with open_sink(out or Path(".")) as sink:
+        if sink is not None:
             sink.metric(0, **{k: v for k, v in asdict(result).items() if v is not None})
             if out is not None:
                 sink.artifact(out / "csp.json", "report")
+    except (ValueError, FileNotFoundError) as e:
+        print(f"crystallm benchmark: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if sink is not None:
+            sink.close()
     print(json.dumps(asdict(result)))
     return 0

@@ -27,7 +27,6 @@ from crystallm_core.validity import Validity, check
 
 CHECKS = ("sensible", "formula_ok", "multiplicity_ok", "bonds_ok", "spacegroup_ok", "is_valid")
 MAX_CHUNK = 64  # CIFs per task sent to a worker: large enough to amortise pickling, small enough to balance
-PROGRESS_EVERY = 1000  # CIFs between progress events
 SMOKE_INPUTS = 64  # --smoke checks only this many CIFs
 
 
@@ -221,19 +220,17 @@ def _run_checks(
     if partial is not None:
         fh = partial.open("w", encoding="utf-8")
     try:
-        for record, v in zip(records, check_texts([r.text for r in records], workers), strict=True):
-            results.append(v)
-            if fh is not None:
-                fh.write(json.dumps({"id": record.id, "source": record.source, **v.to_dict()}) + "\n")
-            if sink is not None and len(results) % PROGRESS_EVERY == 0:
-                sink.progress("evaluate", len(results), len(records))
+        with events.ProgressReporter(sink, "evaluate", len(records)) as progress:
+            for record, v in zip(records, check_texts([r.text for r in records], workers), strict=True):
+                results.append(v)
+                if fh is not None:
+                    fh.write(json.dumps({"id": record.id, "source": record.source, **v.to_dict()}) + "\n")
+                progress.update(len(results))
     finally:
         if fh is not None:
             fh.close()
     if partial is not None and out is not None:
         partial.replace(out)
-    if sink is not None:
-        sink.progress("evaluate", len(results), len(records))
     return results
 
 

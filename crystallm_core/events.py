@@ -20,12 +20,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
 
 ENV_VAR = "CRYSTALLM_EVENTS"
 FILENAME = "events.jsonl"
+PROGRESS_EVERY_S = 0.5  # at most two progress events a second: the node ships every line, the master keeps the last
 
 
 def _finite(v: float) -> float | None:
@@ -78,6 +80,51 @@ class JsonlSink:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class ProgressReporter:
+    """One piece of work's progress: ``progress`` events at most every ``every`` seconds (the first update at
+    once, the last state on exit), and a rich bar on stderr when it is a terminal (nothing in logs otherwise).
+    Call :meth:`update` as often as convenient; it is cheap between events."""
+
+    def __init__(
+        self, sink: JsonlSink | None, what: str, total: int | None = None, every: float = PROGRESS_EVERY_S
+    ) -> None:
+        self.sink, self.what, self.total, self.every = sink, what, total, every
+        self.done = 0
+        self._sent: tuple[int, int | None] | None = None
+        self._at = -math.inf
+        self._bar: Any = None
+        self._task: Any = None
+
+    def __enter__(self) -> ProgressReporter:
+        if sys.stderr.isatty():
+            from rich.console import Console
+            from rich.progress import Progress
+
+            self._bar = Progress(console=Console(stderr=True), transient=False)
+            self._bar.start()
+            self._task = self._bar.add_task(self.what, total=self.total)
+        return self
+
+    def update(self, done: int, total: int | None = None) -> None:
+        self.done = int(done)
+        self.total = self.total if total is None else int(total)
+        if self._bar is not None:
+            self._bar.update(self._task, completed=self.done, total=self.total)
+        if time.monotonic() - self._at >= self.every:
+            self._emit()
+
+    def _emit(self) -> None:
+        self._at = time.monotonic()
+        if self.sink is not None and self._sent != (self.done, self.total):
+            self._sent = (self.done, self.total)
+            self.sink.progress(self.what, self.done, self.total)
+
+    def __exit__(self, *exc: object) -> None:
+        self._emit()
+        if self._bar is not None:
+            self._bar.stop()
 
 
 def open_sink(out_dir: str | Path) -> JsonlSink:

@@ -37,7 +37,7 @@ import sys
 import time
 from dataclasses import dataclass
 from importlib import metadata
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 PLAN_JSON = "plan.json"
@@ -236,6 +236,22 @@ class ExperimentLayout:
             return full.relative_to(self.root.resolve()).as_posix()
         except ValueError:
             raise LayoutError(f"path {str(path)!r} is outside the experiment directory {self.root}") from None
+
+    def file(self, path: str) -> Path:
+        """The regular file of the record that ``path`` (relative to the root, POSIX separators) names, resolved:
+        how a file asked for from elsewhere (a client, through the master) is confined to the record. An
+        absolute path, ``..``, or a link leading outside is a :class:`LayoutError`; a missing file is
+        :class:`FileNotFoundError`."""
+        rel = PurePosixPath(path)
+        if not path or rel.is_absolute() or ".." in rel.parts or "\\" in path or "\0" in path:
+            raise LayoutError(f"path {path!r} must be relative to the experiment directory, without '..'")
+        full = self.root / rel
+        self.relative(full)  # resolves links: one that leads outside is refused
+        if not full.exists():
+            raise FileNotFoundError(f"no file {path} in the experiment record")
+        if not full.is_file():
+            raise LayoutError(f"path {path!r} is not a regular file")
+        return full.resolve()
 
     def list_artifacts(self) -> list[Artifact]:
         """Every file of the record, sorted by path: plan.json, env.json and the standard folders except

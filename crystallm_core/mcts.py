@@ -48,7 +48,7 @@ from typing import Any
 
 import torch
 
-from crystallm_core.events import JsonlSink, open_sink
+from crystallm_core.events import JsonlSink, ProgressReporter, open_sink
 from crystallm_core.model import GPT
 from crystallm_core.postprocess import postprocess
 from crystallm_core.sampler import Sampler, SamplingParams
@@ -434,11 +434,13 @@ class Search:
         t0 = time.perf_counter()
         try:
             self._expand([self.tree.root])
-            while self.stats.rollouts < self.cfg.iterations:
-                n = min(self.cfg.rollouts_per_step, self.cfg.iterations - self.stats.rollouts)
-                self.step(n)
-                self.stats.seconds = time.perf_counter() - t0
-                self._report()
+            with ProgressReporter(self.sink, "mcts", self.cfg.iterations) as progress:
+                while self.stats.rollouts < self.cfg.iterations:
+                    n = min(self.cfg.rollouts_per_step, self.cfg.iterations - self.stats.rollouts)
+                    self.step(n)
+                    self.stats.seconds = time.perf_counter() - t0
+                    self._report()
+                    progress.update(self.stats.rollouts)
             self._back_up_in_flight()
         except ScorerError as exc:
             self.stats.error = str(exc)
@@ -589,7 +591,6 @@ class Search:
         if st.best_score is not None:
             values["best_score"] = st.best_score
         self.sink.metric(st.steps, **values)
-        self.sink.progress("mcts", st.rollouts, self.cfg.iterations)
 
     def _write_outputs(self) -> None:
         assert self.out is not None

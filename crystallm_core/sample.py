@@ -11,13 +11,14 @@ import argparse
 import csv
 import gzip
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from crystallm_core.checkpoint import load_model
-from crystallm_core.events import open_sink
+from crystallm_core.events import ProgressReporter, open_sink
 from crystallm_core.postprocess import postprocess
 from crystallm_core.prompts import PromptError, make_prompt, read_prompts
 from crystallm_core.sampler import Sampler, SamplerStats, SamplingParams
@@ -43,14 +44,19 @@ def load_for_inference(ckpt: str | Path, device: str = "auto"):  # noqa: ANN201 
 
 
 def generate(
-    sampler: Sampler, prompts: list[tuple[str, str | None]], num_samples: int, params: SamplingParams
+    sampler: Sampler,
+    prompts: list[tuple[str, str | None]],
+    num_samples: int,
+    params: SamplingParams,
+    on_progress: Callable[[int, int], None] | None = None,
 ) -> tuple[list[Sample], SamplerStats]:
-    """``num_samples`` completions of each (composition, space group) prompt."""
+    """``num_samples`` completions of each (composition, space group) prompt; ``on_progress(finished, total)``
+    as samples finish."""
     vocab = sampler.vocab
     texts = [make_prompt(comp, sg) for comp, sg in prompts]
     encoded = [vocab.encode(t) for t in texts]
     requests = [encoded[i] for i in range(len(texts)) for _ in range(num_samples)]
-    outputs, stats = sampler.generate(requests, params)
+    outputs, stats = sampler.generate(requests, params, on_progress)
     samples = []
     for k, ids in enumerate(outputs):
         i, j = divmod(k, num_samples)
@@ -116,10 +122,12 @@ def run(args: argparse.Namespace) -> int:
     device = next(model.parameters()).device
     batch = args.batch_size or (1024 if device.type == "cuda" else 32)
     sampler = Sampler(model, vocab, batch_size=min(batch, n * len(prompts)), max_len=model.cfg.block_size)
-    samples, stats = generate(sampler, prompts, n, params)
-    out = write_samples(samples, Path(args.out))
-    sink_dir = out.parent if out.suffix in (".csv", ".gz") else out
-    with open_sink(sink_dir) as sink:
+    out = Path(args.out)
+    with open_sink(out.parent if out.suffix in (".csv", ".gz") else out) as sink:
+        with ProgressReporter(sink, "sample", n * len(prompts)) as progress:
+            progress.update(0)  # the bar shows from the start, before the first sample ends
+            samples, stats = generate(sampler, prompts, n, params, progress.update)
+        out = write_samples(samples, out)
         sink.metric(0, samples=stats.samples, samples_per_s=stats.samples_per_s, tokens_per_s=stats.tokens_per_s)
         sink.artifact(out, "samples")
     rate = f"{stats.samples_per_s:.1f}/s, {stats.tokens_per_s:,.0f} tok/s"

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 
 import torch
@@ -189,8 +190,14 @@ class Sampler:
         self.pos[idx] = 0
         self.active[idx] = True
 
-    def generate(self, prompts: list[list[int]], params: SamplingParams) -> tuple[list[list[int]], SamplerStats]:
-        """Complete every prompt once; returns token lists (prompt included, ``<eos>`` excluded) in input order."""
+    def generate(
+        self,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> tuple[list[list[int]], SamplerStats]:
+        """Complete every prompt once; returns token lists (prompt included, ``<eos>`` excluded) in input order.
+        ``on_progress(finished, total)`` is called at each check of finished slots (every few steps)."""
         for i, p in enumerate(prompts):
             if not 1 <= len(p) < self.L:
                 raise ValueError(f"prompt {i} has {len(p)} tokens; it must be 1 to {self.L - 1}")
@@ -205,6 +212,7 @@ class Sampler:
             torch.cuda.synchronize(self.device)
         t0 = time.perf_counter()
         free = list(range(self.B))
+        done = 0
         while True:
             if free and pending:
                 take = [pending.popleft() for _ in range(min(len(free), len(pending)))]
@@ -229,6 +237,9 @@ class Sampler:
                     stats.generated_tokens += end - len(prompts[i])
                     owner[s] = None
                 free.extend(finished)
+                done += len(finished)
+                if on_progress is not None:
+                    on_progress(done, len(prompts))
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             stats.peak_memory_bytes = torch.cuda.max_memory_allocated(self.device)

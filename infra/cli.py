@@ -8,11 +8,13 @@ Read commands take ``--json`` for machine-readable output. The connection option
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
 import time
-from pathlib import Path
+from collections.abc import Callable, Iterator
+from pathlib import Path, PurePosixPath
 from typing import Any
 
 TERMINAL = ("succeeded", "failed", "cancelled")
@@ -171,7 +173,12 @@ def cmd_submit(args: argparse.Namespace) -> int:
                 print(key, flush=True)
             if not args.wait:
                 return 0
-            exp = client.wait(key, on_change=None if args.json else _progress_printer())
+            if not args.json and _console().is_terminal:
+                exp = _watch(client, key)
+            else:
+                exp = client.wait(key, on_change=None if args.json else _progress_printer())
+    except KeyboardInterrupt:
+        return 130
     except PlanError as e:
         print(f"infra submit: {args.plan}: plan rejected:", file=sys.stderr)
         for issue in e.issues:
@@ -199,7 +206,76 @@ def _progress_printer() -> Any:
     return show
 
 
+def _watch(client: Any, key: str, poll: float = 1.0) -> dict[str, Any]:
+    """Redraw the experiment's stages with a bar per progress they report, until it ends (a terminal)."""
+    from rich.live import Live
+
+    from infra.client import TERMINAL
+
+    exp = client.experiment(key)
+    with Live(_stages_view(exp), console=_console(), auto_refresh=False) as live:
+        while exp["state"] not in TERMINAL:
+            time.sleep(poll)
+            exp = client.experiment(key)
+            live.update(_stages_view(exp), refresh=True)
+    return exp
+
+
+def _stages_view(exp: dict[str, Any]) -> Any:
+    from rich.progress_bar import ProgressBar
+    from rich.table import Table
+
+    t = Table(title=f"{exp['experiment']}  {_styled(exp['state'])}", title_justify="left")
+    for col in ("stage", "state", "node", "progress"):
+        t.add_column(col)
+    for s in exp["stages"]:
+        bars = Table.grid(padding=(0, 1))
+        for p in s["progress"]:
+            total = p["total"]
+            count = f"{p['done']}/{total}" if total is not None else str(p["done"])
+            bars.add_row(p["what"], ProgressBar(total=total, completed=p["done"], width=30), count)
+        t.add_row(s["name"], _styled(s["state"]), s["node"] or "-", bars if s["progress"] else s["reason"])
+    return t
+
+
+def _watch_lines(client: Any, key: str, as_json: bool, poll: float = 1.0) -> dict[str, Any]:
+    """``status --watch`` without a terminal: a line per change of a stage's state or progress."""
+    from infra.client import TERMINAL
+
+    seen: dict[str, Any] = {}
+    while True:
+        exp = client.experiment(key)
+        for s in exp["stages"]:
+            now = (s["state"], s["progress"])
+            if seen.get(s["name"]) != now:
+                seen[s["name"]] = now
+                if as_json:
+                    print(json.dumps({"stage": s["name"], "state": s["state"], "progress": s["progress"]}), flush=True)
+                else:
+                    shown = " ".join(
+                        f"{p['what']} {p['done']}/{p['total'] if p['total'] is not None else '?'}"
+                        for p in s["progress"]
+                    )
+                    print(f"{time.strftime('%H:%M:%S')} {s['name']:<16} {s['state']:<10} {shown}", flush=True)
+        if exp["state"] in TERMINAL:
+            return exp
+        time.sleep(poll)
+
+
 def cmd_status(args: argparse.Namespace) -> int:
+    if args.watch:
+        if not args.experiment:
+            print("infra status: --watch needs an EXPERIMENT", file=sys.stderr)
+            return 2
+        try:
+            with _client(args) as client:
+                if not args.json and _console().is_terminal:
+                    exp = _watch(client, args.experiment)
+                else:
+                    exp = _watch_lines(client, args.experiment, args.json)
+        except KeyboardInterrupt:
+            return 130
+        return 0 if exp["state"] == "succeeded" else 1
     with _client(args) as client:
         data = client.status(args.experiment, args.limit)
     if args.json:
@@ -319,6 +395,8 @@ def cmd_metrics(args: argparse.Namespace) -> int:
 def cmd_artifacts(args: argparse.Namespace) -> int:
     if args.local:
         return _local_artifacts(Path(args.experiment), args.json)
+    if args.get:
+        return _get_artifact(args)
     with _client(args) as client:
         rows = client.artifacts(args.experiment)
     if args.json:
@@ -333,6 +411,36 @@ def cmd_artifacts(args: argparse.Namespace) -> int:
         t.add_row(r["stage"], str(r["attempt"]), r["node"], r["kind"], r["path"])
     _console().print(t)
     return 0
+
+
+def _get_artifact(args: argparse.Namespace) -> int:
+    """``--get PATH``: the file through the master into ``-o FILE`` (default: its name, here), resuming a
+    partial FILE; a progress bar on a terminal."""
+    out = Path(args.output or PurePosixPath(args.get).name)
+    with _client(args) as client, _byte_bar(f"{args.experiment}: {args.get}") as on_progress:
+        result = client.fetch_artifact(args.experiment, args.get, out, args.offset, on_progress)
+    if args.json:
+        _print_json(result)
+    else:
+        resumed = f", resumed at byte {result['resumed_from']}" if result["resumed_from"] else ""
+        print(f"{out}: {result['bytes']} bytes, sha256 {result['sha256']}{resumed}")
+    return 0
+
+
+@contextlib.contextmanager
+def _byte_bar(title: str) -> Iterator[Callable[[int, int], None] | None]:
+    """A transfer bar on stderr when it is a terminal; nothing otherwise."""
+    if not sys.stderr.isatty():
+        yield None
+        return
+    from rich.console import Console
+    from rich.progress import BarColumn, DownloadColumn, Progress, TransferSpeedColumn
+
+    with Progress(
+        "{task.description}", BarColumn(), DownloadColumn(), TransferSpeedColumn(), console=Console(stderr=True)
+    ) as bar:
+        task = bar.add_task(title, total=None)
+        yield lambda done, total: bar.update(task, completed=done, total=total)
 
 
 def _local_artifacts(root: Path, as_json: bool) -> int:
@@ -663,6 +771,12 @@ def _add_client_verbs(sub: Any) -> None:
     sp.add_argument(
         "--attempts", action="store_true", help="list every attempt: node, start, end, failure class, exit, reason"
     )
+    sp.add_argument(
+        "--watch",
+        action="store_true",
+        help="follow EXPERIMENT's stages and their progress live until it ends (exit 1 unless it succeeded); "
+        "without a terminal, a line per change (--json: a JSON object per line)",
+    )
     sp.set_defaults(func=cmd_status)
 
     sp = client_verb("logs", "a stage's log lines")
@@ -682,6 +796,16 @@ def _add_client_verbs(sub: Any) -> None:
         "--local",
         action="store_true",
         help="list the files of the experiment record in the directory EXPERIMENT on this machine (no master)",
+    )
+    sp.add_argument(
+        "--get",
+        metavar="PATH",
+        help="fetch this file of the record from the node that holds it, through the master (PATH relative to "
+        "the experiment directory, or as listed); a partial -o FILE is resumed",
+    )
+    sp.add_argument("-o", "--output", metavar="FILE", help="with --get: where to write (default: the file's name)")
+    sp.add_argument(
+        "--offset", type=int, metavar="BYTES", help="with --get: fetch from this byte on (default: FILE's size)"
     )
     sp.set_defaults(func=cmd_artifacts)
 

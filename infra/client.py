@@ -8,10 +8,12 @@ Stage references are ``EXPERIMENT/STAGE`` (e.g. ``demo-3/train``) or a numeric s
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -106,6 +108,7 @@ def stage_dict(s: infra_pb2.StageStatus) -> dict[str, Any]:
         "max_retries": s.max_retries,
         "reason": s.reason,
         "node": attempts[-1]["node"] if attempts else None,
+        "progress": [{"what": p.what, "done": p.done, "total": p.total if p.has_total else None} for p in s.progress],
         "attempts": attempts,
         "transitions": [
             {"from": _state(t.from_state), "to": _state(t.to_state), "time": t.time, "reason": t.reason}
@@ -236,6 +239,75 @@ class Client:
             }
             for a in resp.artifacts
         ]
+
+    def fetch_artifact(
+        self,
+        experiment: str,
+        path: str,
+        out: Path,
+        offset: int | None = None,
+        on_progress: Callable[[int, int], None] | None = None,
+    ) -> dict[str, Any]:
+        """Copy a file of the experiment's record to ``out``, through the master, and check its sha256.
+
+        Resumable: without ``offset`` an existing ``out`` is taken as the part already fetched (its size is
+        the offset); with ``offset``, ``out`` is cut there. The sha256 the node sends covers the whole file, so
+        the check also covers the part fetched earlier. ``on_progress(bytes so far, size)`` after each chunk."""
+        existed = out.exists()
+        have = out.stat().st_size if existed else 0
+        start = have if offset is None else offset
+        if start > have:
+            raise ClientError(f"--offset {start} is beyond the end of {out} ({have} bytes fetched so far)")
+        try:
+            return self._fetch_into(experiment, path, out, start, on_progress)
+        except ClientError:
+            if not existed and out.exists() and out.stat().st_size == 0:
+                out.unlink()  # nothing came: leave no empty file behind
+            raise
+
+    def _fetch_into(
+        self, experiment: str, path: str, out: Path, start: int, on_progress: Callable[[int, int], None] | None
+    ) -> dict[str, Any]:
+        digest = hashlib.sha256()
+        with out.open("r+b" if out.exists() else "w+b") as fh:
+            fh.truncate(start)
+            while block := fh.read(1 << 22):
+                digest.update(block)
+            req = infra_pb2.GetArtifactRequest(experiment=experiment, path=path, offset=start)
+            pos, size, sha, node = start, 0, "", ""
+            try:
+                for m in self.stub.GetArtifact(req, timeout=None):
+                    node = node or m.node_id
+                    size = m.size
+                    if m.data:
+                        if m.offset != pos:
+                            raise ClientError(f"{path}: chunk at offset {m.offset}, expected {pos}")
+                        fh.write(m.data)
+                        digest.update(m.data)
+                        pos += len(m.data)
+                    if on_progress is not None:
+                        on_progress(pos, size)
+                    if m.last:
+                        sha = m.sha256
+            except grpc.RpcError as e:
+                raise self._error(e) from None
+        if not sha or pos != size:
+            raise ClientError(f"{path}: the transfer ended at byte {pos} of {size}; run again to resume")
+        if digest.hexdigest() != sha:
+            raise ClientError(
+                f"{out}: sha256 differs from {path} on the node (the part fetched earlier is of another version "
+                "of the file?); delete it and fetch again"
+            )
+        return {
+            "experiment": experiment,
+            "path": path,
+            "file": str(out),
+            "bytes": size,
+            "fetched": pos - start,
+            "resumed_from": start,
+            "sha256": sha,
+            "node_id": node,
+        }
 
     def cancel(self, experiment: str, reason: str = "") -> dict[str, Any]:
         resp = self._call("Cancel", infra_pb2.CancelRequest(experiment=experiment, reason=reason))

@@ -194,7 +194,20 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return grpc.unary_stream_rpc_method_handler(
                 stream, handler.request_deserializer, handler.response_serializer
             )
-        return handler  # the protocol has no client-streaming calls
+        if handler.stream_unary is not None:  # UploadArtifact
+            inner_upload = handler.stream_unary
+
+            async def upload(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+                token = CURRENT.set(await check(context, method))
+                try:
+                    return await inner_upload(requests, context)
+                finally:
+                    CURRENT.reset(token)
+
+            return grpc.stream_unary_rpc_method_handler(
+                upload, handler.request_deserializer, handler.response_serializer
+            )
+        raise AssertionError(f"{method}: the protocol has no bidirectional calls; this one would go unchecked")
 
     async def _check(self, context: grpc.aio.ServicerContext, method: str) -> Identity:
         try:

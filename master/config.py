@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 LOST_HEARTBEATS = 12  # the default lost timeout, in heartbeat intervals (docs/RELIABILITY.md says why)
+ARTIFACT_MAX_BYTES = 64 << 30  # the largest file relayed to a client (a large model's checkpoint fits)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -20,6 +21,7 @@ class ControllerOptions:
     persist_interval: float = 10.0  # how often the last heartbeats are written (they stay in memory between)
     lost_timeout: float | None = None  # a node silent this long is lost; None: LOST_HEARTBEATS intervals
     home_wait: float = 600.0  # how long an experiment waits for its lost home node before starting over
+    artifact_max_bytes: int = ARTIFACT_MAX_BYTES  # files larger than this are not relayed to clients
 
     def lost_after(self) -> float:
         if self.lost_timeout is not None:
@@ -37,6 +39,7 @@ class Settings:
     lost_timeout: float | None = ControllerOptions.lost_timeout
     home_wait: float = ControllerOptions.home_wait
     persist_interval: float = ControllerOptions.persist_interval
+    artifact_max_bytes: int = ControllerOptions.artifact_max_bytes
     auth: bool = False
     insecure: bool = False
     tls_cert: str | None = None
@@ -51,4 +54,5 @@ class Settings:
             persist_interval=self.persist_interval,
             lost_timeout=self.lost_timeout,
             home_wait=self.home_wait,
+            artifact_max_bytes=self.artifact_max_bytes,
         )

@@ -12,6 +12,7 @@ given what else they need explicitly, so none holds a reference back to this obj
 - :class:`~master.intake.Intake`: status reports and events, fenced by lease;
 - :class:`~master.experiments.Experiments`: submit, cancel, rerun;
 - :class:`~master.metrics.Metrics`: the Prometheus registry (fed by the writer's commits and the servicers).
+- :class:`~master.artifacts.ArtifactRelay`: files of experiment records, from their node to a client.
 
 Every change becomes a :class:`~master.store.Changes` unit committed by the writer thread, in order;
 a reply that acknowledges a change is sent only once the change is committed. No protobuf here: the
@@ -31,6 +32,7 @@ from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
 from infra.master import store
+from infra.master.artifacts import ArtifactRelay
 from infra.master.config import ControllerOptions
 from infra.master.errors import NotFound, Refused
 from infra.master.experiments import Experiments
@@ -75,6 +77,13 @@ class Controller:
         self.scheduler = Scheduler(*parts, wake=self.wake)
         self.intake = Intake(*parts, engine=engine, heard_from=self.registry.heard_from)
         self.submissions = Experiments(*parts, engine=engine, wake=self.wake)
+        self.artifacts = ArtifactRelay(
+            self.state,
+            engine=engine,
+            read=self.read,
+            node_state=self.registry.node_state,
+            max_bytes=options.artifact_max_bytes,
+        )
 
     def _forgotten(self, exp: ExperimentRt) -> None:
         self.scheduler.forget(exp)

@@ -23,6 +23,7 @@ from infra.master.state import ASSIGNED, CANCELLED, FAILED, RUNNING, SUCCEEDED, 
 from infra.master.store import Changes
 
 E = TypeVar("E")
+MAX_PROGRESS_NAMES = 8  # progress names kept per attempt (a stage reports one or two)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -114,6 +115,13 @@ class Intake(Part):
             tick, self._events_tick = self._events_tick, asyncio.Event()
             tick.set()
         return stored, sorted(rejected)
+
+    def progress(self, node_id: str, attempt_id: int, lease: str, what: str, done: int, total: int | None) -> None:
+        """Keep an attempt's latest progress per ``what`` in memory only (status shows it while the stage runs;
+        the events themselves are stored like any other). A few names per attempt at most."""
+        att = self.state.current(node_id, attempt_id, lease)
+        if att is not None and (what in att.progress or len(att.progress) < MAX_PROGRESS_NAMES):
+            att.progress[what] = (done, total)
 
     async def wait_for_events(self, timeout: float) -> None:
         """Return when new events were stored (or after ``timeout``): how ``logs --follow`` waits."""

@@ -14,6 +14,7 @@ short message naming only that number (:func:`shielded`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import inspect
 import itertools
@@ -25,9 +26,11 @@ from typing import Any, TypeVar
 import grpc
 
 from infra.master import auth, store
+from infra.master.artifacts import ArtifactError
 from infra.master.auth import Identity
 from infra.master.controller import Controller
 from infra.master.errors import NotFound, Refused
+from infra.master.state import RUNNING
 from infra.master.wire import NodeAPI, ProtocolMismatch
 from infra.protos import MAX_MESSAGE_BYTES, infra_pb2, infra_pb2_grpc
 from infra.spec.plan import PlanError, stage_processes
@@ -37,6 +40,11 @@ DEFAULT_STATUS_LIMIT = 50
 UNPAGED_METRICS_BYTES = MAX_MESSAGE_BYTES - (1 << 20)  # an answer to a client that asks for no page
 log = logging.getLogger("infra.master")
 _refs = itertools.count(1)
+ARTIFACT_CODES = {  # the rest (offline, too_large, busy, failed) are FAILED_PRECONDITION, with the message
+    "invalid": grpc.StatusCode.INVALID_ARGUMENT,
+    "not_found": grpc.StatusCode.NOT_FOUND,
+    "denied": grpc.StatusCode.PERMISSION_DENIED,
+}
 C = TypeVar("C", bound=type)
 
 
@@ -117,6 +125,9 @@ class NodeServicer(infra_pb2_grpc.NodeServiceServicer):
         except NotFound as e:
             await context.abort(grpc.StatusCode.FAILED_PRECONDITION, str(e))
 
+    async def UploadArtifact(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await self.c.upload(request_iterator)
+
     async def ReportEvents(self, request: infra_pb2.EventBatch, context: grpc.aio.ServicerContext) -> Any:
         stored, rejected = await self.c.report_events(request)
         self.metrics.events_stored.inc(stored)
@@ -173,7 +184,23 @@ class ClientServicer(infra_pb2_grpc.ClientServiceServicer):
         )
         if request.experiment and not exps:
             await context.abort(grpc.StatusCode.NOT_FOUND, f"no experiment {request.experiment!r}")
-        return infra_pb2.StatusResponse(nodes=self._nodes(), experiments=[_experiment(e) for e in exps])
+        experiments = [_experiment(e) for e in exps]
+        for e in experiments:
+            self._add_progress(e)
+        return infra_pb2.StatusResponse(nodes=self._nodes(), experiments=experiments)
+
+    def _add_progress(self, e: infra_pb2.ExperimentStatus) -> None:
+        """The latest progress of each running stage, from memory (the master keeps it only while it runs)."""
+        exp = self.c.experiments.get(e.experiment)
+        if exp is None:
+            return
+        running = {st.name: st.current for st in exp.stages if st.current is not None and st.current.state == RUNNING}
+        for s in e.stages:
+            att = running.get(s.name)
+            if att is None:
+                continue
+            for what, (done, total) in att.progress.items():
+                s.progress.add(what=what, done=done, total=total or 0, has_total=total is not None)
 
     def _nodes(self) -> list[infra_pb2.NodeStatus]:
         now = time.time()
@@ -295,6 +322,22 @@ class ClientServicer(infra_pb2_grpc.ClientServiceServicer):
                 for r in rows
             ]
         )
+
+    async def GetArtifact(
+        self, request: infra_pb2.GetArtifactRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[infra_pb2.ArtifactData]:
+        """A file of the record, relayed from its node (``master/artifacts.py``); a client that goes away
+        ends the node's upload too."""
+        relay = self.c.artifacts
+        answer = relay.pieces(request.experiment, request.path, request.offset, user=self._me(), stat=request.stat)
+        try:
+            async with contextlib.aclosing(answer):
+                async for p in answer:
+                    yield infra_pb2.ArtifactData(
+                        offset=p.offset, data=p.data, size=p.size, last=p.last, sha256=p.sha256, node_id=p.node_id
+                    )
+        except ArtifactError as e:
+            await context.abort(ARTIFACT_CODES.get(e.kind, grpc.StatusCode.FAILED_PRECONDITION), str(e))
 
     async def Cancel(self, request: infra_pb2.CancelRequest, context: grpc.aio.ServicerContext) -> Any:
         await self._experiment_owner(context, request.experiment)

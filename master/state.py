@@ -98,6 +98,7 @@ class AttemptRt:
     state: str
     started_at: float = 0.0  # when the node reported RUNNING
     failure_class: str = ""  # once ended badly: node_lost | preempted | cancelled | error | infra
+    progress: dict[str, tuple[int, int | None]] = field(default_factory=dict)  # latest (done, total) per `what`
 
 
 @dataclass(eq=False, kw_only=True)
@@ -163,7 +164,19 @@ class Stop:
     reason: str
 
 
-Command = AttemptRt | Stop  # what a node's queue carries: an attempt to run (sent as an assignment), or a stop
+@dataclass(frozen=True, kw_only=True)
+class Fetch:
+    """A command to a node: upload a file of an experiment record for a client (``master/artifacts.py``)."""
+
+    transfer_id: int
+    experiment: str
+    path: str  # relative to the experiment directory
+    offset: int
+    max_bytes: int
+    stat: bool = False
+
+
+Command = AttemptRt | Stop | Fetch  # what a node's queue carries: an attempt to run, a stop, a file to send
 
 
 @dataclass(eq=False)

@@ -319,3 +319,34 @@ def artifacts(engine: Engine, key: str) -> list[dict[str, Any]]:
             .order_by(Stage.position, Attempt.number, Event.seq)
         )
         return _rows(s, q)
+
+
+def artifact_holders(engine: Engine, key: str, reported_path: str) -> dict[str, Any] | None:
+    """Where the files of experiment ``key`` are, for relaying one (None: no such experiment): its owner,
+    whether its workdir is shared, and node ids most likely first: those that reported ``reported_path``
+    as an artifact (latest first), its home node, the nodes of its attempts (latest first)."""
+    with Session(engine) as s:
+        exp = s.execute(
+            select(Experiment.id, Experiment.owner, Experiment.shared_workdir, Experiment.home_node_id).where(
+                Experiment.key == key
+            )
+        ).first()
+        if exp is None:
+            return None
+        reported = s.execute(
+            select(Attempt.node_id, Event.data)
+            .join(Attempt, Attempt.id == Event.attempt_id)
+            .join(Stage, Stage.id == Attempt.stage_id)
+            .where(Stage.experiment_id == exp.id, Event.type == "artifact")
+            .order_by(Event.time.desc())
+        ).all()
+        ran = s.execute(
+            select(Attempt.node_id)
+            .join(Stage, Stage.id == Attempt.stage_id)
+            .where(Stage.experiment_id == exp.id)
+            .order_by(Attempt.assigned_at.desc())
+        ).scalars()
+        nodes = [n for n, data in reported if (data or {}).get("path") == reported_path]
+        nodes += [exp.home_node_id] if exp.home_node_id else []
+        nodes += list(ran)
+    return {"owner": exp.owner, "shared_workdir": bool(exp.shared_workdir), "nodes": list(dict.fromkeys(nodes))}

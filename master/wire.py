@@ -17,8 +17,9 @@ from typing import TYPE_CHECKING, Any
 
 from google.protobuf.json_format import MessageToDict
 
+from infra.master.artifacts import Piece
 from infra.master.intake import StatusReport
-from infra.master.state import AttemptRt, Command, Stop
+from infra.master.state import AttemptRt, Command, Fetch, Stop
 from infra.protos import PROTOCOL_VERSION, infra_pb2
 
 if TYPE_CHECKING:
@@ -86,14 +87,24 @@ class NodeAPI:
         )
         return await self.c.intake.report_status(report)
 
+    async def upload(self, messages: AsyncIterator[infra_pb2.ArtifactChunk]) -> infra_pb2.UploadAck:
+        accepted, reason = await self.c.artifacts.receive(pieces(messages))
+        return infra_pb2.UploadAck(accepted=accepted, reason=reason)
+
     async def report_events(self, batch: infra_pb2.EventBatch) -> tuple[int, list[int]]:
         node_id = batch.node_id
-        return await self.c.intake.report_events(
+        result = await self.c.intake.report_events(
             node_id,
             list(batch.events),
             lease_of=lambda ev: (ev.attempt_id, ev.lease_token),
             rows=lambda accepted: event_rows(node_id, accepted),
         )
+        for ev in batch.events:  # in order: the last of a batch wins
+            if ev.WhichOneof("body") == "progress":
+                p = ev.progress
+                total = p.total if p.has_total else None
+                self.c.intake.progress(node_id, ev.attempt_id, ev.lease_token, p.what, p.done, total)
+        return result
 
 
 def usage_row(usage: infra_pb2.Usage) -> dict[str, Any]:
@@ -104,7 +115,35 @@ def usage_row(usage: infra_pb2.Usage) -> dict[str, Any]:
 def node_command(command: Command) -> infra_pb2.NodeCommand:
     if isinstance(command, Stop):
         return cancel_command(command)
+    if isinstance(command, Fetch):
+        return infra_pb2.NodeCommand(
+            fetch=infra_pb2.FetchArtifact(
+                transfer_id=command.transfer_id,
+                experiment=command.experiment,
+                path=command.path,
+                offset=command.offset,
+                max_bytes=command.max_bytes,
+                stat=command.stat,
+            )
+        )
     return assignment(command)
+
+
+async def pieces(messages: AsyncIterator[infra_pb2.ArtifactChunk]) -> AsyncIterator[Piece]:
+    """An upload's messages as the relay's plain values."""
+    async for m in messages:
+        yield Piece(
+            node_id=m.node_id,
+            session=m.session,
+            transfer_id=m.transfer_id,
+            offset=m.offset,
+            data=m.data,
+            size=m.size,
+            last=m.last,
+            sha256=m.sha256,
+            error=m.error,
+            error_kind=m.error_kind,
+        )
 
 
 def assignment(att: AttemptRt) -> infra_pb2.NodeCommand:

@@ -55,6 +55,7 @@ from infra.node.runner import StageRun, stage_context, start_record
 from infra.node.settings import Options
 from infra.node.spool import Item, Spool
 from infra.node.stage_plugins import load_stage_modules, workdir_stage_plugins
+from infra.node.uploads import upload_messages
 from infra.protos import PROTOCOL_VERSION, infra_pb2, infra_pb2_grpc
 from infra.protos.transport import KEEPALIVE, RECONNECT, Connection
 from infra.spec.plan import validation_issues, with_defaults
@@ -72,6 +73,8 @@ FAILURE_CLASSES = {
     "node_lost": infra_pb2.FAILURE_NODE_LOST,
 }
 STOP_GRACE_S = 15.0  # after the stop deadline: for the stopped stages to end and their reports to go
+MAX_UPLOADS = 4  # artifact uploads at once; the master gets a clear "busy" beyond that
+UPLOAD_TIMEOUT_S = 6 * 3600.0  # one upload call; the master ends it earlier when its client goes away
 
 
 class FatalError(Exception):
@@ -202,6 +205,7 @@ class Agent:
         self.held: dict[int, Held] = {}
         self.cancelled: set[int] = set()  # cancels that arrived before (or without) their assignment
         self._stream: Any = None
+        self._uploads = threading.BoundedSemaphore(MAX_UPLOADS)
         self.fatal: str | None = None
 
     # --- restart -------------------------------------------------------------------------------
@@ -457,6 +461,34 @@ class Agent:
             self._start(a, None, None)
         elif which == "cancel":
             self._revoke(command.cancel.attempt_id, command.cancel.reason or "cancelled", stale=False)
+        elif which == "fetch":
+            threading.Thread(target=self._upload, args=(command.fetch,), name="upload", daemon=True).start()
+
+    def _upload(self, f: infra_pb2.FetchArtifact) -> None:
+        """Answer a FetchArtifact: one UploadArtifact call (node/uploads.py), at most MAX_UPLOADS at once."""
+        session = self.session or 0
+        if not self._uploads.acquire(blocking=False):
+            busy = f"node {self.opts.name} is already sending {MAX_UPLOADS} files; try again shortly"
+            messages = iter(
+                [
+                    infra_pb2.ArtifactChunk(
+                        node_id=self.node_id, session=session, transfer_id=f.transfer_id, error=busy, error_kind="busy"
+                    )
+                ]
+            )
+            with contextlib.suppress(grpc.RpcError):
+                self.stub.UploadArtifact(messages, timeout=30)
+            return
+        try:
+            ack = self.stub.UploadArtifact(
+                upload_messages(self.workdir, f, self.node_id, session), timeout=UPLOAD_TIMEOUT_S
+            )
+            if not ack.accepted:
+                log.info("upload of %s/%s ended early: %s", f.experiment, f.path, ack.reason)
+        except grpc.RpcError as e:
+            log.warning("upload of %s/%s failed: %s", f.experiment, f.path, e.details() or e.code())
+        finally:
+            self._uploads.release()
 
     def _revoke(self, attempt_id: int, why: str, stale: bool = True) -> None:
         """Stop an attempt (a cancel, or a lease the master took back). A stale one is forgotten once its

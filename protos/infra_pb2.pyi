@@ -237,13 +237,31 @@ class CancelAttempt(_message.Message):
     reason: str
     def __init__(self, attempt_id: _Optional[int] = ..., lease_token: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
+class FetchArtifact(_message.Message):
+    __slots__ = ("transfer_id", "experiment", "path", "offset", "max_bytes", "stat")
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STAT_FIELD_NUMBER: _ClassVar[int]
+    transfer_id: int
+    experiment: str
+    path: str
+    offset: int
+    max_bytes: int
+    stat: bool
+    def __init__(self, transfer_id: _Optional[int] = ..., experiment: _Optional[str] = ..., path: _Optional[str] = ..., offset: _Optional[int] = ..., max_bytes: _Optional[int] = ..., stat: _Optional[bool] = ...) -> None: ...
+
 class NodeCommand(_message.Message):
-    __slots__ = ("assign", "cancel")
+    __slots__ = ("assign", "cancel", "fetch")
     ASSIGN_FIELD_NUMBER: _ClassVar[int]
     CANCEL_FIELD_NUMBER: _ClassVar[int]
+    FETCH_FIELD_NUMBER: _ClassVar[int]
     assign: Assignment
     cancel: CancelAttempt
-    def __init__(self, assign: _Optional[_Union[Assignment, _Mapping]] = ..., cancel: _Optional[_Union[CancelAttempt, _Mapping]] = ...) -> None: ...
+    fetch: FetchArtifact
+    def __init__(self, assign: _Optional[_Union[Assignment, _Mapping]] = ..., cancel: _Optional[_Union[CancelAttempt, _Mapping]] = ..., fetch: _Optional[_Union[FetchArtifact, _Mapping]] = ...) -> None: ...
 
 class LogLine(_message.Message):
     __slots__ = ("stream", "text")
@@ -374,6 +392,38 @@ class StageStatusAck(_message.Message):
     reason: str
     def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
 
+class ArtifactChunk(_message.Message):
+    __slots__ = ("node_id", "session", "transfer_id", "offset", "data", "size", "error", "last", "sha256", "error_kind")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    SESSION_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    ERROR_KIND_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    session: int
+    transfer_id: int
+    offset: int
+    data: bytes
+    size: int
+    error: str
+    last: bool
+    sha256: str
+    error_kind: str
+    def __init__(self, node_id: _Optional[str] = ..., session: _Optional[int] = ..., transfer_id: _Optional[int] = ..., offset: _Optional[int] = ..., data: _Optional[bytes] = ..., size: _Optional[int] = ..., error: _Optional[str] = ..., last: _Optional[bool] = ..., sha256: _Optional[str] = ..., error_kind: _Optional[str] = ...) -> None: ...
+
+class UploadAck(_message.Message):
+    __slots__ = ("accepted", "reason")
+    ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    accepted: bool
+    reason: str
+    def __init__(self, accepted: _Optional[bool] = ..., reason: _Optional[str] = ...) -> None: ...
+
 class PlanError(_message.Message):
     __slots__ = ("path", "message")
     PATH_FIELD_NUMBER: _ClassVar[int]
@@ -471,7 +521,7 @@ class AttemptStatus(_message.Message):
     def __init__(self, attempt_id: _Optional[int] = ..., number: _Optional[int] = ..., node_id: _Optional[str] = ..., node_name: _Optional[str] = ..., state: _Optional[_Union[StageState, str]] = ..., exit_code: _Optional[int] = ..., message: _Optional[str] = ..., gpu_indices: _Optional[_Iterable[int]] = ..., assigned_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., failure_class: _Optional[str] = ...) -> None: ...
 
 class StageStatus(_message.Message):
-    __slots__ = ("stage_id", "name", "kind", "state", "after", "resources", "reason", "attempts", "transitions", "max_retries")
+    __slots__ = ("stage_id", "name", "kind", "state", "after", "resources", "reason", "attempts", "transitions", "max_retries", "progress")
     STAGE_ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     KIND_FIELD_NUMBER: _ClassVar[int]
@@ -482,6 +532,7 @@ class StageStatus(_message.Message):
     ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
     TRANSITIONS_FIELD_NUMBER: _ClassVar[int]
     MAX_RETRIES_FIELD_NUMBER: _ClassVar[int]
+    PROGRESS_FIELD_NUMBER: _ClassVar[int]
     stage_id: int
     name: str
     kind: str
@@ -492,7 +543,8 @@ class StageStatus(_message.Message):
     attempts: _containers.RepeatedCompositeFieldContainer[AttemptStatus]
     transitions: _containers.RepeatedCompositeFieldContainer[Transition]
     max_retries: int
-    def __init__(self, stage_id: _Optional[int] = ..., name: _Optional[str] = ..., kind: _Optional[str] = ..., state: _Optional[_Union[StageState, str]] = ..., after: _Optional[_Iterable[str]] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., reason: _Optional[str] = ..., attempts: _Optional[_Iterable[_Union[AttemptStatus, _Mapping]]] = ..., transitions: _Optional[_Iterable[_Union[Transition, _Mapping]]] = ..., max_retries: _Optional[int] = ...) -> None: ...
+    progress: _containers.RepeatedCompositeFieldContainer[Progress]
+    def __init__(self, stage_id: _Optional[int] = ..., name: _Optional[str] = ..., kind: _Optional[str] = ..., state: _Optional[_Union[StageState, str]] = ..., after: _Optional[_Iterable[str]] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., reason: _Optional[str] = ..., attempts: _Optional[_Iterable[_Union[AttemptStatus, _Mapping]]] = ..., transitions: _Optional[_Iterable[_Union[Transition, _Mapping]]] = ..., max_retries: _Optional[int] = ..., progress: _Optional[_Iterable[_Union[Progress, _Mapping]]] = ...) -> None: ...
 
 class ExperimentStatus(_message.Message):
     __slots__ = ("experiment", "name", "state", "priority", "created_at", "finished_at", "stages", "shared_workdir", "smoke", "owner")
@@ -623,6 +675,34 @@ class ArtifactsResponse(_message.Message):
     ARTIFACTS_FIELD_NUMBER: _ClassVar[int]
     artifacts: _containers.RepeatedCompositeFieldContainer[ArtifactRecord]
     def __init__(self, artifacts: _Optional[_Iterable[_Union[ArtifactRecord, _Mapping]]] = ...) -> None: ...
+
+class GetArtifactRequest(_message.Message):
+    __slots__ = ("experiment", "path", "offset", "stat")
+    EXPERIMENT_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    STAT_FIELD_NUMBER: _ClassVar[int]
+    experiment: str
+    path: str
+    offset: int
+    stat: bool
+    def __init__(self, experiment: _Optional[str] = ..., path: _Optional[str] = ..., offset: _Optional[int] = ..., stat: _Optional[bool] = ...) -> None: ...
+
+class ArtifactData(_message.Message):
+    __slots__ = ("offset", "data", "size", "last", "sha256", "node_id")
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    data: bytes
+    size: int
+    last: bool
+    sha256: str
+    node_id: str
+    def __init__(self, offset: _Optional[int] = ..., data: _Optional[bytes] = ..., size: _Optional[int] = ..., last: _Optional[bool] = ..., sha256: _Optional[str] = ..., node_id: _Optional[str] = ...) -> None: ...
 
 class CancelRequest(_message.Message):
     __slots__ = ("experiment", "reason")

@@ -59,6 +59,11 @@ class NodeServiceStub:
                 request_serializer=infra_dot_protos_dot_infra__pb2.StageStatusReport.SerializeToString,
                 response_deserializer=infra_dot_protos_dot_infra__pb2.StageStatusAck.FromString,
                 _registered_method=True)
+        self.UploadArtifact = channel.stream_unary(
+                '/infra.v1.NodeService/UploadArtifact',
+                request_serializer=infra_dot_protos_dot_infra__pb2.ArtifactChunk.SerializeToString,
+                response_deserializer=infra_dot_protos_dot_infra__pb2.UploadAck.FromString,
+                _registered_method=True)
 
 
 class NodeServiceServicer:
@@ -95,6 +100,13 @@ class NodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UploadArtifact(self, request_iterator, context):
+        """The answer to a FetchArtifact command (the node opens it: no inbound port).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -122,6 +134,11 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.ReportStatus,
                     request_deserializer=infra_dot_protos_dot_infra__pb2.StageStatusReport.FromString,
                     response_serializer=infra_dot_protos_dot_infra__pb2.StageStatusAck.SerializeToString,
+            ),
+            'UploadArtifact': grpc.stream_unary_rpc_method_handler(
+                    servicer.UploadArtifact,
+                    request_deserializer=infra_dot_protos_dot_infra__pb2.ArtifactChunk.FromString,
+                    response_serializer=infra_dot_protos_dot_infra__pb2.UploadAck.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -269,6 +286,33 @@ class NodeService:
             metadata,
             _registered_method=True)
 
+    @staticmethod
+    def UploadArtifact(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/infra.v1.NodeService/UploadArtifact',
+            infra_dot_protos_dot_infra__pb2.ArtifactChunk.SerializeToString,
+            infra_dot_protos_dot_infra__pb2.UploadAck.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
 
 class ClientServiceStub:
     """Missing associated documentation comment in .proto file."""
@@ -303,6 +347,11 @@ class ClientServiceStub:
                 '/infra.v1.ClientService/ListArtifacts',
                 request_serializer=infra_dot_protos_dot_infra__pb2.ArtifactsRequest.SerializeToString,
                 response_deserializer=infra_dot_protos_dot_infra__pb2.ArtifactsResponse.FromString,
+                _registered_method=True)
+        self.GetArtifact = channel.unary_stream(
+                '/infra.v1.ClientService/GetArtifact',
+                request_serializer=infra_dot_protos_dot_infra__pb2.GetArtifactRequest.SerializeToString,
+                response_deserializer=infra_dot_protos_dot_infra__pb2.ArtifactData.FromString,
                 _registered_method=True)
         self.Cancel = channel.unary_unary(
                 '/infra.v1.ClientService/Cancel',
@@ -364,6 +413,12 @@ class ClientServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListArtifacts(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetArtifact(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -432,6 +487,11 @@ def add_ClientServiceServicer_to_server(servicer, server):
                     servicer.ListArtifacts,
                     request_deserializer=infra_dot_protos_dot_infra__pb2.ArtifactsRequest.FromString,
                     response_serializer=infra_dot_protos_dot_infra__pb2.ArtifactsResponse.SerializeToString,
+            ),
+            'GetArtifact': grpc.unary_stream_rpc_method_handler(
+                    servicer.GetArtifact,
+                    request_deserializer=infra_dot_protos_dot_infra__pb2.GetArtifactRequest.FromString,
+                    response_serializer=infra_dot_protos_dot_infra__pb2.ArtifactData.SerializeToString,
             ),
             'Cancel': grpc.unary_unary_rpc_method_handler(
                     servicer.Cancel,
@@ -599,6 +659,33 @@ class ClientService:
             '/infra.v1.ClientService/ListArtifacts',
             infra_dot_protos_dot_infra__pb2.ArtifactsRequest.SerializeToString,
             infra_dot_protos_dot_infra__pb2.ArtifactsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetArtifact(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/infra.v1.ClientService/GetArtifact',
+            infra_dot_protos_dot_infra__pb2.GetArtifactRequest.SerializeToString,
+            infra_dot_protos_dot_infra__pb2.ArtifactData.FromString,
             options,
             channel_credentials,
             insecure,

@@ -250,6 +250,8 @@ def test_cli_writes_scored_cifs_best_structures_stats_and_events(ckpt, tmp_path)
     assert check((out / best["file"]).read_text()).is_valid
     events = read_events(out / "events.jsonl")
     assert [e["step"] for e in events if e["type"] == "metric"] == [1, 2]
+    progress = [(e["what"], e["done"], e["total"]) for e in events if e["type"] == "progress"]
+    assert progress[-1] == ("mcts", 8, 8) and len(progress) <= 2  # throttled: not one per step
     assert {e["path"] for e in events if e["type"] == "artifact"} >= {"cifs.csv.gz", "stats.json"}
 
 
