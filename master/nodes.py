@@ -89,6 +89,7 @@ class NodeRegistry(Part):
         """Every node the database knows, not registered with this master process yet."""
         for n in rows:
             node = self.state.nodes[n["id"]] = self.from_facts(n["id"], n["facts"])
+            self.state.facts_version += 1
             node.drained, node.drain_deadline = bool(n.get("drained")), n.get("drain_deadline")
 
     # --- registration and heartbeats -------------------------------------------------------------
@@ -142,6 +143,7 @@ class NodeRegistry(Part):
         node.session = secrets.randbits(62) or 1
         node.last_heartbeat = time.time()
         self.state.nodes[node.id] = node
+        self.state.facts_version += 1
         for attempt_id, lease in running:
             if self.state.current(node.id, attempt_id, lease) is None:
                 node.pending_cancels.append((attempt_id, lease))
