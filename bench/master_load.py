@@ -1,13 +1,16 @@
 """Load test of one master: N simulated nodes heartbeating plus a steady stream of stages.
 
 Starts ``infra master`` (SQLite in a temporary directory, or a fresh PostgreSQL database that is
-dropped afterwards) on loopback, then from one or a few load processes (grpc.aio) registers N nodes,
-opens each node's assignment stream, heartbeats every second at a random phase from registration on
-(registering again, counted, if the master lost the node), and submits plans of independent stages at
-a target rate. A simulated node reports each assignment succeeded at once. Bounded by ``--duration``;
-prints ONE JSON line:
+dropped afterwards) on loopback, then from several load processes (grpc.aio) registers N nodes at once,
+as after a master restart (a refused or timed-out registration is retried with the agent's backoff),
+opens each node's assignment stream, heartbeats every ``--heartbeat`` seconds at a random phase from
+registration on (registering again, counted, if the master lost the node), and, once every node is
+registered, submits plans of independent stages at a target rate. A simulated node reports each
+assignment succeeded at once. Measures for ``--duration`` seconds after the last registration plus
+``--warmup``; prints ONE JSON line, with ``registration_s``: from the start of the load processes until
+every node's first registration was acknowledged:
 
-    python bench/master_load.py [--nodes 1000] [--duration 20] [--db sqlite|postgres] [--rate 300]
+    python bench/master_load.py [--nodes 1000] [--heartbeat 1] [--duration 20] [--db sqlite|postgres]
 """
 
 from __future__ import annotations
@@ -34,6 +37,17 @@ from bench.masterkit import postgres_database, start_master  # noqa: E402
 
 PG_DEFAULT = "postgresql+psycopg2://postgres@127.0.0.1:5432/test"
 NODES_PER_CHANNEL = 100
+NODES_PER_PROCESS = 2000  # one load process's loop keeps up with this many nodes' calls
+REGISTER_TIMEOUT_S = 10.0  # the node agent's deadline for one registration call
+
+
+class Shared:
+    """What the load processes and the parent share: how many nodes have registered, and when measuring
+    starts (0 until every node registered; then the last registration plus the warm-up)."""
+
+    def __init__(self) -> None:
+        self.registered = mp.Value("i", 0)
+        self.measure_from = mp.Value("d", 0.0)
 
 
 def _stages(n: int) -> list[dict[str, Any]]:
@@ -42,7 +56,7 @@ def _stages(n: int) -> list[dict[str, Any]]:
 
 
 async def _load(
-    address: str, first: int, count: int, args: argparse.Namespace, submit: bool, start_at: float
+    address: str, first: int, count: int, args: argparse.Namespace, submit: bool, shared: Shared
 ) -> dict[str, Any]:
     """One load process: ``count`` simulated nodes (and the submitter when ``submit``)."""
     import grpc
@@ -51,9 +65,22 @@ async def _load(
 
     channels = [grpc.aio.insecure_channel(address) for _ in range(max(1, count // NODES_PER_CHANNEL))]
     latencies: list[float] = []
-    counts = {"dispatched": 0, "succeeded": 0, "submitted": 0, "errors": 0, "reregistrations": 0}
-    measure_from = start_at + args.warmup
-    end = start_at + args.warmup + args.duration
+    counts = {
+        "dispatched": 0,
+        "succeeded": 0,
+        "submitted": 0,
+        "errors": 0,
+        "reregistrations": 0,
+        "register_retries": 0,
+    }
+
+    def measuring() -> bool:
+        start = shared.measure_from.value
+        return 0 < start <= time.time()
+
+    def running() -> bool:
+        start = shared.measure_from.value
+        return start == 0 or time.time() < start + args.duration
 
     async def node(i: int) -> None:
         """Behaves as an agent does towards the master: heartbeats from registration on (registering
@@ -76,7 +103,7 @@ async def _load(
                     if cmd.WhichOneof("command") != "assign":
                         continue
                     a = cmd.assign
-                    if time.time() >= measure_from:
+                    if measuring():
                         counts["dispatched"] += 1
                     rep = infra_pb2.StageStatusReport(
                         node_id=node_id, attempt_id=a.attempt_id, lease_token=a.lease_token, state=infra_pb2.SUCCEEDED
@@ -91,39 +118,48 @@ async def _load(
                 pass  # the master dropped the session or went away: a heartbeat says whether to register again
 
         async def register() -> None:
+            """As the agent registers: retried with jittered exponential backoff until it is acknowledged."""
             nonlocal stream
-            hb.session = (await stub.Register(req, timeout=60)).session
+            delay = 0.25
+            while True:
+                try:
+                    hb.session = (await stub.Register(req, timeout=REGISTER_TIMEOUT_S)).session
+                    break
+                except grpc.RpcError:
+                    counts["register_retries"] += 1
+                    await asyncio.sleep(delay * random.uniform(0.5, 1.5))
+                    delay = min(delay * 2, 5.0)
             if stream is not None:
                 stream.cancel()
             stream = asyncio.ensure_future(commands(hb.session))
 
         await register()
+        with shared.registered.get_lock():
+            shared.registered.value += 1
         await asyncio.sleep(random.random() * args.heartbeat)
-        while time.time() < end:
+        while running():
             t0 = time.perf_counter()
             try:
                 resp = await stub.Heartbeat(hb, timeout=10)
             except grpc.RpcError:
                 counts["errors"] += 1
                 resp = None
-            if time.time() >= measure_from:
+            if measuring():
                 latencies.append((time.perf_counter() - t0) * 1000)
             if resp is not None and resp.reregister:
                 counts["reregistrations"] += 1
-                try:
-                    await register()
-                except grpc.RpcError:
-                    counts["errors"] += 1
+                await register()
             await asyncio.sleep(max(0.0, args.heartbeat - (time.perf_counter() - t0)))
         if stream is not None:
             stream.cancel()
 
     async def submitter() -> None:
         stub = infra_pb2_grpc.ClientServiceStub(channels[0])
-        await asyncio.sleep(max(0.0, start_at - time.time()))
+        while shared.measure_from.value == 0:  # stages come once every node is registered
+            await asyncio.sleep(0.1)
         interval = args.batch / args.rate
         n = 0
-        while time.time() < end:
+        while running():
             t0 = time.perf_counter()
             plan = {"name": f"load{n}", "shared_workdir": True, "stages": _stages(args.batch)}
             resp = await stub.Submit(infra_pb2.SubmitRequest(plan_json=json.dumps(plan)), timeout=30)
@@ -137,7 +173,8 @@ async def _load(
     if submit:
         tasks.append(asyncio.ensure_future(submitter()))
     try:
-        await asyncio.wait_for(asyncio.gather(*tasks), timeout=args.warmup + args.duration + 120)
+        limit = args.register_timeout + args.warmup + args.duration + 120
+        await asyncio.wait_for(asyncio.gather(*tasks), timeout=limit)
     finally:
         for c in channels:
             await c.close()
@@ -145,23 +182,27 @@ async def _load(
 
 
 def _load_process(
-    address: str, first: int, count: int, args: argparse.Namespace, submit: bool, start_at: float, out: Any
+    address: str, first: int, count: int, args: argparse.Namespace, submit: bool, shared: Shared, out: Any
 ) -> None:
-    out.put(asyncio.run(_load(address, first, count, args, submit, start_at)))
+    out.put(asyncio.run(_load(address, first, count, args, submit, shared)))
 
 
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nodes", type=int, default=1000)
     p.add_argument("--duration", type=float, default=20.0, help="measured seconds (after --warmup)")
-    p.add_argument("--warmup", type=float, default=5.0, help="seconds after registration before measuring")
+    p.add_argument("--warmup", type=float, default=5.0, help="seconds after the last registration before measuring")
+    p.add_argument(
+        "--register-timeout", type=float, default=120.0, help="seconds the registrations may take before the run fails"
+    )
     p.add_argument("--db", choices=["sqlite", "postgres"], default="sqlite")
     p.add_argument("--postgres-url", default=os.environ.get("INFRA_TEST_POSTGRES_URL", PG_DEFAULT))
     p.add_argument("--rate", type=float, default=300.0, help="stages submitted per second")
     p.add_argument("--batch", type=int, default=50, help="independent stages per submitted plan")
     p.add_argument("--heartbeat", type=float, default=1.0, help="seconds between a node's heartbeats")
-    p.add_argument("--procs", type=int, default=1, help="load processes the simulated nodes are spread over")
+    p.add_argument("--procs", type=int, default=0, help=f"load processes (0: one per {NODES_PER_PROCESS} nodes)")
     args = p.parse_args()
+    args.procs = args.procs or -(-args.nodes // NODES_PER_PROCESS)
 
     import psutil
 
@@ -170,23 +211,30 @@ def main() -> int:
     db_url = f"sqlite:///{tmp / 'master.db'}"
     if args.db == "postgres":
         db_url, drop = postgres_database(args.postgres_url, "infra_bench")
-    # the master expects the simulated nodes' interval: it declares a node lost after three of them
+    # the master expects the simulated nodes' interval (its lost timeout is a number of them)
     master, address = start_master(db_url, tmp, "--heartbeat", str(args.heartbeat))
     procs: list[Any] = []
     try:
         mproc = psutil.Process(master.pid)
-        # registrations take a moment for 1,000 nodes; measuring starts after them plus the warm-up
-        start_at = time.time() + 2.0 + args.nodes / 500
-        out: Any = mp.Queue()
+        shared, out = Shared(), mp.Queue()
         per = -(-args.nodes // args.procs)
+        started = time.time()
         for k in range(args.procs):
             first, count = k * per, min(per, args.nodes - k * per)
-            procs.append(mp.Process(target=_load_process, args=(address, first, count, args, k == 0, start_at, out)))
+            procs.append(mp.Process(target=_load_process, args=(address, first, count, args, k == 0, shared, out)))
             procs[-1].start()
-        time.sleep(max(0.0, start_at + args.warmup - time.time()))
+        while shared.registered.value < args.nodes:
+            if time.time() - started > args.register_timeout:
+                raise SystemExit(
+                    f"only {shared.registered.value} of {args.nodes} nodes registered in {args.register_timeout:g}s"
+                )
+            time.sleep(0.05)
+        registration_s = time.time() - started
+        shared.measure_from.value = time.time() + args.warmup
+        time.sleep(args.warmup)
         mproc.cpu_percent(None)
         t0 = time.monotonic()
-        results = [out.get(timeout=args.warmup + args.duration + 180) for _ in procs]
+        results = [out.get(timeout=args.duration + 180) for _ in procs]
         cpu = mproc.cpu_percent(None)
         elapsed = time.monotonic() - t0
     finally:
@@ -210,6 +258,8 @@ def main() -> int:
             {
                 "db": args.db,
                 "nodes": args.nodes,
+                "load_processes": args.procs,
+                "registration_s": round(registration_s, 1),
                 "duration_s": round(elapsed, 1),
                 "heartbeats": len(lat),
                 "heartbeat_p50_ms": round(q[49], 2),
@@ -220,6 +270,7 @@ def main() -> int:
                 "stages_succeeded": sum(r["succeeded"] for r in results),
                 "rpc_errors": sum(r["errors"] for r in results),
                 "reregistrations": sum(r["reregistrations"] for r in results),
+                "register_retries": sum(r["register_retries"] for r in results),
                 "master_cpu_percent": round(cpu, 1),
             }
         )

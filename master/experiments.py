@@ -47,9 +47,14 @@ class Experiments(Part):
         super().__init__(state, machine, journal)
         self.engine = engine  # for reads of experiments no longer in memory
         self.wake = wake
+        self._kinds: tuple[int, set[str]] | None = None  # (facts version, the kinds some node offers)
 
     def known_kinds(self) -> set[str]:
-        return set(stage_kinds()).union(*(n.kinds for n in self.state.nodes.values()))
+        """Built-in kinds and those of every node; the nodes' part is kept while no node registers."""
+        if self._kinds is None or self._kinds[0] != self.state.facts_version:
+            kinds: set[str] = set().union(*(n.kinds for n in self.state.nodes.values()))
+            self._kinds = (self.state.facts_version, kinds)
+        return set(stage_kinds()) | self._kinds[1]
 
     async def submit(self, plan_json: str, owner: str | None = None) -> str:
         """Validation runs in a thread: a large plan (up to the size limit) must not stall the loop."""

@@ -33,6 +33,10 @@ from infra.protos import MAX_MESSAGE_BYTES, infra_pb2_grpc
 from infra.protos.transport import is_loopback
 
 log = logging.getLogger("infra.master")
+# Calls that arrived but that the server has not taken up yet. gRPC's defaults (1,000, then random
+# early drops up to 3,000) cancel part of the burst of registrations that follows a master restart,
+# when every node registers at once; queued, each of those calls costs a little memory for a moment.
+MAX_PENDING_CALLS = 100_000
 
 
 class SettingsError(ValueError):
@@ -84,6 +88,8 @@ async def serve(settings: Settings) -> None:
             ("grpc.keepalive_timeout_ms", 10_000),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.min_ping_interval_without_data_ms", 5_000),
+            ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
+            ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
         ],
     )
     infra_pb2_grpc.add_NodeServiceServicer_to_server(NodeServicer(controller), server)

@@ -101,6 +101,11 @@ class NodeServicer(infra_pb2_grpc.NodeServiceServicer):
         self.metrics = controller.metrics
 
     async def Register(self, request: infra_pb2.RegisterRequest, context: grpc.aio.ServicerContext) -> Any:
+        remaining = context.time_remaining()
+        if context.cancelled() or (remaining is not None and remaining <= 0):
+            # Queued past its deadline in a registration storm: the node has given up and will register
+            # again, so committing this one too would only lengthen the queue for everyone behind it.
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, "the registration waited past its deadline")
         try:
             return await self.c.register(request)
         except ProtocolMismatch as e:

@@ -188,6 +188,9 @@ class ClusterState:
     attempts: dict[int, AttemptRt] = field(default_factory=dict)  # every attempt of an unfinished experiment
     ready: set[StageRt] = field(default_factory=set)
     ids: dict[str, int] = field(default_factory=dict)  # the last id given, per table (the master allocates them)
+    # bumped whenever a node is added or replaced (its facts may differ): what is derived from every node's
+    # facts is kept until it changes, instead of being gathered from 10,000 nodes per call
+    facts_version: int = 0
 
     def next_id(self, kind: str) -> int:
         self.ids[kind] += 1

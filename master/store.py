@@ -92,14 +92,43 @@ class NewExperiment:
         create_experiment(s, self.experiment, self.stages, self.deps, self.transitions)
 
 
-def upsert_node(s: Session, node: dict[str, Any], gpus: list[dict[str, Any]]) -> None:
-    if s.get(Node, node["id"]) is None:
-        s.execute(insert(Node), [node])
-    else:
-        s.execute(update(Node), [{k: v for k, v in node.items() if k != "registered_at"}])
-    s.execute(delete(Gpu).where(Gpu.node_id == node["id"]))
-    if gpus:
-        s.execute(insert(Gpu), [{**g, "node_id": node["id"]} for g in gpus])
+class Registrations:
+    """Node registrations as one unit: node id -> (node row, its GPU rows).
+
+    After a master restart every node registers at once; the writer merges the registrations queued
+    together (a node registered twice keeps its last facts) and writes them with three statements, where
+    one transaction per node, or three statements each, could not keep up with thousands of nodes."""
+
+    nodes: dict[str, tuple[dict[str, Any], list[dict[str, Any]]]] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.nodes)
+
+    def add(self, node: dict[str, Any], gpus: list[dict[str, Any]]) -> Registrations:
+        self.nodes[node["id"]] = (node, [{**g, "node_id": node["id"]} for g in gpus])
+        return self
+
+    def extend(self, other: Registrations) -> None:
+        self.nodes.update(other.nodes)
+
+    def apply(self, s: Session) -> None:
+        """Insert new nodes and update known ones (``registered_at`` is the first registration's), and
+        replace their GPU rows; what an operator set (a drain) is kept."""
+        if not self.nodes:
+            return
+        conn = s.connection()
+        rows = [node for node, _ in self.nodes.values()]
+        ins = {"sqlite": sqlite.insert, "postgresql": postgresql.insert}[conn.dialect.name](Node.__table__)
+        kept = ("id", "registered_at")
+        stmt = ins.on_conflict_do_update(
+            index_elements=["id"], set_={k: ins.excluded[k] for k in rows[0] if k not in kept}
+        )
+        conn.execute(stmt, rows)
+        gpu_table = Gpu.__table__
+        conn.execute(delete(gpu_table).where(gpu_table.c.node_id.in_(list(self.nodes))))
+        gpus = [g for _, node_gpus in self.nodes.values() for g in node_gpus]
+        if gpus:
+            conn.execute(insert(gpu_table), gpus)
 
 
 def set_drain(s: Session, node_id: str, drained: bool, deadline: float | None) -> None:

@@ -23,9 +23,10 @@ from typing import Any, TypeVar
 from sqlalchemy import Engine
 from sqlalchemy.orm import Session
 
-from infra.master.store import Changes
+from infra.master.store import Changes, Registrations
 
 T = TypeVar("T")
+Mergeable = Changes | Registrations  # units that the writer merges with the same kind queued next to them
 log = logging.getLogger("infra.master.writer")
 MAX_BATCH = 256
 
@@ -35,13 +36,15 @@ class Writer:
         """``on_commit(units, seconds)`` hears of every committed transaction, in this thread (metrics)."""
         self.engine = engine
         self.on_commit = on_commit
-        self._queue: queue.SimpleQueue[tuple[Callable[[Session], Any], Future[Any]] | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[tuple[Callable[[Session], Any] | Mergeable, Future[Any]] | None] = (
+            queue.SimpleQueue()
+        )
         self._thread = threading.Thread(target=self._run, name="db-writer", daemon=True)
         self._thread.start()
 
-    def submit(self, unit: Callable[[Session], T] | Changes) -> Future[T]:
-        """Queue a unit of work (a function of the session, or a :class:`Changes`); its future resolves
-        once it is committed."""
+    def submit(self, unit: Callable[[Session], T] | Mergeable) -> Future[T]:
+        """Queue a unit of work (a function of the session, a :class:`Changes` or :class:`Registrations`);
+        its future resolves once it is committed."""
         fut: Future[T] = Future()
         self._queue.put((unit, fut))
         return fut
@@ -72,7 +75,7 @@ class Writer:
             except Exception:  # never let the only writer die: every later commit would wait forever
                 log.exception("database writer")
 
-    def _commit(self, batch: list[tuple[Callable[[Session], Any], Future[Any]]]) -> None:
+    def _commit(self, batch: list[tuple[Callable[[Session], Any] | Mergeable, Future[Any]]]) -> None:
         started = time.perf_counter()
         try:
             with Session(self.engine) as session, session.begin():
@@ -96,14 +99,18 @@ class Writer:
                 fut.set_result(result)
 
     @staticmethod
-    def _apply(session: Session, units: list[Callable[[Session], Any]]) -> list[Any]:
-        """Run the units in order; consecutive state changes are merged into one application."""
+    def _apply(session: Session, units: list[Callable[[Session], Any] | Mergeable]) -> list[Any]:
+        """Run the units in order; consecutive units of one mergeable kind (state changes, registrations)
+        are merged into one application, which keeps the order of everything else around them."""
         results: list[Any] = []
-        merged: Changes | None = None
+        merged: Mergeable | None = None
         for unit in units:
-            if isinstance(unit, Changes):
-                merged = merged or Changes()
-                merged.extend(unit)
+            if isinstance(unit, Changes | Registrations):
+                if merged is not None and type(merged) is not type(unit):
+                    merged.apply(session)
+                    merged = None
+                merged = merged if merged is not None else type(unit)()
+                merged.extend(unit)  # the same kind: checked above
                 results.append(None)
                 continue
             if merged is not None:

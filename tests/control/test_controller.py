@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import pytest
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
@@ -15,6 +16,7 @@ from infra.master.controller import Controller
 from infra.master.db import make_engine, migrate
 from infra.master.models import Event, Transition
 from infra.protos import PROTOCOL_VERSION, infra_pb2
+from infra.spec.plan import PlanError
 
 from .controller_kit import WiredController, run_controller
 
@@ -201,3 +203,23 @@ def test_a_stage_s_processes_reach_the_node_also_after_a_master_restart(tmp_path
             engine.dispose()
 
     asyncio.run(main())
+
+
+def test_a_stage_kind_is_known_while_a_registered_node_offers_it(tmp_path: Path) -> None:
+    """The kinds that nodes offer are kept between submissions and follow every registration."""
+    relax = [{"name": "r", "kind": "relax", "params": {}, "resources": {"cpus": 1, "memory": 512}}]
+
+    async def register(c: Controller, kinds: list[str]) -> None:
+        facts = infra_pb2.NodeFacts(name="n1", cpu_count=1, memory_mib=4096, stage_kinds=kinds)
+        await c.register(infra_pb2.RegisterRequest(protocol_version=PROTOCOL_VERSION, node_id="n1", facts=facts))
+
+    async def scenario(c: Controller) -> None:
+        with pytest.raises(PlanError, match="unknown stage kind 'relax'"):
+            await c.submit(_plan("before", 0, relax))
+        await register(c, ["evaluate", "relax"])
+        assert await c.submit(_plan("offered", 0, relax)) == "offered-1"
+        await register(c, ["evaluate"])  # the node came back without it
+        with pytest.raises(PlanError, match="unknown stage kind 'relax'"):
+            await c.submit(_plan("withdrawn", 0, relax))
+
+    _run(tmp_path, scenario)

@@ -97,10 +97,13 @@ def test_the_load_bench_nodes_stay_registered_while_it_waits_and_return_after_a_
     again when the master no longer knows them."""
     cluster.start_master(heartbeat=HEARTBEAT)
     names = [f"sim-{i:05d}" for i in range(3)]
-    args = argparse.Namespace(heartbeat=HEARTBEAT, warmup=0.0, duration=120.0, rate=10.0, batch=5)
+    args = argparse.Namespace(heartbeat=HEARTBEAT, warmup=0.0, duration=120.0, rate=10.0, batch=5, register_timeout=30)
     start_at = time.time() + 2 * 3 * HEARTBEAT  # the wait for registrations: twice the lost timeout
+    bench = _bench()
+    shared = bench.Shared()
+    shared.measure_from.value = start_at
     loop = asyncio.new_event_loop()
-    load = loop.create_task(_bench()._load(cluster.address, 0, len(names), args, False, start_at))
+    load = loop.create_task(bench._load(cluster.address, 0, len(names), args, False, shared))
 
     def run() -> None:
         with contextlib.suppress(asyncio.CancelledError):
@@ -122,3 +125,55 @@ def test_the_load_bench_nodes_stay_registered_while_it_waits_and_return_after_a_
         thread.join(30)
         assert not thread.is_alive(), "the simulated nodes did not stop"
         loop.close()
+
+
+def _facts(name: str, memory_mib: int, gpus: int) -> infra_pb2.NodeFacts:
+    facts = infra_pb2.NodeFacts(name=name, hostname="sim", cpu_count=4, memory_mib=memory_mib, stage_kinds=["evaluate"])
+    for i in range(gpus):
+        facts.gpus.add(index=i, uuid=f"GPU-{name}-{i}", name="sim", memory_mib=1024)
+    return facts
+
+
+async def _register_all(address: str, facts: list[infra_pb2.NodeFacts]) -> list[int]:
+    """Every registration at once, as nodes do when their master restarts; their sessions, in order."""
+    async with grpc.aio.insecure_channel(address) as channel:
+        stub = infra_pb2_grpc.NodeServiceStub(channel)
+        calls = [
+            stub.Register(
+                infra_pb2.RegisterRequest(protocol_version=PROTOCOL_VERSION, node_id=f.name, facts=f), timeout=60
+            )
+            for f in facts
+        ]
+        return [reply.session for reply in await asyncio.gather(*calls)]
+
+
+def test_a_burst_of_registrations_is_acknowledged_and_persisted_in_full(cluster: Cluster) -> None:
+    """Hundreds of nodes register at once, twice (the second burst as after a master restart: the known nodes
+    with new facts, among new ones): every call is answered, every node's row and GPU rows say what its last
+    registration said, a known node keeps when it first registered, and every session heartbeats."""
+    cluster.start_master()
+    first = [_facts(f"burst-{i:03d}", 8192, i % 3) for i in range(300)]
+    sessions = asyncio.run(_register_all(cluster.address, first))
+    assert len(set(sessions)) == len(first) and 0 not in sessions
+    engine = create_engine(cluster.db_url)
+    try:
+        with engine.connect() as db:
+            registered_at = dict(db.execute(text("SELECT id, registered_at FROM nodes")).all())
+        assert set(registered_at) == {f.name for f in first}
+
+        second = [_facts(f.name, 16384, 2 - i % 3) for i, f in enumerate(first)]
+        second += [_facts(f"burst-{i:03d}", 4096, 1) for i in range(300, 400)]
+        sessions = asyncio.run(_register_all(cluster.address, second))
+        with engine.connect() as db:
+            rows = {r.id: r for r in db.execute(text("SELECT id, memory_mib, registered_at FROM nodes"))}
+            gpus = db.execute(text("SELECT node_id, uuid FROM gpus")).all()
+    finally:
+        engine.dispose()
+    assert {n: r.memory_mib for n, r in rows.items()} == {f.name: f.memory_mib for f in second}
+    assert {n: rows[n].registered_at for n in registered_at} == registered_at
+    assert sorted(gpus) == sorted((f.name, g.uuid) for f in second for g in f.gpus)
+    with grpc.insecure_channel(cluster.address) as channel:
+        stub = infra_pb2_grpc.NodeServiceStub(channel)
+        for f, session in zip(second, sessions, strict=True):
+            beat = stub.Heartbeat(infra_pb2.HeartbeatRequest(node_id=f.name, session=session), timeout=10)
+            assert not beat.reregister, f"{f.name}: its session is unknown to the master"
