@@ -21,6 +21,7 @@ from crystallm_core.events import open_sink
 from crystallm_core.postprocess import postprocess
 from crystallm_core.prompts import PromptError, make_prompt, read_prompts
 from crystallm_core.sampler import Sampler, SamplerStats, SamplingParams
+from crystallm_core.shards import add_shard_argument
 from crystallm_core.train import resolve_device
 
 
@@ -43,20 +44,31 @@ def load_for_inference(ckpt: str | Path, device: str = "auto"):  # noqa: ANN201 
 
 
 def generate(
-    sampler: Sampler, prompts: list[tuple[str, str | None]], num_samples: int, params: SamplingParams
+    sampler: Sampler,
+    prompts: list[tuple[str, str | None]],
+    num_samples: int,
+    params: SamplingParams,
+    items: range | None = None,
+    first_prompt: int = 0,
 ) -> tuple[list[Sample], SamplerStats]:
-    """``num_samples`` completions of each (composition, space group) prompt."""
+    """``num_samples`` completions of each (composition, space group) prompt; item ``k`` is sample
+    ``k % num_samples`` of prompt ``k // num_samples``. A part of a larger run gives ``items`` (default:
+    all of ``prompts``), and ``first_prompt``, the number of ``prompts[0]`` in the whole run: each item
+    comes out as in the whole run."""
     vocab = sampler.vocab
     texts = [make_prompt(comp, sg) for comp, sg in prompts]
     encoded = [vocab.encode(t) for t in texts]
-    requests = [encoded[i] for i in range(len(texts)) for _ in range(num_samples)]
-    outputs, stats = sampler.generate(requests, params)
+    if items is None:
+        items = range(first_prompt * num_samples, (first_prompt + len(texts)) * num_samples)
+    requests = [encoded[k // num_samples - first_prompt] for k in items]
+    outputs, stats = sampler.generate(requests, params, first_item=items.start)
     samples = []
-    for k, ids in enumerate(outputs):
+    for k, ids in zip(items, outputs):
         i, j = divmod(k, num_samples)
         raw = vocab.decode(ids)
-        comp = texts[i].split("\n", 1)[0][len("data_") :]
-        samples.append(Sample(id=f"{comp}-{i}-{j}", prompt=prompts[i][0], index=j, raw=raw, cif=postprocess(raw)))
+        comp = texts[i - first_prompt].split("\n", 1)[0][len("data_") :]
+        prompt = prompts[i - first_prompt][0]
+        samples.append(Sample(id=f"{comp}-{i}-{j}", prompt=prompt, index=j, raw=raw, cif=postprocess(raw)))
     return samples, stats
 
 
@@ -92,6 +104,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--out", required=True, help="directory of .cif files, or FILE.csv[.gz]")
     p.add_argument("--smoke", action="store_true", help="two samples of at most 64 tokens per prompt")
+    add_shard_argument(p, "(prompt, sample) items, prompt by prompt")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -115,8 +128,9 @@ def run(args: argparse.Namespace) -> int:
         return 2
     device = next(model.parameters()).device
     batch = args.batch_size or (1024 if device.type == "cuda" else 32)
-    sampler = Sampler(model, vocab, batch_size=min(batch, n * len(prompts)), max_len=model.cfg.block_size)
-    samples, stats = generate(sampler, prompts, n, params)
+    items = range(n * len(prompts)) if args.shard is None else args.shard.part(n * len(prompts))
+    sampler = Sampler(model, vocab, batch_size=max(1, min(batch, len(items))), max_len=model.cfg.block_size)
+    samples, stats = generate(sampler, prompts, n, params, items)
     out = write_samples(samples, Path(args.out))
     sink_dir = out.parent if out.suffix in (".csv", ".gz") else out
     with open_sink(sink_dir) as sink:
