@@ -54,7 +54,7 @@ def counter_uniforms(keys: torch.Tensor, pos: torch.Tensor, token_keys: torch.Te
     """Uniform numbers in (0, 1), one per (row, token): a function of the row's item key, its position
     and the token only (24 bits, exact in float32)."""
     row = _mix(keys ^ (pos & _MASK))
-    x = _mix(_mix(row[:, None] ^ token_keys[None, :]))
+    x = _mix(row[:, None] ^ token_keys[None, :])  # both sides already hashed: one more round mixes them
     return ((x >> 8).float() + 0.5) * (1.0 / (1 << 24))
 
 
