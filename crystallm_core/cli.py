@@ -23,6 +23,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "probes": ("crystallm_core.analysis", "analyse activation probes: ΦID atoms between modules (omegaid)"),
     "mcts": ("crystallm_core.mcts", "Monte-Carlo tree search for low-scoring (stable) structures"),
     "scorer": ("crystallm_core.scorer_server", "serve a scorer over ZeroMQ, or score CIF files"),
+    "merge": ("crystallm_core.shards", "join the outputs of a run's parts (--shard I/S) into the whole run's"),
     "plugins": ("crystallm_core.plugins", "list registered scorers, vocabularies, models, metrics, stages"),
 }
 # Verbs that may use a plugin's scorer, vocabulary, model size or metric load plugins first.

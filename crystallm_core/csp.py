@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from crystallm_core.events import JsonlSink, ProgressReporter, open_sink
+from crystallm_core.shards import CSP_REPORT, CSP_RESULTS, CSP_SAMPLES, Shard, add_shard_argument, write_csp_results
 
 MATCHER = dict(stol=0.5, angle_tol=10, ltol=0.3)
 SMOKE_TOKENS = 64  # --smoke: generated tokens per attempt, as `crystallm sample --smoke`
@@ -101,8 +102,11 @@ def run_csp(
     out: Path | None = None,
     max_tokens: int | None = None,
     sink: JsonlSink | None = None,
+    shard: Shard | None = None,
 ) -> CspResult:
-    """The benchmark; progress of its sampling and matching goes to ``sink`` (and a bar on a terminal)."""
+    """The benchmark over the test structures (the first ``limit``), or over ``shard``'s part of them; with
+    ``out``, its per-structure results too (what ``crystallm merge csp`` joins). Progress of its sampling and
+    matching goes to ``sink`` (and a bar on a terminal)."""
     from pymatgen.core import Structure
 
     from crystallm_core.cif import canonicalize
@@ -112,14 +116,17 @@ def run_csp(
     from crystallm_core.sampler import Sampler, SamplingParams
 
     truths: list[str] = []
+    for rec in read_input(test):
+        if limit is not None and len(truths) >= limit:
+            break
+        truths.append(rec.text)
+    part = range(len(truths)) if shard is None else shard.part(len(truths))
+    truths = truths[part.start : part.stop]
     prompts: list[tuple[str, str | None]] = []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for rec in read_input(test):
-            if limit is not None and len(truths) >= limit:
-                break
-            truths.append(rec.text)
-            prompts.append((canonicalize(Structure.from_str(rec.text, fmt="cif")).formula.replace(" ", ""), None))
+        for text in truths:
+            prompts.append((canonicalize(Structure.from_str(text, fmt="cif")).formula.replace(" ", ""), None))
     clock = time.perf_counter()
 
     def phase(what: str) -> None:
@@ -132,7 +139,7 @@ def run_csp(
     length = min(model.cfg.block_size, max_tokens or model.cfg.block_size)  # default: up to the whole context
     params = SamplingParams(temperature=temperature, top_k=top_k, seed=seed, max_tokens=length)
     with ProgressReporter(sink, "csp sample", n * len(prompts)) as progress:
-        samples, stats = generate(sampler, prompts, n, params, progress.update)
+        samples, stats = generate(sampler, prompts, n, params, progress.update, first_prompt=part.start)
     cifs = [s.cif for s in samples]
     phase(f"{len(cifs)} samples generated ({stats.samples_per_s:.0f}/s)")
     workers = workers or os.cpu_count() or 1
@@ -157,8 +164,13 @@ def run_csp(
     if out is not None:
         from crystallm_core.sample import write_samples
 
-        write_samples(samples, out / "samples.csv.gz")
-        (out / "csp.json").write_text(json.dumps(asdict(result), indent=2) + "\n", encoding="utf-8")
+        write_samples(samples, out / CSP_SAMPLES)
+        per_structure = [
+            {"index": t, "formula": p[0], "valid": sum(v is not None for v in valid[k * n : (k + 1) * n]), "rms": r}
+            for k, (t, p, r) in enumerate(zip(part, prompts, rms))
+        ]
+        write_csp_results(out / CSP_RESULTS, per_structure)
+        (out / CSP_REPORT).write_text(json.dumps(asdict(result), indent=2) + "\n", encoding="utf-8")
     return result
 
 
@@ -179,10 +191,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="processes for the validity checks and structure matching (default: all cores)",
     )
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
-    p.add_argument("--out", default=None, help="directory for samples.csv.gz and csp.json")
+    p.add_argument("--out", default=None, help="directory for samples.csv.gz, results.jsonl and csp.json")
     p.add_argument(
         "--smoke", action="store_true", help=f"8 test structures, 2 attempts each of at most {SMOKE_TOKENS} tokens"
     )
+    add_shard_argument(p, "test structures (after --limit)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -209,6 +222,7 @@ def run(args: argparse.Namespace) -> int:
             out,
             SMOKE_TOKENS if args.smoke else None,
             sink,
+            args.shard,
         )
         if sink is not None:
             sink.metric(0, **{k: v for k, v in asdict(result).items() if v is not None})

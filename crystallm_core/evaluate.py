@@ -23,6 +23,7 @@ from typing import Any
 from crystallm_core import events
 from crystallm_core.inputs import CIF_SUFFIX, InputError, Record, read_input
 from crystallm_core.registry import Registry
+from crystallm_core.shards import add_shard_argument
 from crystallm_core.validity import Validity, check
 
 CHECKS = ("sensible", "formula_ok", "multiplicity_ok", "bonds_ok", "spacegroup_ok", "is_valid")
@@ -131,6 +132,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
     parser.add_argument("--out", type=Path, default=None, help="write per-CIF results as JSON lines to this file")
     parser.add_argument("--smoke", action="store_true", help=f"only the first {SMOKE_INPUTS} CIFs of the inputs")
+    add_shard_argument(parser, "CIFs (in input order)")
 
 
 def _error(message: str) -> int:
@@ -149,6 +151,8 @@ def run(args: argparse.Namespace) -> int:
         return _error(str(exc))
     if args.smoke:
         records = records[:SMOKE_INPUTS]
+    if args.shard is not None:
+        records = [records[i] for i in args.shard.part(len(records))]
     if args.out is not None:
         try:
             args.out.parent.mkdir(parents=True, exist_ok=True)
@@ -160,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
         summary = summarize(results)
         metrics = metric_means([r.text for r in records])
         if sink is not None:
-            _emit_summary(sink, summary, args.out)
+            emit_summary(sink, summary, args.out)
             if metrics:
                 sink.metric(0, **{f"metric_{k}": v for k, v in metrics.items() if v is not None})
     finally:
@@ -234,7 +238,7 @@ def _run_checks(
     return results
 
 
-def _emit_summary(sink: events.JsonlSink, summary: Summary, out: Path | None) -> None:
+def emit_summary(sink: events.JsonlSink, summary: Summary, out: Path | None) -> None:
     values: dict[str, float] = {"count": summary.count, **{f"{k}_rate": r for k, r in summary.rates.items()}}
     if summary.mean_bond_score is not None:
         values["mean_bond_score"] = summary.mean_bond_score

@@ -22,6 +22,7 @@ from crystallm_core.events import ProgressReporter, open_sink
 from crystallm_core.postprocess import postprocess
 from crystallm_core.prompts import PromptError, make_prompt, read_prompts
 from crystallm_core.sampler import Sampler, SamplerStats, SamplingParams
+from crystallm_core.shards import add_shard_argument
 from crystallm_core.train import resolve_device
 
 
@@ -49,20 +50,27 @@ def generate(
     num_samples: int,
     params: SamplingParams,
     on_progress: Callable[[int, int], None] | None = None,
+    items: range | None = None,
+    first_prompt: int = 0,
 ) -> tuple[list[Sample], SamplerStats]:
-    """``num_samples`` completions of each (composition, space group) prompt; ``on_progress(finished, total)``
-    as samples finish."""
+    """``num_samples`` completions of each (composition, space group) prompt; item ``k`` is sample
+    ``k % num_samples`` of prompt ``k // num_samples``; ``on_progress(finished, total)`` as samples finish. A
+    part of a larger run gives ``items`` (default: all of ``prompts``), and ``first_prompt``, the number of
+    ``prompts[0]`` in the whole run: each item comes out as in the whole run."""
     vocab = sampler.vocab
     texts = [make_prompt(comp, sg) for comp, sg in prompts]
     encoded = [vocab.encode(t) for t in texts]
-    requests = [encoded[i] for i in range(len(texts)) for _ in range(num_samples)]
-    outputs, stats = sampler.generate(requests, params, on_progress)
+    if items is None:
+        items = range(first_prompt * num_samples, (first_prompt + len(texts)) * num_samples)
+    requests = [encoded[k // num_samples - first_prompt] for k in items]
+    outputs, stats = sampler.generate(requests, params, on_progress, first_item=items.start)
     samples = []
-    for k, ids in enumerate(outputs):
+    for k, ids in zip(items, outputs):
         i, j = divmod(k, num_samples)
         raw = vocab.decode(ids)
-        comp = texts[i].split("\n", 1)[0][len("data_") :]
-        samples.append(Sample(id=f"{comp}-{i}-{j}", prompt=prompts[i][0], index=j, raw=raw, cif=postprocess(raw)))
+        comp = texts[i - first_prompt].split("\n", 1)[0][len("data_") :]
+        prompt = prompts[i - first_prompt][0]
+        samples.append(Sample(id=f"{comp}-{i}-{j}", prompt=prompt, index=j, raw=raw, cif=postprocess(raw)))
     return samples, stats
 
 
@@ -98,6 +106,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
     p.add_argument("--out", required=True, help="directory of .cif files, or FILE.csv[.gz]")
     p.add_argument("--smoke", action="store_true", help="two samples of at most 64 tokens per prompt")
+    add_shard_argument(p, "(prompt, sample) items, prompt by prompt")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -121,12 +130,13 @@ def run(args: argparse.Namespace) -> int:
         return 2
     device = next(model.parameters()).device
     batch = args.batch_size or (1024 if device.type == "cuda" else 32)
-    sampler = Sampler(model, vocab, batch_size=min(batch, n * len(prompts)), max_len=model.cfg.block_size)
+    items = range(n * len(prompts)) if args.shard is None else args.shard.part(n * len(prompts))
+    sampler = Sampler(model, vocab, batch_size=max(1, min(batch, len(items))), max_len=model.cfg.block_size)
     out = Path(args.out)
     with open_sink(out.parent if out.suffix in (".csv", ".gz") else out) as sink:
-        with ProgressReporter(sink, "sample", n * len(prompts)) as progress:
+        with ProgressReporter(sink, "sample", len(items)) as progress:
             progress.update(0)  # the bar shows from the start, before the first sample ends
-            samples, stats = generate(sampler, prompts, n, params, progress.update)
+            samples, stats = generate(sampler, prompts, n, params, progress.update, items)
         out = write_samples(samples, out)
         sink.metric(0, samples=stats.samples, samples_per_s=stats.samples_per_s, tokens_per_s=stats.tokens_per_s)
         sink.artifact(out, "samples")

@@ -12,6 +12,11 @@ fixed sequence of kernels that can be captured once as a CUDA graph and replayed
 Every ``check_every`` steps the host looks at which slots finished, copies their
 tokens out and refills them with pending prompts, so the batch stays full when CIF
 lengths vary.
+
+The sampling noise is counter-based: the uniform number for (item, position, token) is a hash of
+the seed, the item's number and the two, computed on the device. What an item generates therefore
+depends on (seed, item number) only, never on which slot or batch it ran in, so a run split into
+parts (``crystallm sample --shard``) gives the same samples as the whole.
 """
 
 from __future__ import annotations
@@ -25,6 +30,33 @@ import torch
 
 from crystallm_core.model import GPT, KVCache
 from crystallm_core.vocab import Vocabulary
+
+_MASK = 0xFFFFFFFF
+
+
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit integer hash (xor-shift-multiply) on int64 tensors holding values below 2**32.
+
+    The multipliers are below 2**31, so no product leaves int64: the same bits on every device."""
+    x = x ^ (x >> 16)
+    x = (x * 0x7FEB352D) & _MASK
+    x = x ^ (x >> 15)
+    x = (x * 0x6A09E667) & _MASK
+    return x ^ (x >> 16)
+
+
+def item_keys(seed: int, items: torch.Tensor) -> torch.Tensor:
+    """Each item's noise key: a hash of the (up to 64-bit) seed and the item number."""
+    seed_key = _mix(_mix(torch.tensor(seed & _MASK)) ^ ((seed >> 32) & _MASK))
+    return _mix(seed_key ^ (items & _MASK) ^ _mix((items >> 32) & _MASK))
+
+
+def counter_uniforms(keys: torch.Tensor, pos: torch.Tensor, token_keys: torch.Tensor) -> torch.Tensor:
+    """Uniform numbers in (0, 1), one per (row, token): a function of the row's item key, its position
+    and the token only (24 bits, exact in float32)."""
+    row = _mix(keys ^ (pos & _MASK))
+    x = _mix(row[:, None] ^ token_keys[None, :])  # both sides already hashed: one more round mixes them
+    return ((x >> 8).float() + 0.5) * (1.0 / (1 << 24))
 
 
 @dataclass(frozen=True)
@@ -117,16 +149,17 @@ class Sampler:
         self.pos = torch.zeros(self.B, dtype=torch.long, device=dev)
         self.active = torch.zeros(self.B, dtype=torch.bool, device=dev)
         self.noise = torch.empty(self.B, len(vocab), device=dev)
-        self.gen = torch.Generator(device=dev)
+        self.keys = torch.zeros(self.B, dtype=torch.long, device=dev)  # each slot's item key (item_keys)
+        self.token_keys = _mix(torch.arange(len(vocab), dtype=torch.long, device=dev) * 0x9E3779B1 & _MASK)
         self._graph: torch.cuda.CUDAGraph | None = None
         self._graph_params: SamplingParams | None = None
         # Optional: compiling fuses the small element-wise kernels of a step (the noise draw stays
-        # outside: it uses our own seeded generator). Off by default: see docs/BENCHMARKS.md.
+        # outside, as one graph-capturable sequence of its own). Off by default: see docs/BENCHMARKS.md.
         self._advance_fn = torch.compile(self._advance, dynamic=False) if compile else self._advance
 
     def _step(self, params: SamplingParams) -> None:
         if params.temperature > 0:
-            self.noise.uniform_(generator=self.gen)
+            self.noise.copy_(counter_uniforms(self.keys, self.pos, self.token_keys))
         self._advance_fn(params)
 
     @torch.no_grad()
@@ -151,7 +184,7 @@ class Sampler:
             for _ in range(n):
                 self._step(params)
             return
-        # The seed only reseeds the generator whose state the graph reads: one graph serves every seed.
+        # The seed only enters the item keys the graph reads: one graph serves every seed.
         key = replace(params, seed=0)
         if self._graph is None or self._graph_params != key:
             self._capture(key)
@@ -168,7 +201,6 @@ class Sampler:
                 self._step(params)
         torch.cuda.current_stream(self.device).wait_stream(side)
         self._graph = torch.cuda.CUDAGraph()
-        self._graph.register_generator_state(self.gen)  # replays draw fresh noise from our seeded generator
         with torch.cuda.graph(self._graph):
             self._step(params)
         for t, s in zip((self.tokens, self.pos, self.active), snapshot):
@@ -176,8 +208,11 @@ class Sampler:
         self._graph_params = params
 
     def _fill(self, slots: list[int], requests: list[tuple[int, list[int]]], params: SamplingParams) -> None:
-        """Load prompts into ``slots``; their caches need no reset, attention only reads up to ``pos``."""
+        """Load prompts (item number, tokens) into ``slots``; their caches need no reset, attention only
+        reads up to ``pos``."""
         idx = torch.tensor(slots, device=self.device)
+        items = torch.tensor([item for item, _ in requests], dtype=torch.long)
+        self.keys[idx] = item_keys(params.seed, items).to(self.device)
         rows = torch.zeros(len(slots), self.L, dtype=torch.long)
         lens = []
         for r, (_, prompt) in enumerate(requests):
@@ -195,13 +230,18 @@ class Sampler:
         prompts: list[list[int]],
         params: SamplingParams,
         on_progress: Callable[[int, int], None] | None = None,
+        first_item: int = 0,
     ) -> tuple[list[list[int]], SamplerStats]:
         """Complete every prompt once; returns token lists (prompt included, ``<eos>`` excluded) in input order.
-        ``on_progress(finished, total)`` is called at each check of finished slots (every few steps)."""
+        ``on_progress(finished, total)`` is called at each check of finished slots (every few steps).
+
+        Prompt ``i`` is item ``first_item + i``: a part of a larger run passes where it starts, and its
+        items come out as they would in the whole run."""
         for i, p in enumerate(prompts):
             if not 1 <= len(p) < self.L:
                 raise ValueError(f"prompt {i} has {len(p)} tokens; it must be 1 to {self.L - 1}")
-        self.gen.manual_seed(params.seed)
+        if first_item < 0:
+            raise ValueError(f"first_item must be >= 0, got {first_item}")
         self.active.zero_()
         pending = deque(enumerate(prompts))
         owner: list[int | None] = [None] * self.B
@@ -217,7 +257,7 @@ class Sampler:
             if free and pending:
                 take = [pending.popleft() for _ in range(min(len(free), len(pending)))]
                 slots, free = free[: len(take)], free[len(take) :]
-                self._fill(slots, take, params)
+                self._fill(slots, [(first_item + i, p) for i, p in take], params)
                 for s, (i, _) in zip(slots, take):
                     owner[s] = i
             if all(o is None for o in owner):

@@ -1,7 +1,7 @@
 """Experiment plans: JSON, validated on submit with every problem named by its field path.
 
 A plan is ``{name, priority, resources, retries, smoke, shared_workdir, stages: [...]}``; each stage is
-``{name, kind, params, after, resources, retries, max_retries}``. :func:`validate_plan` reports all
+``{name, kind, params, after, resources, retries, max_retries, shards}``. :func:`validate_plan` reports all
 problems at once (``stages[2].after[0]: unknown stage 'trian'``), never the first only.
 
 One name rule (:data:`NAME_RE`) for the plan's and its stages' names. Stage names become file names in the
@@ -26,7 +26,7 @@ from typing import Annotated, Any
 
 from pydantic import BeforeValidator, Field, ValidationError
 
-from infra.spec.stages import Resources, Spec, get_stage_kind, stage_kinds, world_size
+from infra.spec.stages import MAX_SHARDS, Resources, Spec, get_stage_kind, stage_kinds, world_size
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 MAX_PLAN_BYTES = 16 << 20  # below the gRPC message limit, so that the field at fault can be named
@@ -116,6 +116,7 @@ class StageSpec(Spec):
     resources: ResourcesSpec | None = None
     max_retries: int | None = Field(None, ge=0, le=100)  # the `error` budget (kept for older plans)
     retries: RetriesSpec | None = None
+    shards: int | None = Field(None, ge=1, le=MAX_SHARDS)  # parts run as stages of their own (_expand_shards)
 
 
 class PlanHeader(Spec):
@@ -274,6 +275,51 @@ def _accum_issue(stage: Stage, smoke: bool, i: int) -> Issue | None:
         f"stages[{i}].params.overrides.grad_accum",
         f"grad_accum {accum} counts micro-batches over all {n} processes and must be a multiple of {n}",
     )
+
+
+def shard_name(stage: str, index: int, count: int) -> str:
+    """The name of part ``index`` of a stage sharded ``count`` ways."""
+    return f"{stage}.shard-{index}-of-{count}"
+
+
+def _expand_shards(stages: list[Stage], shards: dict[str, tuple[int, int]], issues: list[Issue]) -> list[Stage]:
+    """A stage with ``shards`` S > 1 becomes S stages ``NAME.shard-I-of-S`` (same kind, params, ``after``,
+    resources and retries; params ``shard`` {index, count}) and a ``merge`` stage named NAME after all of
+    them, which writes the one result where the stage itself would; so ``after: [NAME]`` waits for the
+    whole. Each part is scheduled, retried and placed on its own. Done here, in the contract layer, so that
+    master, node and ``infra-train`` see the same stages (a validated plan validates again to itself)."""
+    taken = {s.name for s in stages}
+    out: list[Stage] = []
+    for s in stages:
+        if s.name not in shards:
+            out.append(s)
+            continue
+        i, count = shards[s.name]
+        kind = get_stage_kind(s.kind) if s.kind in stage_kinds() else None
+        if kind is None or kind.merge is None:
+            able = ", ".join(k for k in stage_kinds() if get_stage_kind(k).merge is not None)
+            issues.append(Issue(f"stages[{i}].shards", f"kind {s.kind!r} cannot be sharded; kinds that can: {able}"))
+            continue
+        if count == 1:
+            out.append(s)
+            continue
+        if s.params.get("shard") is not None:
+            issues.append(Issue(f"stages[{i}].params.shard", "set by the stage's shards; give one of them"))
+            continue
+        names = [shard_name(s.name, k, count) for k in range(count)]
+        bad = [n for n in names if not NAME_RE.match(n) or n in taken]
+        if bad:
+            why = "is the name of another stage" if bad[0] in taken else "is longer than names may be (64 characters)"
+            issues.append(Issue(f"stages[{i}].shards", f"part name {bad[0]!r} {why}; rename the stage"))
+            continue
+        for k, name in enumerate(names):
+            out.append(Stage(name, s.kind, {**s.params, "shard": {"index": k, "count": count}}, s.after,
+                             s.resources, s.max_retries, dict(s.retries)))  # fmt: skip
+        r = _merge(get_stage_kind("merge").resources)  # the merge runs on a CPU, whatever its parts need
+        out.append(
+            Stage(s.name, "merge", {"of": kind.merge, "parts": names}, tuple(names), r, s.max_retries, dict(s.retries))
+        )
+    return out
 
 
 def _cycles(deps: dict[str, list[str]]) -> list[list[str]]:
@@ -495,6 +541,7 @@ def validate_plan(data: Any, known_kinds: Iterable[str] | None = None) -> Plan:
     names = set(raw_index)
     deps: dict[str, list[str]] = {}
     stages: list[Stage] = []
+    shards: dict[str, tuple[int, int]] = {}  # stage name -> (its index, shards) where given
     for i, raw in enumerate(raw_stages):  # a stage with errors elsewhere still gets these checks
         if not isinstance(raw, dict):
             continue
@@ -515,9 +562,12 @@ def validate_plan(data: Any, known_kinds: Iterable[str] | None = None) -> Plan:
         resources = _resources(s, header.resources if header is not None else None, smoke, s.kind in local, i, issues)
         retries = _retries(s, header.retries if header is not None else None, i, issues)
         stages.append(Stage(s.name, s.kind, params, tuple(s.after), resources, retries["error"], retries))
+        if s.shards is not None:
+            shards[s.name] = (i, s.shards)
         if accum := _accum_issue(stages[-1], smoke, i):
             issues.append(accum)
     issues += _shared_outputs(stages, raw_index)
+    stages = _expand_shards(stages, shards, issues)
     for cycle in _cycles(deps):
         issues.append(Issue(f"stages[{raw_index[cycle[0]]}].after", "dependency cycle: " + " -> ".join(cycle)))
     issues.sort(key=lambda x: [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", x.path)])

@@ -19,6 +19,7 @@ products with paths relative to the experiment directory:
   is above 1 (docs/DISTRIBUTED.md)
 - sample, mcts, benchmark: ``samples/<stage>/``; run ``crystallm sample|mcts|benchmark csp``
 - evaluate: ``artifacts/<stage>/evaluation.jsonl`` (per-CIF results); runs ``crystallm evaluate``
+- merge: what the sharded stage it stands for writes, from its parts' folders; runs ``crystallm merge``
 - analyze: ``plots/<probe>/`` (ΦID tables and heatmaps); runs ``crystallm probes analyze``
 - plot: ``plots/`` (training curves); runs ``crystallm plot``
 
@@ -168,6 +169,7 @@ class StageKind:
     description: str = ""
     owns: tuple[str, ...] = ()  # experiment-wide folders it writes (not per stage): one such stage per plan
     processes: bool = False  # runs ``StageContext.processes`` processes (torchrun); others always run one
+    merge: str | None = None  # ``crystallm merge`` kind of its outputs: a plan may shard such a stage (``shards``)
 
 
 _KINDS: dict[str, tuple[StageKind, str]] = {}
@@ -222,6 +224,25 @@ def _smoke(ctx: StageContext) -> list[str]:
 
 
 DEFAULT_MODEL = f"{CKPTS}/best.pt"  # written at every validation that improved (or when there is none)
+MAX_SHARDS = 256  # parts of one sharded stage (a plan's ``shards``)
+
+
+class ShardSpec(Spec):
+    """Which part of a sharded stage this stage runs (``crystallm VERB --shard index/count``); the plan's
+    ``shards`` sets it on the stages it makes."""
+
+    index: int = Field(ge=0, lt=MAX_SHARDS)
+    count: int = Field(ge=1, le=MAX_SHARDS)
+
+    @model_validator(mode="after")
+    def _index_below_count(self) -> ShardSpec:
+        if self.index >= self.count:
+            raise ValueError(f"index {self.index} must be below count {self.count}")
+        return self
+
+
+def _shard(p: Any) -> list[str]:
+    return [] if p.shard is None else ["--shard", f"{p.shard.index}/{p.shard.count}"]
 
 
 # --- prepare ---------------------------------------------------------------------------------
@@ -330,6 +351,7 @@ class SampleParams(Spec):
     top_p: float | None = Field(None, gt=0, le=1)
     max_tokens: int | None = Field(None, ge=1, le=MAX_COUNT)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    shard: ShardSpec | None = None
 
     @model_validator(mode="after")
     def _one_prompt_source(self) -> SampleParams:
@@ -344,7 +366,7 @@ def _build_sample(p: SampleParams, ctx: StageContext) -> Command:
     args += _opt("--spacegroup", p.spacegroup) + _opt("--num-samples", p.num_samples)
     args += _opt("--temperature", p.temperature) + _opt("--top-k", p.top_k) + _opt("--top-p", p.top_p)
     args += _opt("--max-tokens", p.max_tokens) + _opt("--seed", p.seed)
-    argv = crystallm("sample", *args, "--out", str(ctx.samples_dir), *_smoke(ctx))
+    argv = crystallm("sample", *args, "--out", str(ctx.samples_dir), *_shard(p), *_smoke(ctx))
     return Command([argv], outputs=[ctx.rel(ctx.samples_dir)])
 
 
@@ -397,12 +419,13 @@ class BenchmarkParams(Spec):
     temperature: float | None = Field(None, gt=0, le=1000)
     top_k: int | None = Field(None, ge=1, le=MAX_COUNT)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
+    shard: ShardSpec | None = None
 
 
 def _build_benchmark(p: BenchmarkParams, ctx: StageContext) -> Command:
     args = ["--model", ctx.artifact(p.model), "--test", p.test, "--n", str(p.n), *_opt("--limit", p.limit)]
     args += _opt("--temperature", p.temperature) + _opt("--top-k", p.top_k) + _opt("--seed", p.seed)
-    argv = crystallm("benchmark", p.task, *args, "--out", str(ctx.samples_dir), *_smoke(ctx))
+    argv = crystallm("benchmark", p.task, *args, "--out", str(ctx.samples_dir), *_shard(p), *_smoke(ctx))
     return Command([argv], outputs=[ctx.rel(ctx.samples_dir)])
 
 
@@ -412,12 +435,41 @@ def _build_benchmark(p: BenchmarkParams, ctx: StageContext) -> Command:
 class EvaluateParams(Spec):
     inputs: list[ExperimentPath] = Field(min_length=1)
     workers: int | None = Field(None, ge=1, le=MAX_WORKERS)
+    shard: ShardSpec | None = None
+
+
+EVALUATION = "evaluation.jsonl"
 
 
 def _build_evaluate(p: EvaluateParams, ctx: StageContext) -> Command:
-    args = [ctx.artifact(x) for x in p.inputs] + ["--json", "--out", str(ctx.artifacts_dir / "evaluation.jsonl")]
-    argv = crystallm("evaluate", *args, *_opt("--workers", p.workers), *_smoke(ctx))
+    args = [ctx.artifact(x) for x in p.inputs] + ["--json", "--out", str(ctx.artifacts_dir / EVALUATION)]
+    argv = crystallm("evaluate", *args, *_opt("--workers", p.workers), *_shard(p), *_smoke(ctx))
     return Command([argv], outputs=[ctx.rel(ctx.artifacts_dir)])
+
+
+# --- merge -----------------------------------------------------------------------------------
+
+
+class MergeParams(Spec):
+    """The merge stage of a sharded stage (the plan's ``shards`` makes it): ``of`` is the ``crystallm merge``
+    kind of the parts, ``parts`` the shard stages in order."""
+
+    of: Literal["sample", "csp", "evaluate"]
+    parts: list[Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")]] = Field(
+        min_length=1, max_length=MAX_SHARDS
+    )
+
+
+def _build_merge(p: MergeParams, ctx: StageContext) -> Command:
+    """Joins the parts' outputs into this stage's own folder, where the unsharded stage writes. Every stage's
+    samples (artifacts) folder sits beside the others' in the experiment record, so a part's is a sibling."""
+    if p.of == "evaluate":
+        parts = [str(ctx.artifacts_dir.parent / part / EVALUATION) for part in p.parts]
+        out, folder = ctx.artifacts_dir / EVALUATION, ctx.artifacts_dir
+    else:
+        parts = [str(ctx.samples_dir.parent / part) for part in p.parts]
+        out = folder = ctx.samples_dir
+    return Command([crystallm("merge", p.of, *parts, "--out", str(out))], outputs=[ctx.rel(folder)])
 
 
 # --- analyze and plot ------------------------------------------------------------------------
@@ -470,15 +522,32 @@ BUILTIN_KINDS: dict[str, StageKind] = {
         processes=True,
     ),
     "sample": StageKind(
-        SampleParams, _build_sample, GPU_STAGE, ("sample",), ("prompts",), description="sample CIFs from a model"
+        SampleParams,
+        _build_sample,
+        GPU_STAGE,
+        ("sample",),
+        ("prompts",),
+        description="sample CIFs from a model",
+        merge="sample",
     ),
     "mcts": StageKind(
         MctsParams, _build_mcts, GPU_STAGE, ("mcts",), extras=_mcts_extras, description="MCTS-guided generation"
     ),
     "benchmark": StageKind(
-        BenchmarkParams, _build_benchmark, GPU_STAGE, ("benchmark",), ("test",), description="benchmark a model"
+        BenchmarkParams,
+        _build_benchmark,
+        GPU_STAGE,
+        ("benchmark",),
+        ("test",),
+        description="benchmark a model",
+        merge="csp",
     ),
-    "evaluate": StageKind(EvaluateParams, _build_evaluate, CPU_STAGE, ("evaluate",), description="validity of CIFs"),
+    "evaluate": StageKind(
+        EvaluateParams, _build_evaluate, CPU_STAGE, ("evaluate",), description="validity of CIFs", merge="evaluate"
+    ),
+    "merge": StageKind(
+        MergeParams, _build_merge, CPU_STAGE, ("merge",), description="join the parts of a sharded stage"
+    ),
     "analyze": StageKind(
         AnalyzeParams,
         _build_analyze,

@@ -75,7 +75,7 @@ def test_benchmark_smoke_caps_structures_attempts_and_tokens(monkeypatch, capsys
     monkeypatch.setattr(sample, "load_for_inference", lambda path, device: (model, None, {}))
     monkeypatch.setattr(sampler, "Sampler", lambda *a, **k: None)
 
-    def generate(_sampler, prompts, n, params, on_progress=None):
+    def generate(_sampler, prompts, n, params, on_progress=None, first_prompt=0):
         asked.append((len(prompts), n, params.max_tokens))
         samples = [sample.Sample(f"{c}-{i}-{j}", c, j, "", "") for i, (c, _) in enumerate(prompts) for j in range(n)]
         return samples, SimpleNamespace(samples_per_s=1.0)

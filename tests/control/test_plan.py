@@ -61,8 +61,8 @@ def test_a_valid_plan_is_normalised() -> None:
 def test_unknown_kind() -> None:
     errors = _errors(_plan(PREP, {"name": "t", "kind": "trian"}))
     assert errors == [
-        "stages[1].kind: unknown stage kind 'trian'; known: analyze, benchmark, evaluate, mcts, plot, prepare, sample, "
-        "train"
+        "stages[1].kind: unknown stage kind 'trian'; known: analyze, benchmark, evaluate, mcts, merge, plot, prepare, "
+        "sample, train"
     ]
 
 
@@ -418,3 +418,50 @@ def test_a_smoke_plan_asks_for_no_gpu_and_keeps_its_world_size() -> None:
         "give gpus 0 (CPU processes) or gpus 2"
     ]
     assert force_smoke(["not", "a", "plan"]) == ["not", "a", "plan"]
+def _sharded(kind: str = "benchmark", params: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
+    return {"name": "csp", "kind": kind, "params": params or {"test": "/t.csv", "seed": 3}, "after": ["prep"], **extra}
+
+
+def test_a_sharded_stage_becomes_its_parts_and_a_merge_under_its_name() -> None:
+    evaluate = {"name": "ev", "kind": "evaluate", "params": {"inputs": ["samples/csp"]}, "after": ["csp"]}
+    plan = validate_plan(_plan(PREP, _sharded(shards=3, retries={"error": 2}), evaluate))
+    parts = [f"csp.shard-{i}-of-3" for i in range(3)]
+    assert [s.name for s in plan.stages] == ["prep", *parts, "csp", "ev"]
+    for i, name in enumerate(parts):
+        s = plan.stages[1 + i]
+        assert s.name == name
+        assert (s.kind, s.after, s.params["shard"]) == ("benchmark", ("prep",), {"index": i, "count": 3})
+        assert s.params["seed"] == 3 and s.resources.gpus == 1 and s.retries["error"] == 2
+    merge = plan.stages[4]
+    assert (merge.kind, merge.after, merge.params) == ("merge", tuple(parts), {"of": "csp", "parts": parts})
+    assert merge.resources.gpus == 0 and merge.retries["error"] == 2
+    assert plan.stages[5].after == ("csp",)  # the dependent waits for the merge, i.e. for every part
+    assert [s.name for s in plan.order()][-2:] == ["csp", "ev"]
+    assert validate_plan(plan.to_dict()) == plan  # the expansion is a plan that validates to itself
+    one = validate_plan(_plan(PREP, _sharded(shards=1)))
+    assert [s.name for s in one.stages] == ["prep", "csp"] and one.stages[1].params.get("shard") is None
+
+
+def test_shards_are_refused_where_a_stage_cannot_be_split() -> None:
+    mcts = {"name": "m", "kind": "mcts", "params": {"prompt": "NaCl", "scorer": "random"}, "shards": 2}
+    assert _errors(_plan(mcts)) == [
+        "stages[0].shards: kind 'mcts' cannot be sharded; kinds that can: benchmark, evaluate, sample"
+    ]
+    assert _errors(_plan({**PREP, "shards": 1}))[0].startswith("stages[0].shards: kind 'prepare' cannot be sharded")
+    plugin = {"name": "x", "kind": "myplugin", "params": {}, "shards": 2}
+    assert _errors(_plan(plugin), {"myplugin"})[0].startswith("stages[0].shards: kind 'myplugin' cannot")
+    assert _errors(_plan(PREP, _sharded(shards=0))) == ["stages[1].shards: Input should be greater than or equal to 1"]
+    assert _errors(_plan(PREP, _sharded(shards=257))) == ["stages[1].shards: Input should be less than or equal to 256"]
+    long = {**_sharded(shards=2), "name": "c" * 60}
+    assert _errors(_plan(PREP, long)) == [
+        f"stages[1].shards: part name '{'c' * 60}.shard-0-of-2' is longer than names may be (64 characters); "
+        "rename the stage"
+    ]
+    taken = {**PREP, "name": "csp.shard-1-of-2"}
+    assert _errors(_plan(PREP, _sharded(shards=2), taken))[0] == (
+        "stages[1].shards: part name 'csp.shard-1-of-2' is the name of another stage; rename the stage"
+    )
+    both = _sharded(params={"test": "/t.csv", "shard": {"index": 0, "count": 2}}, shards=2)
+    assert _errors(_plan(PREP, both)) == ["stages[1].params.shard: set by the stage's shards; give one of them"]
+    bad = _sharded(params={"test": "/t.csv", "shard": {"index": 2, "count": 2}})
+    assert _errors(_plan(PREP, bad)) == ["stages[1].params.shard: index 2 must be below count 2"]

@@ -129,3 +129,23 @@ def test_train_runs_under_torchrun_when_its_world_size_is_above_one() -> None:
     assert stages.world_size(stages.Resources(gpus=4, processes=1)) == 4
     assert stages.world_size(stages.Resources(gpus=1, processes=1)) == 1
     assert stages.world_size(stages.Resources(gpus=0, processes=3)) == 3
+
+
+def test_shard_stages_run_their_part_and_the_merge_writes_where_the_whole_stage_would() -> None:
+    part = {"index": 1, "count": 3}
+    for kind, params in (
+        ("sample", {"prompt": "NaCl"}),
+        ("benchmark", {"test": "/t.csv"}),
+        ("evaluate", {"inputs": ["x"]}),
+    ):
+        argv = _argv(_build(kind, {**params, "shard": part}, "g.shard-1-of-3")[0])
+        assert argv[argv.index("--shard") + 1] == "1/3"
+        assert "--shard" not in _argv(_build(kind, params)[0])
+    parts = ["g.shard-0-of-2", "g.shard-1-of-2"]
+    merge, _ = _build("merge", {"of": "csp", "parts": parts}, "g")
+    assert _argv(merge) == ["merge", "csp", *(str(EXP / "samples" / p) for p in parts), "--out", str(EXP / "samples/g")]
+    assert merge.outputs == ["samples/g"]
+    merge, _ = _build("merge", {"of": "evaluate", "parts": parts}, "g")
+    jsonl = [str(EXP / "artifacts" / p / "evaluation.jsonl") for p in parts]
+    assert _argv(merge) == ["merge", "evaluate", *jsonl, "--out", str(EXP / "artifacts/g/evaluation.jsonl")]
+    assert merge.outputs == ["artifacts/g"]
