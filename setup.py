@@ -54,6 +54,7 @@ setup(
         "pyyaml>=6",
         "matplotlib>=3.7",
         "psycopg2-binary>=2.9",
+        "smact>=4.0,<5",  # the published (CDVAE/DiffCSP) composition-validity rule in `crystallm benchmark csp`
     ],
     extras_require={
         "dev": [
