@@ -26,6 +26,7 @@ import json
 import multiprocessing as mp
 import os
 import sys
+import threading
 import time
 import warnings
 from dataclasses import asdict, dataclass
@@ -34,6 +35,9 @@ from pathlib import Path
 from crystallm_core.events import open_sink
 
 MATCHER = dict(stol=0.5, angle_tol=10, ltol=0.3)
+# StructureMatcher can spend minutes on one degenerate cell (the published rule lets far odder cells through
+# than ours): an attempt still unmatched after this long counts as no match, and the count is reported.
+MATCH_TIMEOUT_S = 20.0
 SMOKE_TOKENS = 64  # --smoke: generated tokens per attempt, as `crystallm sample --smoke`
 
 
@@ -52,10 +56,22 @@ class CspResult:
     published_match_rate_n: float
     published_rmse_n: float | None
     published_validity: float
+    match_timeouts: int
 
 
-def _match_one(job: tuple[str, list[str | None]]) -> list[float | None]:
-    """RMS distance of each attempt to the truth; None where it does not match or was not a valid CIF."""
+class _MatchTimeout(Exception):
+    pass
+
+
+def _alarm(signum: int, frame: object) -> None:
+    raise _MatchTimeout
+
+
+def _match_one(job: tuple[str, list[str | None]]) -> tuple[list[float | None], int]:
+    """RMS distance of each attempt to the truth (None where it does not match or was not a valid CIF), and
+    how many attempts ran out of :data:`MATCH_TIMEOUT_S` (counted as no match)."""
+    import signal
+
     from pymatgen.analysis.structure_matcher import StructureMatcher
     from pymatgen.core import Structure
 
@@ -65,17 +81,37 @@ def _match_one(job: tuple[str, list[str | None]]) -> list[float | None]:
     truth = Structure.from_str(truth_text, fmt="cif")
     matcher = StructureMatcher(**MATCHER)
     out: list[float | None] = []
-    for text in attempts:
-        rms = None if text is None else matcher.get_rms_dist(truth, parse_structure(text))
-        out.append(None if rms is None else float(rms[0]))
-    return out
+    timeouts = 0
+    timed = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGALRM, _alarm) if timed else None
+    try:
+        for text in attempts:
+            rms = None
+            if text is not None:
+                try:
+                    if timed:
+                        signal.setitimer(signal.ITIMER_REAL, MATCH_TIMEOUT_S)
+                    rms = matcher.get_rms_dist(truth, parse_structure(text))
+                except _MatchTimeout:
+                    timeouts += 1
+                finally:
+                    if timed:
+                        signal.setitimer(signal.ITIMER_REAL, 0)
+            out.append(None if rms is None else float(rms[0]))
+    finally:
+        if timed:
+            signal.signal(signal.SIGALRM, previous)
+    return out, timeouts
 
 
-def match_all(jobs: list[tuple[str, list[str | None]]], workers: int) -> list[list[float | None]]:
+def match_all(jobs: list[tuple[str, list[str | None]]], workers: int) -> tuple[list[list[float | None]], int]:
+    """Each job's RMS distances, and the number of attempts whose matching timed out."""
     if workers <= 1:
-        return [_match_one(j) for j in jobs]
-    with mp.get_context("forkserver").Pool(workers) as pool:
-        return pool.map(_match_one, jobs, chunksize=max(1, len(jobs) // (8 * workers)))
+        done = [_match_one(j) for j in jobs]
+    else:
+        with mp.get_context("forkserver").Pool(workers) as pool:
+            done = pool.map(_match_one, jobs, chunksize=max(1, len(jobs) // (8 * workers)))
+    return [rms for rms, _ in done], sum(t for _, t in done)
 
 
 def check_published_texts(texts: list[str | None], workers: int) -> list[bool]:
@@ -151,8 +187,8 @@ def run_csp(
     published = check_published_texts(cifs, workers)
     phase("validity checked (both rules)")
     either = [c if a or b else None for c, a, b in zip(cifs, ours, published)]  # each attempt matched once
-    rms = match_all([(truths[i], either[i * n : (i + 1) * n]) for i in range(len(truths))], workers)
-    phase("matched")
+    rms, timeouts = match_all([(truths[i], either[i * n : (i + 1) * n]) for i in range(len(truths))], workers)
+    phase(f"matched ({timeouts} attempts ran out of {MATCH_TIMEOUT_S:g} s)")
     rate_1, rmse_1 = score(keep(rms, ours, n), 1)
     rate_n, rmse_n = score(keep(rms, ours, n), n)
     pub_1, pub_rmse_1 = score(keep(rms, published, n), 1)
@@ -171,6 +207,7 @@ def run_csp(
         published_match_rate_n=pub_n,
         published_rmse_n=pub_rmse_n,
         published_validity=sum(published) / len(published) if published else 0.0,
+        match_timeouts=timeouts,
     )
     if out is not None:
         from crystallm_core.sample import write_samples

@@ -45,3 +45,21 @@ def test_benchmark_smoke_runs_end_to_end(demo_small, tmp_path):
     assert result["published_match_rate_1"] <= result["published_match_rate_n"]
     assert json.loads((out / "csp.json").read_text()) == result
     assert (out / "samples.csv.gz").exists()
+
+
+def test_a_match_that_runs_too_long_counts_as_no_match(monkeypatch, perov_rows):
+    import time
+
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    from crystallm_core import csp
+
+    truth = perov_rows[0]["cif"]
+    monkeypatch.setattr(csp, "MATCH_TIMEOUT_S", 0.05)
+    rms, timeouts = csp.match_all([(truth, [truth, None, truth])], workers=1)
+    assert timeouts == 0 and rms[0][0] == pytest.approx(0.0, abs=1e-6) and rms[0][1] is None
+
+    monkeypatch.setattr(StructureMatcher, "get_rms_dist", lambda self, a, b: time.sleep(5))
+    start = time.monotonic()
+    rms, timeouts = csp.match_all([(truth, [truth, None, truth])], workers=1)
+    assert rms == [[None, None, None]] and timeouts == 2 and time.monotonic() - start < 2
