@@ -63,6 +63,7 @@ setup(
         "psycopg2-binary>=2.9",
         "aiohttp>=3.13",  # the master's dashboard and /metrics, on its asyncio loop
         "prometheus-client>=0.20",
+        "smact>=4.0,<5",  # the published (CDVAE/DiffCSP) composition-validity rule in `crystallm benchmark csp`
     ],
     extras_require={
         "dev": [

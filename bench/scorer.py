@@ -9,12 +9,16 @@ reports the largest difference between the two energies. Prints one JSON line.
 
     python bench/scorer.py --scorer chgnet --cifs ../shared/data/perov_5/test.csv.gz --n 4096 \
         --call-size 1024 --scorer-option batch_size=256
+
+``peak_rss_mib`` is this process's peak resident memory after the timed scoring (before CHGNet's own
+path runs, whose batches are bounded by count only); on a GPU the batches live in device memory instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import resource
 import time
 import warnings
 
@@ -49,6 +53,7 @@ def main() -> int:
     ap.add_argument("--call-size", type=int, default=1024, help="CIFs per score() call")
     ap.add_argument("--baseline-n", type=int, default=None, help="CIFs for CHGNet's own path (default: --n)")
     ap.add_argument("--device", default="auto")
+    ap.add_argument("--no-baseline", action="store_true", help="skip CHGNet's own path (its batches are not bounded)")
     args = ap.parse_args()
     warnings.simplefilter("ignore")
 
@@ -66,7 +71,11 @@ def main() -> int:
         seconds = time.perf_counter() - t
         out.update(seconds=round(seconds, 3), per_s=round(len(cifs) / seconds, 1))
         out["failed"] = sum(not r.ok for r in results)
-        if args.scorer == "chgnet":
+        # Peak resident memory of this process so far: the model, the pool's parent side and every batch.
+        out["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024
+        if hasattr(scorer, "max_batch_mib"):
+            out["max_batch_mib"] = scorer.max_batch_mib
+        if args.scorer == "chgnet" and not args.no_baseline:
             n = args.baseline_n or len(cifs)
             model = scorer.model  # type: ignore[attr-defined]  (the chgnet scorer holds its model)
             chgnet_itself(model, cifs[: args.call_size], scorer.batch_size)  # its warm-up

@@ -105,7 +105,7 @@ def merge_sample(parts: list[Path], out: Path) -> Path:
 def merge_csp(parts: list[Path], out: Path) -> dict[str, object]:
     """Parts of ``crystallm benchmark csp`` (their --out directories): the samples and per-structure results
     are concatenated and the figures recomputed from them exactly as the whole run computes them."""
-    from crystallm_core.csp import CspResult, score
+    from crystallm_core.csp import figures
 
     results: list[dict] = []
     header: list[str] | None = None
@@ -122,21 +122,8 @@ def merge_csp(parts: list[Path], out: Path) -> dict[str, object]:
         report = json.loads((part / CSP_REPORT).read_text(encoding="utf-8"))
         if report["samples_per_s"]:
             seconds += report["attempts"] / report["samples_per_s"]
-    n = max((len(r["rms"]) for r in results), default=1)
-    rms = [r["rms"] for r in results]
-    rate_1, rmse_1 = score(rms, 1)
-    rate_n, rmse_n = score(rms, n)
     attempts = len(rows)
-    result = CspResult(
-        structures=len(results),
-        attempts=attempts,
-        match_rate_1=rate_1,
-        rmse_1=rmse_1,
-        match_rate_n=rate_n,
-        rmse_n=rmse_n,
-        validity=sum(r["valid"] for r in results) / attempts if attempts else 0.0,
-        samples_per_s=attempts / seconds if seconds else 0.0,  # per GPU: all attempts over the parts' time
-    )
+    result = figures(results, attempts / seconds if seconds else 0.0)  # per GPU: all attempts over the parts' time
     out.mkdir(parents=True, exist_ok=True)
     _write_csv(out / CSP_SAMPLES, header or ["id", "prompt", "sample", "cif"], rows)
     write_csp_results(out / CSP_RESULTS, results)

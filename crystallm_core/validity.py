@@ -559,3 +559,64 @@ def _spacegroup_problems(p: _Parsed, structure: Structure) -> list[str]:
             f"stated {stated} ({spacegroups.symbol(stated)}) but spglib finds {found} ({spacegroups.symbol(found)})"
         ]
     return []
+
+
+# ---------------------------------------------------------------- the published rule (CDVAE, DiffCSP)
+
+PUBLISHED_MIN_DISTANCE = 0.5  # Å: no two atoms closer
+PUBLISHED_MIN_VOLUME = 0.1  # Å^3
+
+
+@dataclass(frozen=True)
+class PublishedValidity:
+    """The validity rule of the CDVAE and DiffCSP papers, so that figures can stand beside their tables.
+
+    It is much weaker than :func:`check`: a structure is *structurally* valid when its cell has a volume of
+    at least 0.1 Å³ and no two atoms are closer than 0.5 Å, and *compositionally* valid when SMACT finds
+    charge-neutral oxidation states that pass Pauling's electronegativity test (a single element, or only
+    metals, always pass). Nothing is asked of the stated formula, multiplicities, bonds or space group.
+    """
+
+    structure_ok: bool = False
+    composition_ok: bool = False
+
+    @property
+    def is_valid(self) -> bool:
+        return self.structure_ok and self.composition_ok
+
+
+def check_published(text: str) -> PublishedValidity:
+    """Judge one CIF by the published rule. Never raises: a CIF that cannot be read is invalid."""
+    from crystallm_core.cif import parse_structure
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            structure = parse_structure(text)
+            return PublishedValidity(_published_structure_ok(structure), _smact_ok(structure.composition))
+    except Exception:
+        return PublishedValidity()
+
+
+def _published_structure_ok(structure: Structure) -> bool:
+    if not structure.volume >= PUBLISHED_MIN_VOLUME:  # also false for NaN
+        return False
+    if len(structure) < 2:
+        return True
+    d = structure.distance_matrix
+    np.fill_diagonal(d, np.inf)
+    return bool(d.min() >= PUBLISHED_MIN_DISTANCE)
+
+
+@lru_cache(maxsize=4096)
+def _smact_formula_ok(formula: str) -> bool:
+    from smact.screening import smact_validity
+
+    # The papers' SMACT (2.x) took oxidation states from its own 2014 table; 4.x names it "smact14".
+    return bool(smact_validity(formula, use_pauling_test=True, include_alloys=True, oxidation_states_set="smact14"))
+
+
+def _smact_ok(composition: Composition) -> bool:
+    """SMACT's charge-neutrality and electronegativity screen of the cell's composition (memoised: a CSP
+    run asks the same few compositions thousands of times)."""
+    return _smact_formula_ok(composition.formula.replace(" ", ""))

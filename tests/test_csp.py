@@ -4,7 +4,7 @@ import sys
 
 import pytest
 
-from crystallm_core.csp import score
+from crystallm_core.csp import keep, score
 from crystallm_core.events import JsonlSink
 from crystallm_core.train import TrainConfig, Trainer
 from tests.conftest import PEROV_TEST
@@ -15,6 +15,13 @@ def test_match_rate_and_rmse_at_1_and_n():
     assert score(rms, 1) == (0.25, pytest.approx(0.3))
     rate, rmse = score(rms, 3)
     assert rate == 0.75 and rmse == pytest.approx((0.1 + 0.3 + 0.05) / 3)
+
+
+def test_each_rule_keeps_only_the_attempts_it_allows():
+    rms = [[None, 0.2, 0.1], [0.3, None, None]]
+    allowed = [[True, False, True], [False, True, True]]
+    assert keep(rms, allowed) == [[None, None, 0.1], [None, None, None]]
+    assert score(keep(rms, allowed), 3) == (0.5, pytest.approx(0.1))
 
 
 def test_benchmark_smoke_runs_end_to_end(demo_small, tmp_path):
@@ -34,5 +41,25 @@ def test_benchmark_smoke_runs_end_to_end(demo_small, tmp_path):
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["structures"] == 8 and result["attempts"] == 16
     assert 0.0 <= result["validity"] <= 1.0 and result["match_rate_1"] <= result["match_rate_n"]
+    assert 0.0 <= result["published_validity"] <= 1.0
+    assert result["published_match_rate_1"] <= result["published_match_rate_n"]
     assert json.loads((out / "csp.json").read_text()) == result
     assert (out / "samples.csv.gz").exists()
+
+
+def test_a_match_that_runs_too_long_counts_as_no_match(monkeypatch, perov_rows):
+    import time
+
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    from crystallm_core import csp
+
+    truth = perov_rows[0]["cif"]
+    monkeypatch.setattr(csp, "MATCH_TIMEOUT_S", 0.05)
+    rms, timeouts = csp.match_all([(truth, [truth, None, truth])], workers=1)
+    assert timeouts == [0] and rms[0][0] == pytest.approx(0.0, abs=1e-6) and rms[0][1] is None
+
+    monkeypatch.setattr(StructureMatcher, "get_rms_dist", lambda self, a, b: time.sleep(5))
+    start = time.monotonic()
+    rms, timeouts = csp.match_all([(truth, [truth, None, truth])], workers=1)
+    assert rms == [[None, None, None]] and timeouts == [2] and time.monotonic() - start < 2

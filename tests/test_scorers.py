@@ -326,3 +326,45 @@ def test_chgnet_batched_featurization_predicts_what_chgnet_itself_predicts(perov
     assert ours.shape == (len(cifs),)
     assert ours == pytest.approx([float(p["e"]) for p in theirs], abs=1e-5)
     assert len(set(np.round(ours, 3))) > 10  # distinct structures, distinct energies: nothing was mixed up
+
+
+def test_batches_close_at_the_memory_budget_and_count():
+    from infra.plugins.scorers.chgnet_scorer import plan_batches
+
+    assert plan_batches([1, 1, 1, 1, 1], batch_size=2, budget=10) == [range(0, 2), range(2, 4), range(4, 5)]
+    assert plan_batches([4, 4, 4, 1], batch_size=10, budget=8) == [range(0, 2), range(2, 4)]
+    assert plan_batches([3, 20, 3, 3], batch_size=10, budget=8) == [range(0, 1), range(2, 4)]  # 20: alone, failed
+    assert plan_batches([], batch_size=4, budget=8) == []
+
+
+def test_dense_carbon_cells_are_split_to_stay_within_the_memory_budget(carbon_rows, monkeypatch):
+    """Dense carbon_24 cells have tens of thousands of angles each: with a small budget, one call of many cells
+    is predicted in several batches, each within the budget, with the energies of one large batch; a cell above
+    the budget on its own fails with its size instead of running."""
+    pytest.importorskip("chgnet", reason="chgnet is not installed (pip install 'infra[chgnet]')")
+    from infra.plugins.scorers import chgnet_scorer
+
+    cifs = [r["cif"] for r in carbon_rows[:12]]
+    with make_scorer("chgnet", {"workers": 0, "max_batch_mib": 100_000}, device="cpu") as scorer:
+        whole = scorer.score(cifs)
+    seen: list[int] = []
+    real = chgnet_scorer.predict_energies
+
+    def spy(model, batch):
+        seen.append(sum(chgnet_scorer.graph_bytes(g) for g in batch))
+        return real(model, batch)
+
+    monkeypatch.setattr(chgnet_scorer, "predict_energies", spy)
+    with make_scorer("chgnet", {"workers": 0, "max_batch_mib": 64}, device="cpu") as scorer:
+        split = scorer.score(cifs)
+    assert len(seen) > 1 and max(seen) <= 64 * 2**20, seen
+    assert [r.score for r in split] == pytest.approx([r.score for r in whole], abs=1e-5)
+
+    seen.clear()
+    with make_scorer("chgnet", {"workers": 0, "max_batch_mib": 16}, device="cpu") as scorer:
+        tight = scorer.score(cifs)
+    too_big = [r for r in tight if not r.ok]
+    assert too_big and all("memory budget of 16 MiB" in r.error for r in too_big)
+    assert all(total <= 16 * 2**20 for total in seen)
+    with pytest.raises(ScorerError, match="max_batch_mib"):
+        make_scorer("chgnet", {"max_batch_mib": 0}, device="cpu")

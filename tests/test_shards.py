@@ -140,7 +140,17 @@ def test_csp_merge_recomputes_match_rate_and_rmse_from_the_parts(tmp_path):
     from crystallm_core.shards import write_csp_results
 
     rms = [[None, 0.21], [0.3, 0.1], [None, None], [0.05, None], [0.17, 0.33]]
-    results = [{"index": t, "formula": f"X{t}", "valid": 1 + t % 2, "rms": r} for t, r in enumerate(rms)]
+    results = [
+        {
+            "index": t,
+            "formula": f"X{t}",
+            "valid": [True, t % 2 == 1],
+            "published_valid": [True, True],
+            "rms": r,
+            "timeouts": t % 3 == 0,
+        }
+        for t, r in enumerate(rms)
+    ]
     for name, rows in (("p0", results[:2]), ("p1", results[2:])):
         part = tmp_path / name
         part.mkdir()
@@ -152,9 +162,11 @@ def test_csp_merge_recomputes_match_rate_and_rmse_from_the_parts(tmp_path):
         report = {"attempts": 2 * len(rows), "samples_per_s": 4.0}
         (part / "csp.json").write_text(json.dumps(report))
     figures = merge_csp([tmp_path / "p0", tmp_path / "p1"], tmp_path / "merged")
-    assert (figures["match_rate_1"], figures["rmse_1"]) == score(rms, 1)
-    assert (figures["match_rate_n"], figures["rmse_n"]) == score(rms, 2)
-    assert figures["validity"] == sum(r["valid"] for r in results) / 10
+    assert (figures["published_match_rate_1"], figures["published_rmse_1"]) == score(rms, 1)
+    assert figures["validity"] == 7 / 10 and figures["published_validity"] == 1.0 and figures["match_timeouts"] == 2
+    ours = [[r if ok else None for r, ok in zip(row, res["valid"])] for row, res in zip(rms, results)]
+    assert (figures["match_rate_n"], figures["rmse_n"]) == score(ours, 2)
+    assert (figures["published_match_rate_n"], figures["published_rmse_n"]) == score(rms, 2)
     assert figures["structures"] == 5 and figures["attempts"] == 10 and figures["samples_per_s"] == 4.0
     with pytest.raises(ValueError, match="no results.jsonl"):
         merge_csp([tmp_path / "merged", tmp_path / "nowhere"], tmp_path / "again")

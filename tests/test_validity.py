@@ -14,6 +14,7 @@ from crystallm_core.validity import (
     REASON_CODES,
     Validity,
     check,
+    check_published,
     detect_spacegroup,
     expected_bond,
     reason_code,
@@ -381,3 +382,39 @@ def test_postprocess_recomputes_the_volume_from_the_cell():
     assert stated in fixed.splitlines() and check(fixed).is_valid
     no_cell = off.replace("_cell_length_b", "_cell_length_q")
     assert "_cell_volume 150.1234" in postprocess(no_cell)  # nothing to compute from: left alone
+
+
+# ---------------------------------------------------------------- the published (CDVAE/DiffCSP) rule
+
+
+def test_published_rule_on_real_structures(perov, carbon):
+    """Every real cell is structurally valid; carbon (one element) always passes SMACT, while perov_5 holds
+    hypothetical perovskites that no charge-neutral assignment explains (Cs1Rb1N3), as the papers found."""
+    verdicts = [check_published(t) for t in perov + carbon]
+    assert all(v.structure_ok for v in verdicts)
+    assert all(check_published(t).is_valid for t in carbon)
+    assert "data_Cs1Rb1N3\n" in "".join(t for t in perov if not check_published(t).composition_ok)
+
+
+def test_published_rule_structure_part():
+    """Only volume and a 0.5 Å minimum distance count: a cell our bond check rejects can pass."""
+    lattice = Lattice.cubic(4.0)
+    near = Structure(lattice, ["Na", "Cl"], [[0, 0, 0], [0.1, 0, 0]])  # 0.4 Å apart
+    apart = Structure(lattice, ["Na", "Cl"], [[0, 0, 0], [0.15, 0, 0]])  # 0.6 Å: too short for a bond
+    assert not check_published(near.to(fmt="cif")).structure_ok
+    assert check_published(apart.to(fmt="cif")).structure_ok
+    assert not check(canonicalize(apart).text).is_valid
+
+
+def test_published_rule_composition_part():
+    lattice = Lattice.cubic(5.0)
+    nacl2 = Structure(lattice, ["Na", "Cl", "Cl"], [[0, 0, 0], [0.5, 0.5, 0.5], [0.5, 0, 0]])
+    v = check_published(nacl2.to(fmt="cif"))
+    assert v.structure_ok and not v.composition_ok and not v.is_valid
+    carbon = Structure(lattice, ["C", "C"], [[0, 0, 0], [0.5, 0.5, 0.5]])  # one element: always charge-valid
+    assert check_published(carbon.to(fmt="cif")).is_valid
+
+
+def test_published_rule_never_raises():
+    for text in ["", "data_x\n", "garbage \x00", "data_x\n_cell_length_a -1\n"]:
+        assert not check_published(text).is_valid

@@ -17,6 +17,14 @@ one pass with CHGNet's own encoders, then runs the model on it (the same energie
 rounding, a test). On an H200 that scores ~2,100 CIFs/s against ~260/s through CHGNet's own API
 (docs/BENCHMARKS.md). The model loads when the scorer is made (seconds) and stays loaded, with its
 pool, for the scorer's life.
+
+A batch is bounded by memory, not only by count: what prediction holds grows with the graph's directed
+bonds (6 Å cutoff) and angles (pairs of 3 Å bonds at an atom), and a dense carbon cell has ~50 times the
+angles of a perovskite of the same atom count (128 dense carbon_24 cells in one batch peaked at 11.5 GB
+on a CPU). Each graph's cost is estimated from those two counts (:data:`BYTES_PER_EDGE`, measured), and a
+batch is closed before it would pass ``max_batch_mib`` (default: a quarter of the memory free on the
+device when the scorer is made, at most 8 GiB on a CPU); a single graph above the budget fails alone with
+its size instead of exhausting the node.
 """
 
 from __future__ import annotations
@@ -39,6 +47,10 @@ if TYPE_CHECKING:
 
 MODELS = ("0.3.0", "0.2.0", "r2scan")  # the weights a chgnet wheel carries
 MIN_PARALLEL = 16  # smaller batches are converted in this process: a pool round trip costs more
+# Peak memory of predict_energies per directed bond plus angle: 3.6 KB and 3.3 KB measured on a CPU (float32,
+# carbon_24 and perov_5 batches of 4-128 graphs, 0.15-1.5 GB), rounded up; bench/scorer.py reports the peak.
+BYTES_PER_EDGE = 4096
+CPU_BUDGET_CAP_MIB = 8192
 
 _converter: Any = None  # a pool worker's copy of the model's graph converter
 
@@ -165,6 +177,43 @@ def predict_energies(model: Any, graphs: Sequence[Graph]) -> np.ndarray:
         return energy.float().cpu().numpy()
 
 
+def graph_bytes(graph: Graph) -> int:
+    """Estimated peak memory of predicting ``graph`` in a batch (:data:`BYTES_PER_EDGE`)."""
+    return BYTES_PER_EDGE * (len(graph["atom_graph"]) + len(graph["bond_graph"]))
+
+
+def plan_batches(costs: Sequence[int], batch_size: int, budget: int) -> list[range]:
+    """Consecutive batches of at most ``batch_size`` items whose ``costs`` add up to at most ``budget``; an
+    item dearer than the budget alone is left out of every batch (the caller fails it)."""
+    batches: list[range] = []
+    start, total = 0, 0
+    for i, cost in enumerate(costs):
+        if cost > budget:
+            if start < i:
+                batches.append(range(start, i))
+            start, total = i + 1, 0
+            continue
+        if i - start >= batch_size or total + cost > budget:
+            batches.append(range(start, i))
+            start, total = i, 0
+        total += cost
+    if start < len(costs):
+        batches.append(range(start, len(costs)))
+    return batches
+
+
+def default_budget_mib(device: str) -> int:
+    """A quarter of the memory free on ``device`` now (the rest is the sampler's, the pool's, the system's)."""
+    if device.startswith("cuda"):
+        import torch
+
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return max(1, free // 4 // 2**20)
+    import psutil
+
+    return max(1, min(CPU_BUDGET_CAP_MIB, psutil.virtual_memory().available // 4 // 2**20))
+
+
 def _start_worker(converter: Any) -> None:
     global _converter
     import torch
@@ -187,6 +236,7 @@ class ChgnetScorer(Scorer):
         model: str = "0.3.0",
         max_atoms: int = 500,
         workers: int | None = None,
+        max_batch_mib: int | None = None,
     ) -> None:
         if model not in MODELS:
             raise ValueError(f"option model must be one of {', '.join(MODELS)}, got {model!r}")
@@ -194,6 +244,8 @@ class ChgnetScorer(Scorer):
             raise ValueError("options batch_size and max_atoms must be positive")
         if workers is not None and (not isinstance(workers, int) or workers < 0):
             raise ValueError(f"option workers must be an integer >= 0, got {workers!r}")
+        if max_batch_mib is not None and (not isinstance(max_batch_mib, int) or max_batch_mib < 1):
+            raise ValueError(f"option max_batch_mib must be an integer >= 1, got {max_batch_mib!r}")
         try:
             import torch
             from chgnet.model import CHGNet
@@ -206,6 +258,7 @@ class ChgnetScorer(Scorer):
         with contextlib.redirect_stdout(io.StringIO()):  # CHGNet prints its parameter count on load
             self.model: Any = CHGNet.load(model_name=model, use_device=device, verbose=False)
         self.device, self.batch_size, self.max_atoms = device, batch_size, max_atoms
+        self.max_batch_mib = max_batch_mib or default_budget_mib(device)
         if workers is None:
             workers = min(8, os.cpu_count() or 1) if device.startswith("cuda") else 0
         self.workers = workers
@@ -231,12 +284,20 @@ class ChgnetScorer(Scorer):
             else:
                 graphs.append(g)
                 where.append(i)
+        budget = self.max_batch_mib * 2**20
+        costs = [graph_bytes(g) for g in graphs]
+        for i, cost in zip(where, costs):
+            if cost > budget:
+                results[i] = failure(
+                    f"crystal graph needs ~{cost / 2**20:.0f} MiB to predict, above the scorer's memory budget of "
+                    f"{self.max_batch_mib} MiB (option max_batch_mib)"
+                )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            for start in range(0, len(graphs), self.batch_size):
-                energies = predict_energies(self.model, graphs[start : start + self.batch_size])
-                for i, e in zip(where[start : start + self.batch_size], energies, strict=True):
-                    results[i] = ScoreResult(score=float(e))
+            for batch in plan_batches(costs, self.batch_size, budget):
+                energies = predict_energies(self.model, [graphs[k] for k in batch])
+                for k, e in zip(batch, energies, strict=True):
+                    results[where[k]] = ScoreResult(score=float(e))
         return [r for r in results if r is not None]
 
     def close(self) -> None:
