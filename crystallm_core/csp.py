@@ -32,8 +32,8 @@ import time
 import warnings
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 from crystallm_core.events import JsonlSink, ProgressReporter, open_sink
 from crystallm_core.shards import CSP_REPORT, CSP_RESULTS, CSP_SAMPLES, Shard, add_shard_argument, write_csp_results

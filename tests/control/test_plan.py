@@ -418,6 +418,8 @@ def test_a_smoke_plan_asks_for_no_gpu_and_keeps_its_world_size() -> None:
         "give gpus 0 (CPU processes) or gpus 2"
     ]
     assert force_smoke(["not", "a", "plan"]) == ["not", "a", "plan"]
+
+
 def _sharded(kind: str = "benchmark", params: dict[str, Any] | None = None, **extra: Any) -> dict[str, Any]:
     return {"name": "csp", "kind": kind, "params": params or {"test": "/t.csv", "seed": 3}, "after": ["prep"], **extra}
 
