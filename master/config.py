@@ -20,6 +20,7 @@ class ControllerOptions:
     persist_interval: float = 10.0  # how often the last heartbeats are written (they stay in memory between)
     lost_timeout: float | None = None  # a node silent this long is lost; None: LOST_HEARTBEATS intervals
     home_wait: float = 600.0  # how long an experiment waits for its lost home node before starting over
+    rendezvous_ports: tuple[int, int] = (29400, 29999)  # a gang's rendezvous port on member 0's node, inclusive
 
     def lost_after(self) -> float:
         if self.lost_timeout is not None:
@@ -37,6 +38,7 @@ class Settings:
     lost_timeout: float | None = ControllerOptions.lost_timeout
     home_wait: float = ControllerOptions.home_wait
     persist_interval: float = ControllerOptions.persist_interval
+    rendezvous_ports: tuple[int, int] = ControllerOptions.rendezvous_ports
     auth: bool = False
     insecure: bool = False
     tls_cert: str | None = None
@@ -49,4 +51,17 @@ class Settings:
             persist_interval=self.persist_interval,
             lost_timeout=self.lost_timeout,
             home_wait=self.home_wait,
+            rendezvous_ports=self.rendezvous_ports,
         )
+
+
+def port_range(text: str) -> tuple[int, int]:
+    """``"29400-29999"`` (or one port) -> (first, last); a clear error otherwise."""
+    first, _, last = text.partition("-")
+    try:
+        lo, hi = int(first), int(last or first)
+    except ValueError:
+        raise ValueError(f"rendezvous ports {text!r}: give FIRST-LAST, e.g. 29400-29999") from None
+    if not 1024 <= lo <= hi <= 65535:
+        raise ValueError(f"rendezvous ports {text!r}: need 1024 <= FIRST <= LAST <= 65535")
+    return lo, hi
