@@ -31,3 +31,5 @@ class Options:
     stop_free_disk_mib: int | None = None  # stop a running stage below this much; default: half of min_free_disk_mib
     plugin_timeout: float = DEFAULT_TIMEOUT  # seconds a stage-kind plugin may take to import
     stop_deadline: float = 60.0  # on SIGTERM/SIGINT, how long running stages may take to finish
+    advertise_address: str | None = None  # where other nodes reach this one (gangs); None: the local address
+    # of this machine's route to the master (node.facts.route_address)
