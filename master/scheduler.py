@@ -81,14 +81,14 @@ class Scheduler(Part):
                 break
             shape = self._shape(st)
             why = unplaceable.get(shape)
-            gang = None if why is not None else self._place_gang(st, nodes)
-            if not gang:
+            members = None if why is not None else self._place_gang(st, nodes)
+            if not members:
                 waiting = waiting or self._waiting_reasons()
                 if why is None:
                     why = unplaceable[shape] = waiting.explain(st, shape)
                 self._set_reason(st, why or waiting.impossible(st.exp), ch, now)
                 continue
-            sent += self._assign(st, gang, ch, now)
+            sent += self._assign(st, members, ch, now)
 
     def _place_gang(self, st: StageRt, nodes: list[NodeRt]) -> list[tuple[NodeRt, Rendezvous | None]]:
         """Where the stage's members go, all of them or none: one node for a plain stage; K distinct nodes for
