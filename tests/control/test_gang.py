@@ -287,3 +287,15 @@ def test_a_restarted_master_restores_a_running_gang(tmp_path: Path) -> None:
             engine.dispose()
 
     asyncio.run(main())
+
+
+def test_rendezvous_ports_and_the_default_advertise_address() -> None:
+    from infra.master.config import port_range
+    from infra.node.facts import route_address
+
+    assert port_range("29400-29999") == (29400, 29999) and port_range("29500") == (29500, 29500)
+    for bad in ("29999-29400", "80-90", "a-b", "29400-70000"):
+        with pytest.raises(ValueError, match="rendezvous ports"):
+            port_range(bad)
+    assert route_address("127.0.0.1:50051") == "127.0.0.1"  # the route to a master on loopback
+    assert route_address("no-such-host.invalid:50051") == ""
