@@ -5,14 +5,15 @@ member and the gang is retried as one attempt that resumes from the checkpoint a
 
 from __future__ import annotations
 
+import contextlib
 import json
-import os
 import signal
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 from control.conftest import Cluster, wait_for
 
@@ -98,7 +99,7 @@ def test_a_killed_member_agent_ends_the_gang_which_resumes_from_its_checkpoint(g
     on its own before the master notices, however slow this machine is."""
     train = {
         "model": "tiny",
-        "max_steps": 15,
+        "max_steps": 20,
         "overrides": {
             **{"block_size": 256, "batch_size": 1, "grad_accum": 2},
             **{"eval_interval": 5, "eval_batches": 1, "log_interval": 5},
@@ -107,13 +108,25 @@ def test_a_killed_member_agent_ends_the_gang_which_resumes_from_its_checkpoint(g
     key = gang.submit(_plan("kill", train))
     _node(gang, "n3")  # a third node: the retry runs on the two that remain
     record = gang.tmp / SHARED / "experiments" / key
-    wait_for(lambda: (record / "ckpts" / "last.pt").exists(), 240, "the first checkpoint")
+    wait_for(lambda: (record / "ckpts" / "last.pt").exists(), 240, "the first checkpoint", interval=0.02)
+    run = json.loads((record / "work" / "train@1" / ".infra" / "attempt-1" / "run.json").read_text())
+    launcher = psutil.Process(run["pid"])  # first, so that the run cannot go on
+    frozen = [launcher, *launcher.children(recursive=True)]  # torchrun's workers have sessions of their own
+    for proc in frozen:
+        proc.send_signal(signal.SIGSTOP)
+    try:
+        _killed_member_run(gang, key, record)
+    finally:  # the frozen copy never ends by itself
+        for proc in frozen:
+            with contextlib.suppress(psutil.Error):
+                proc.kill()
+
+
+def _killed_member_run(gang: Cluster, key: str, record: Path) -> None:
     exp = gang.status(key)["experiments"][0]
     victim = next(a["node"] for a in _train_attempts(exp) if a["rank"] == 1 and a["number"] == 1)
     survivor = next(a["node"] for a in _train_attempts(exp) if a["rank"] == 0 and a["number"] == 1)
     gang.kill_node(victim)
-    run = json.loads((record / "work" / "train@1" / ".infra" / "attempt-1" / "run.json").read_text())
-    os.killpg(run["pid"], signal.SIGSTOP)  # the teardown's sweep SIGKILLs it
     exp = gang.wait_finished(key, timeout=300)
     assert exp["state"] == "succeeded", json.dumps(exp, indent=1)
     first = {a["rank"]: a for a in _train_attempts(exp) if a["number"] == 1}
