@@ -83,6 +83,7 @@ def cmd_master(args: argparse.Namespace) -> int:
         heartbeat_interval=args.heartbeat,
         lost_timeout=args.lost_timeout,
         home_wait=args.home_wait,
+        rendezvous_ports=args.rendezvous_ports,
         auth=args.auth,
         insecure=args.insecure,
         tls_cert=args.tls_cert,
@@ -141,6 +142,7 @@ def cmd_node(args: argparse.Namespace) -> int:
         plugin_timeout=args.plugin_timeout,
         stop_deadline=args.stop_deadline,
         log_level=level,
+        advertise_address=args.advertise_address,
     )
     return main(opts)
 
@@ -314,7 +316,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 s["kind"],
                 _styled(s["state"]),
                 s["node"] or "-",
-                str(len(s["attempts"])),
+                str(len({a["number"] for a in s["attempts"]})),
                 ", ".join(s["after"]) or "-",
                 s["reason"],
             )
@@ -344,10 +346,11 @@ def _print_attempts(console: Any, e: dict[str, Any]) -> None:
     for col in ("stage", "#", "node", "state", "started", "finished", "class", "exit", "message"):
         t.add_column(col)
     for s in e["stages"]:
+        gang = any(a.get("rank") for a in s["attempts"])  # a multi-node stage: one row per member (rank)
         for a in s["attempts"]:
             t.add_row(
                 s["name"],
-                str(a["number"]),
+                str(a["number"]) + (f" rank {a['rank']}" if gang else ""),
                 a["node"],
                 _styled(a["state"]),
                 _when(a["started_at"]),
@@ -638,6 +641,16 @@ def systemd_unit_flag(sp: argparse.ArgumentParser, what: str) -> None:
     )
 
 
+def _port_range(text: str) -> tuple[int, int]:
+    """argparse's type for ``--rendezvous-ports`` (its error names the flag)."""
+    from infra.master.config import port_range
+
+    try:
+        return port_range(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
 def _add_master(sub: Any) -> None:
     """``infra master``: the master's own settings, defaults from ``infra.master.config.Settings``."""
     from infra.master.config import LOST_HEARTBEATS, Settings  # standard library only: the defaults, in one place
@@ -665,6 +678,15 @@ def _add_master(sub: Any) -> None:
         default=Settings.home_wait,
         help="how long an experiment without a shared workdir waits for its lost home node (which holds its "
         f"files) before starting over on another node (default {Settings.home_wait:g} s)",
+    )
+    first, last = Settings.rendezvous_ports
+    sp.add_argument(
+        "--rendezvous-ports",
+        type=_port_range,
+        default=Settings.rendezvous_ports,
+        metavar="FIRST-LAST",
+        help="ports the master gives a multi-node stage's rendezvous on its first node (one per running gang on "
+        f"a node; nodes must reach each other on them; default {first}-{last})",
     )
     sp.add_argument("--auth", action="store_true", help="require a token on every call (see `infra token`)")
     sp.add_argument("--insecure", action="store_true", help="allow listening on a non-loopback address without --auth")
@@ -706,6 +728,12 @@ def _add_node(sub: Any) -> None:
     sp.add_argument("--cpus", type=int, help="advertise this many CPUs instead of the machine's count")
     sp.add_argument("--memory", help='advertise this much memory (e.g. "16GiB") instead of the machine\'s')
     sp.add_argument("--fake-gpus", type=int, metavar="N", help="advertise N fake GPUs instead of NVML's (testing)")
+    sp.add_argument(
+        "--advertise-address",
+        metavar="HOST",
+        help="where the other nodes of a multi-node stage reach this one (its rendezvous when it runs member 0; "
+        'default: this machine\'s address on its route to the master; "": take no part in them)',
+    )
     sp.add_argument(
         "--spool-limit",
         metavar="SIZE",

@@ -95,9 +95,11 @@ def stage_dict(s: infra_pb2.StageStatus) -> dict[str, Any]:
             "started_at": a.started_at or None,
             "finished_at": a.finished_at or None,
             "failure_class": a.failure_class or None,
+            "rank": a.rank,
         }
         for a in s.attempts
     ]
+    latest = [a for a in attempts if attempts and a["number"] == attempts[-1]["number"]]  # a gang's members
     return {
         "stage_id": s.stage_id,
         "name": s.name,
@@ -107,7 +109,7 @@ def stage_dict(s: infra_pb2.StageStatus) -> dict[str, Any]:
         "resources": _dict(s.resources),
         "max_retries": s.max_retries,
         "reason": s.reason,
-        "node": attempts[-1]["node"] if attempts else None,
+        "node": ", ".join(a["node"] for a in latest) or None,
         "progress": [{"what": p.what, "done": p.done, "total": p.total if p.has_total else None} for p in s.progress],
         "attempts": attempts,
         "transitions": [

@@ -114,9 +114,11 @@ def run_plan(
                 done[stage.name] = "skipped"
                 summary.append({"stage": stage.name, "state": "skipped", "reason": f"{blocked[0]!r} did not succeed"})
                 continue
-            if stage.resources.gpus > gpus_available or stage.name in lacking:
+            if stage.resources.gpus > gpus_available or stage.name in lacking or stage.resources.nodes > 1:
                 done[stage.name] = "failed"
-                if stage.name in lacking:
+                if stage.resources.nodes > 1:
+                    reason = f"runs on {stage.resources.nodes} nodes (resources.nodes): submit it to a cluster"
+                elif stage.name in lacking:
                     reason = (
                         f"needs {', '.join(lacking[stage.name])}, which this machine lacks (crystallm plugins list)"
                     )

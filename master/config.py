@@ -22,6 +22,7 @@ class ControllerOptions:
     lost_timeout: float | None = None  # a node silent this long is lost; None: LOST_HEARTBEATS intervals
     home_wait: float = 600.0  # how long an experiment waits for its lost home node before starting over
     artifact_max_bytes: int = ARTIFACT_MAX_BYTES  # files larger than this are not relayed to clients
+    rendezvous_ports: tuple[int, int] = (29400, 29999)  # a gang's rendezvous port on member 0's node, inclusive
 
     def lost_after(self) -> float:
         if self.lost_timeout is not None:
@@ -40,6 +41,7 @@ class Settings:
     home_wait: float = ControllerOptions.home_wait
     persist_interval: float = ControllerOptions.persist_interval
     artifact_max_bytes: int = ControllerOptions.artifact_max_bytes
+    rendezvous_ports: tuple[int, int] = ControllerOptions.rendezvous_ports
     auth: bool = False
     insecure: bool = False
     tls_cert: str | None = None
@@ -55,4 +57,17 @@ class Settings:
             lost_timeout=self.lost_timeout,
             home_wait=self.home_wait,
             artifact_max_bytes=self.artifact_max_bytes,
+            rendezvous_ports=self.rendezvous_ports,
         )
+
+
+def port_range(text: str) -> tuple[int, int]:
+    """``"29400-29999"`` (or one port) -> (first, last); a clear error otherwise."""
+    first, _, last = text.partition("-")
+    try:
+        lo, hi = int(first), int(last or first)
+    except ValueError:
+        raise ValueError(f"rendezvous ports {text!r}: give FIRST-LAST, e.g. 29400-29999") from None
+    if not 1024 <= lo <= hi <= 65535:
+        raise ValueError(f"rendezvous ports {text!r}: need 1024 <= FIRST <= LAST <= 65535")
+    return lo, hi

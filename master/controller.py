@@ -74,7 +74,7 @@ class Controller:
         self.journal = Journal(self.state, self.machine, writer=self.writer, readers=self.readers, wake=self.wake)
         parts = (self.state, self.machine, self.journal)
         self.registry = NodeRegistry(*parts, options=options, wake=self.wake, usage_row=usage_row)
-        self.scheduler = Scheduler(*parts, wake=self.wake)
+        self.scheduler = Scheduler(*parts, wake=self.wake, ports=options.rendezvous_ports)
         self.intake = Intake(*parts, engine=engine, heard_from=self.registry.heard_from)
         self.submissions = Experiments(*parts, engine=engine, wake=self.wake)
         self.artifacts = ArtifactRelay(

@@ -185,9 +185,10 @@ class Experiments(Part):
                     self.machine.move(st, CANCELLED, why, ch, now)
                     cancelled += 1
                 elif st.state in ACTIVE and st.current is not None:
-                    node = self.state.nodes.get(st.current.node_id)
-                    if node is not None and node.queue is not None:
-                        stops.append((node, Stop(attempt_id=st.current.id, lease=st.current.lease, reason=why)))
+                    for att in st.members or [st.current]:  # every member of a gang
+                        node = self.state.nodes.get(att.node_id)
+                        if att.state in ACTIVE and node is not None and node.queue is not None:
+                            stops.append((node, Stop(attempt_id=att.id, lease=att.lease, reason=why)))
                     signalled += 1  # a node that is away gets the cancel when its stream reopens
             self.machine.update_experiment(exp, ch, now)
             return cancelled, signalled

@@ -82,10 +82,13 @@ class Intake(Part):
             if state == RUNNING:
                 att.state, att.started_at = RUNNING, now
                 ch.attempts.append({"id": att.id, "state": RUNNING, "started_at": now})
-                node = self.state.nodes.get(att.node_id)
-                where = node.name if node else att.node_id
-                self.machine.move(att.stage, RUNNING, f"attempt {att.number} started on {where}", ch, now, att)
-                self.machine.update_experiment(att.stage.exp, ch, now)
+                ch.touched.add(att.stage.exp)
+                st = att.stage
+                if st.state != ASSIGNED or any(m.state not in (RUNNING, SUCCEEDED) for m in st.members):
+                    return  # a gang runs once all its members do
+                names = ", ".join(n.name if (n := self.state.nodes.get(m.node_id)) else m.node_id for m in st.members)
+                self.machine.move(st, RUNNING, f"attempt {att.number} started on {names}", ch, now, att)
+                self.machine.update_experiment(st.exp, ch, now)
             else:
                 self.machine.finish(att, state, rep.exit_code, rep.message, ch, now, cls)
 

@@ -37,10 +37,11 @@ from infra.master.state import (
     ClusterState,
     ExperimentRt,
     StageRt,
+    Stop,
 )
 from infra.master.store import Changes
-from infra.spec.plan import DEFAULT_RETRIES, stage_processes
-from infra.spec.stages import Resources, get_stage_kind, stage_kinds
+from infra.spec.plan import DEFAULT_RETRIES, stage_nodes, stage_processes
+from infra.spec.stages import Rendezvous, Resources, get_stage_kind, stage_kinds
 
 NODE_LOST, PREEMPTED, CANCELLED_CLASS, ERROR, INFRA = "node_lost", "preempted", "cancelled", "error", "infra"
 
@@ -104,28 +105,27 @@ class StageMachine:
     ) -> None:
         """End an attempt. A failed one is retried while its class's budget lasts (``cancelled`` never is,
         nor anything of an experiment being cancelled); otherwise the stage ends and what waits on it is
-        cancelled."""
+        cancelled. A gang's member ends alone; the gang ends when all its members succeeded, or at its first
+        member that did not: the others are stopped and the gang is one attempt of that member's class."""
+        if att.state in TERMINAL:
+            return
         st, exp = att.stage, att.stage.exp
         if state != SUCCEEDED and not cls:
             cls = CANCELLED_CLASS if state == CANCELLED else ERROR
         if state == SUCCEEDED:
             cls = ""
-        att.state, att.failure_class = state, cls
-        ch.attempts.append(
-            {
-                "id": att.id,
-                "state": state,
-                "exit_code": exit_code,
-                "message": message[:4000],
-                "finished_at": now,
-                "failure_class": cls,
-            }
-        )
-        node = self.state.nodes.get(att.node_id)
-        if node is not None:
-            node.release(att)
-        detail = f"attempt {att.number} {state} (exit {exit_code}" + (f", {cls})" if cls else ")")
-        detail += f": {message}" if message else ""
+        self._end(att, state, exit_code, message, cls, ch, now)
+        ended = f"{state} (exit {exit_code}" + (f", {cls})" if cls else ")") + (f": {message}" if message else "")
+        detail = f"attempt {att.number} {ended}"
+        if st.gang():
+            if state == SUCCEEDED and any(m.state != SUCCEEDED for m in st.members):
+                self.wake()  # its node's resources are free; the stage goes on while other members run
+                return
+            if state == SUCCEEDED:
+                detail = f"attempt {att.number} succeeded on all {len(st.members)} nodes"
+            else:
+                detail = f"attempt {att.number} member {att.rank} on {self._where(att)} {ended}"
+                detail += self._stop_gang(att, state, cls, ch, now)
         if state == FAILED and cls != CANCELLED_CLASS and not exp.cancel_requested and att.number >= st.budget_from:
             st.used[cls] = st.used.get(cls, 0) + 1
         if state == SUCCEEDED:
@@ -142,6 +142,46 @@ class StageMachine:
             self.cascade_cancel(st, final, ch, now)
         self.update_experiment(exp, ch, now)
         self.wake()
+
+    def _end(self, att: AttemptRt, state: str, exit_code: int, message: str, cls: str, ch: Changes, now: float) -> None:
+        """One attempt (or gang member) ends: its row, and what it held on its node."""
+        att.state, att.failure_class = state, cls
+        ch.attempts.append(
+            {
+                "id": att.id,
+                "state": state,
+                "exit_code": exit_code,
+                "message": message[:4000],
+                "finished_at": now,
+                "failure_class": cls,
+            }
+        )
+        ch.touched.add(att.stage.exp)
+        node = self.state.nodes.get(att.node_id)
+        if node is not None:
+            node.release(att)
+
+    def _where(self, att: AttemptRt) -> str:
+        node = self.state.nodes.get(att.node_id)
+        return node.name if node is not None else att.node_id
+
+    def _stop_gang(self, first: AttemptRt, state: str, cls: str, ch: Changes, now: float) -> str:
+        """The gang's first member to end badly ends the others: each is recorded ended with the gang's class
+        (so the gang counts once, in that class) and its node told to stop its copy (now when its command
+        stream is open, else when it reopens). Returns what the stage's reason adds."""
+        why = f"stopped: member {first.rank} of the gang (on {self._where(first)}) {state}"
+        stopped = []
+        for m in first.stage.members:
+            if m is first or m.state in TERMINAL:
+                continue
+            self._end(m, CANCELLED if state == CANCELLED else FAILED, -1, why, cls, ch, now)
+            stopped.append(self._where(m))
+            node = self.state.nodes.get(m.node_id)
+            if node is not None and node.queue is not None:
+                node.queue.put_nowait(Stop(attempt_id=m.id, lease=m.lease, reason=why))
+            elif node is not None:
+                node.pending_cancels.append((m.id, m.lease))
+        return f"; stopped the other member{'s' if len(stopped) > 1 else ''} on {', '.join(stopped)}" if stopped else ""
 
     @staticmethod
     def _budget_left(st: StageRt, cls: str) -> bool:
@@ -244,7 +284,11 @@ class StageMachine:
             kind=s["kind"],
             params=s["params"],
             resources=Resources(
-                s["gpus"], s["cpus"], s["memory_mib"], _plan_processes(exp.plan_json).get(s["name"], 1)
+                s["gpus"],
+                s["cpus"],
+                s["memory_mib"],
+                _plan_processes(exp.plan_json).get(s["name"], 1),
+                _plan_nodes(exp.plan_json).get(s["name"], 1),
             ),
             max_retries=s["max_retries"],
             state=s["state"],
@@ -267,12 +311,25 @@ class StageMachine:
             state=a["state"],
             started_at=a["started_at"] or 0.0,
             failure_class=a.get("failure_class") or "",
+            rank=a.get("rank") or 0,
+            rendezvous=Rendezvous(**a["rendezvous"]) if a.get("rendezvous") else None,
         )
-        st.current = att
+        if att.rank == 0:
+            st.current = att
+        st.members = sorted([*st.members, att], key=lambda m: m.rank)  # the rows of the latest number
         st.attempt_ids.append(att.id)
         self.state.attempts[att.id] = att
         if att.state in ACTIVE and att.node_id in self.state.nodes:
             self.state.nodes[att.node_id].allocate(att)
+
+
+@functools.lru_cache(maxsize=4)
+def _plan_nodes(plan_json: str) -> dict[str, int]:
+    """:func:`stage_nodes` of an experiment's stored plan."""
+    try:
+        return stage_nodes(json.loads(plan_json))
+    except ValueError:
+        return {}
 
 
 @functools.lru_cache(maxsize=4)

@@ -101,11 +101,13 @@ class StageDependency(Base):
 
 class Attempt(Base):
     __tablename__ = "attempts"
-    __table_args__ = (UniqueConstraint("stage_id", "number", name="uq_attempts_stage_number"),)
+    __table_args__ = (UniqueConstraint("stage_id", "number", "rank", name="uq_attempts_stage_number_rank"),)
 
     id: Mapped[int] = mapped_column(BigId, primary_key=True, autoincrement=False)
     stage_id: Mapped[int] = mapped_column(ForeignKey("stages.id", ondelete="CASCADE"))
     number: Mapped[int] = mapped_column(Integer)
+    rank: Mapped[int] = mapped_column(Integer, default=0)  # the member of a gang (K rows share the number)
+    rendezvous: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)  # a gang member's
     node_id: Mapped[str] = mapped_column(ForeignKey("nodes.id"), index=True)
     lease_token: Mapped[str] = mapped_column(String(64))
     gpu_indices: Mapped[list[int]] = mapped_column(JSON)

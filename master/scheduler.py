@@ -2,8 +2,11 @@
 
 Ready stages go by priority, then submission order; each is placed best fit on GPUs, from a rotating
 start so that equal nodes share the work; an experiment stays on its home node (the one holding its
-files) unless its plan declares ``shared_workdir``. A pass is memory only: its attempts are committed
-as one unit, queued before anything later can touch those stages, and sent to the nodes once
+files) unless its plan declares ``shared_workdir``. A gang (a stage with ``resources.nodes`` K > 1, which
+always has a shared workdir) is placed all or nothing: K distinct nodes that fit it, each best fit, and a
+free rendezvous port on the first, reserved together in one pass, or nothing at all, so a waiting gang never
+holds resources and two gangs cannot each hold half of what both need. A pass is memory only: its attempts
+are committed as one unit, queued before anything later can touch those stages, and sent to the nodes once
 committed. A ready stage that no node takes says why in its reason (:class:`WaitingReasons`).
 """
 
@@ -14,13 +17,15 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import asdict
 from typing import Any
 
+from infra.master.config import ControllerOptions
 from infra.master.journal import Journal, Part
 from infra.master.lifecycle import StageMachine
 from infra.master.state import ASSIGNED, AttemptRt, ClusterState, ExperimentRt, NodeRt, StageRt
 from infra.master.store import Changes
-from infra.spec.stages import Resources
+from infra.spec.stages import Rendezvous, Resources
 
 log = logging.getLogger("infra.master")
 MAX_PLACEMENTS = 500  # per scheduling pass
@@ -28,10 +33,18 @@ MAX_PLACEMENTS = 500  # per scheduling pass
 
 class Scheduler(Part):
     def __init__(
-        self, state: ClusterState, machine: StageMachine, journal: Journal, *, wake: Callable[[], None]
+        self,
+        state: ClusterState,
+        machine: StageMachine,
+        journal: Journal,
+        *,
+        wake: Callable[[], None],
+        ports: tuple[int, int] = ControllerOptions.rendezvous_ports,
     ) -> None:
         super().__init__(state, machine, journal)
         self.wake = wake
+        self.ports = ports  # a gang's rendezvous port on its first node: from this range, inclusive
+        self._next_port = ports[0]  # given in turn, so a port freed a moment ago is the last to be given again
         self._rotation = 0
         self._waiting: WaitingReasons | None = None  # kept while no node comes, goes or changes
 
@@ -68,55 +81,101 @@ class Scheduler(Part):
                 break
             shape = self._shape(st)
             why = unplaceable.get(shape)
-            node = None if why is not None else self._place(st, nodes)
-            if node is None:
+            members = None if why is not None else self._place_gang(st, nodes)
+            if not members:
                 waiting = waiting or self._waiting_reasons()
                 if why is None:
                     why = unplaceable[shape] = waiting.explain(st, shape)
                 self._set_reason(st, why or waiting.impossible(st.exp), ch, now)
                 continue
-            sent.append((node, self._assign(st, node, ch, now)))
+            sent += self._assign(st, members, ch, now)
 
-    def _assign(self, st: StageRt, node: NodeRt, ch: Changes, now: float) -> AttemptRt:
-        """A new attempt of ``st`` on ``node``, with a fresh lease; the first one of an experiment without a
-        shared workdir makes ``node`` its home."""
+    def _place_gang(self, st: StageRt, nodes: list[NodeRt]) -> list[tuple[NodeRt, Rendezvous | None]]:
+        """Where the stage's members go, all of them or none: one node for a plain stage; K distinct nodes for
+        a gang, the first holding a free rendezvous port. Nothing is reserved here: what is found is assigned
+        at once by the caller, in the same pass (memory only, on the loop)."""
+        k = st.resources.nodes
+        if k <= 1:
+            node = self._place(st, nodes)
+            return [(node, None)] if node is not None else []
+        chosen: list[NodeRt] = []
+        for _ in range(k):
+            node = self._place(st, [n for n in nodes if n not in chosen and n.address])
+            if node is None:
+                return []
+            chosen.append(node)
+        first = next((n for n in chosen if self._free_port(n)), None)
+        if first is None:
+            return []
+        chosen.remove(first)
+        chosen.insert(0, first)
+        port = self._free_port(first)
+        self._next_port = port + 1 if port < self.ports[1] else self.ports[0]
+        run_id = f"{st.exp.key}.{st.name}.{st.attempts + 1}"
+        endpoint = f"[{first.address}]:{port}" if ":" in first.address else f"{first.address}:{port}"
+        return [(n, Rendezvous(endpoint, k, r, run_id)) for r, n in enumerate(chosen)]
+
+    def _free_port(self, node: NodeRt) -> int:
+        """The next port of the range that no gang holds on ``node`` (0: all are held)."""
+        lo, hi = self.ports
+        size = hi - lo + 1
+        for i in range(size):
+            port = lo + (self._next_port - lo + i) % size
+            if port not in node.ports:
+                return port
+        return 0
+
+    def _assign(
+        self, st: StageRt, members: list[tuple[NodeRt, Rendezvous | None]], ch: Changes, now: float
+    ) -> list[tuple[NodeRt, AttemptRt]]:
+        """A new attempt of ``st``: one row per member (a gang's K share the number, each with its rank, node,
+        lease and rendezvous); the first one of an experiment without a shared workdir makes its node the home."""
         st.attempts += 1
-        att = AttemptRt(
-            id=self.state.next_id("attempt"),
-            stage=st,
-            number=st.attempts,
-            node_id=node.id,
-            lease=secrets.token_hex(16),
-            gpus=tuple(node.free_gpus()[: st.resources.gpus]),
-            state=ASSIGNED,
-        )
-        node.allocate(att)
+        st.members = []
+        for rank, (node, rdzv) in enumerate(members):
+            att = AttemptRt(
+                id=self.state.next_id("attempt"),
+                stage=st,
+                number=st.attempts,
+                node_id=node.id,
+                lease=secrets.token_hex(16),
+                gpus=tuple(node.free_gpus()[: st.resources.gpus]),
+                state=ASSIGNED,
+                rank=rank,
+                rendezvous=rdzv,
+            )
+            node.allocate(att)
+            st.members.append(att)
+            st.attempt_ids.append(att.id)
+            self.state.attempts[att.id] = att
+            ch.new_attempts.append(
+                {
+                    "id": att.id,
+                    "stage_id": st.id,
+                    "number": att.number,
+                    "rank": rank,
+                    "rendezvous": asdict(rdzv) if rdzv is not None else None,
+                    "node_id": node.id,
+                    "lease_token": att.lease,
+                    "gpu_indices": list(att.gpus),
+                    "state": ASSIGNED,
+                    "exit_code": None,
+                    "message": "",
+                    "failure_class": "",
+                    "assigned_at": now,
+                    "started_at": None,
+                    "finished_at": None,
+                }
+            )
+        att, node = st.members[0], members[0][0]
         st.current = att
-        st.attempt_ids.append(att.id)
-        self.state.attempts[att.id] = att
-        ch.new_attempts.append(
-            {
-                "id": att.id,
-                "stage_id": st.id,
-                "number": att.number,
-                "node_id": node.id,
-                "lease_token": att.lease,
-                "gpu_indices": list(att.gpus),
-                "state": ASSIGNED,
-                "exit_code": None,
-                "message": "",
-                "failure_class": "",
-                "assigned_at": now,
-                "started_at": None,
-                "finished_at": None,
-            }
-        )
-        self.machine.move(st, ASSIGNED, f"attempt {att.number} assigned to {node.name}", ch, now, att)
+        where = ", ".join(n.name for n, _ in members)
+        self.machine.move(st, ASSIGNED, f"attempt {att.number} assigned to {where}", ch, now, att)
         if not st.exp.shared_workdir and st.exp.home_node is None:
             st.exp.home_node = node.id
             ch.experiments.append({"id": st.exp.id, "home_node_id": node.id})
         self.machine.update_experiment(st.exp, ch, now)
-        return att
+        return [(n, m) for (n, _), m in zip(members, st.members, strict=True)]
 
     async def _deliver(self, committed: Awaitable[None], sent: list[tuple[NodeRt, AttemptRt]], ch: Changes) -> None:
         """Send assignments once they are committed; one that cannot be sent now is re-sent when the
@@ -211,6 +270,8 @@ class WaitingReasons:
         stages then say why (:meth:`impossible`)."""
         if not st.exp.shared_workdir and st.exp.home_node is not None:
             return self._home(st, st.exp.home_node)  # the node's free resources change every pass
+        if st.resources.nodes > 1:
+            return self._gang(st)  # so do the free nodes a gang counts
         if shape not in self._shapes:
             self._shapes[shape] = self._explain(st)
         return self._shapes[shape]
@@ -235,6 +296,26 @@ class WaitingReasons:
             names = ", ".join(sorted(n.name for n in able)[:3]) + (", ..." if len(able) > 3 else "")
             return f"waiting: the nodes that can run it take no new stages now ({names}; see infra status)"
         return f"waiting for resources: needs {_amounts(r)}"
+
+    def _gang(self, st: StageRt) -> str:
+        """A gang waits for K nodes free at once (it holds nothing meanwhile): how many it has now."""
+        r, k = st.resources, st.resources.nodes
+        if not self.online:
+            return "waiting: no online node"
+        problem = self._problem(st)
+        if problem:
+            return f"waiting: no online node can run this stage ({problem})"
+        able = [n for n in self.online if _can_ever_run(n, {st.kind}, st.extras, r)]
+        hosts = [n for n in able if n.address]
+        if len(hosts) < k:
+            mute = len(able) - len(hosts)
+            note = f"; {mute} advertise{'s' if mute == 1 else ''} no address (infra node --advertise-address)"
+            return f"waiting: needs {k} nodes that can run it together, {len(hosts)} online{note if mute else ''}"
+        free = [n for n in hosts if n.schedulable() and n.fits(r)]
+        if len(free) >= k:
+            return "waiting for a rendezvous port: every port of --rendezvous-ports is held on the free nodes"
+        has = "has" if len(free) == 1 else "have"
+        return f"waiting for {k} nodes with {_amounts(r) or 'room'} free each: {len(free)} {has}"
 
     def _home(self, st: StageRt, home: str) -> str:
         """A stage of an experiment without a shared workdir can only run where its inputs are."""

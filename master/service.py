@@ -33,7 +33,7 @@ from infra.master.errors import NotFound, Refused
 from infra.master.state import RUNNING
 from infra.master.wire import NodeAPI, ProtocolMismatch
 from infra.protos import MAX_MESSAGE_BYTES, infra_pb2, infra_pb2_grpc
-from infra.spec.plan import PlanError, stage_processes
+from infra.spec.plan import PlanError, stage_nodes, stage_processes
 
 STATES = {k.lower(): v for k, v in infra_pb2.StageState.items()}
 DEFAULT_STATUS_LIMIT = 50
@@ -427,7 +427,7 @@ def _fill(msg: Any, data: dict[str, Any]) -> None:
 
 
 def _experiment(e: dict[str, Any]) -> infra_pb2.ExperimentStatus:
-    processes = stage_processes(e["plan"])
+    processes, nodes = stage_processes(e["plan"]), stage_nodes(e["plan"])
     return infra_pb2.ExperimentStatus(
         experiment=e["key"],
         name=e["name"],
@@ -438,18 +438,20 @@ def _experiment(e: dict[str, Any]) -> infra_pb2.ExperimentStatus:
         shared_workdir=e["shared_workdir"],
         smoke=e["smoke"],
         owner=e["owner"] or "",
-        stages=[_stage(s, processes.get(s["name"], 1)) for s in e["stages"]],
+        stages=[_stage(s, processes.get(s["name"], 1), nodes.get(s["name"], 1)) for s in e["stages"]],
     )
 
 
-def _stage(s: dict[str, Any], processes: int) -> infra_pb2.StageStatus:
+def _stage(s: dict[str, Any], processes: int, nodes: int) -> infra_pb2.StageStatus:
     return infra_pb2.StageStatus(
         stage_id=s["id"],
         name=s["name"],
         kind=s["kind"],
         state=_state(s["state"]),
         after=s["after"],
-        resources=infra_pb2.Resources(gpus=s["gpus"], cpus=s["cpus"], memory_mib=s["memory_mib"], processes=processes),
+        resources=infra_pb2.Resources(
+            gpus=s["gpus"], cpus=s["cpus"], memory_mib=s["memory_mib"], processes=processes, nodes=nodes
+        ),
         reason=s["reason"],
         max_retries=s["max_retries"],
         attempts=[
@@ -466,6 +468,7 @@ def _stage(s: dict[str, Any], processes: int) -> infra_pb2.StageStatus:
                 started_at=a["started_at"] or 0,
                 finished_at=a["finished_at"] or 0,
                 failure_class=a.get("failure_class") or "",
+                rank=a.get("rank") or 0,
             )
             for a in s["attempt_rows"]
         ],

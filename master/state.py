@@ -15,7 +15,7 @@ import asyncio
 from dataclasses import dataclass, field
 from typing import Any
 
-from infra.spec.stages import Resources
+from infra.spec.stages import Rendezvous, Resources
 
 PENDING, READY, ASSIGNED, RUNNING = "pending", "ready", "assigned", "running"
 SUCCEEDED, FAILED, CANCELLED = "succeeded", "failed", "cancelled"
@@ -47,12 +47,18 @@ class NodeRt:
     used_cpus: float = 0.0
     used_memory_mib: int = 0
     used_gpus: set[int] = field(default_factory=set)
+    ports: set[int] = field(default_factory=set)  # rendezvous ports of the gangs whose member 0 runs here
     attempts: dict[int, AttemptRt] = field(default_factory=dict)  # active (assigned/running) here
     pending_cancels: list[tuple[int, str]] = field(default_factory=list)  # unknown attempts it still runs
 
     @property
     def lost(self) -> bool:
         return self.lost_at is not None
+
+    @property
+    def address(self) -> str:
+        """Where other nodes reach this one (``--advertise-address``); "" from an agent that cannot host a gang."""
+        return str(self.facts.get("advertise_address") or "")
 
     def schedulable(self) -> bool:
         return self.queue is not None and self.lost_at is None and not self.unavailable and not self.drained
@@ -76,6 +82,8 @@ class NodeRt:
         self.used_cpus += r.cpus
         self.used_memory_mib += r.memory_mib
         self.used_gpus.update(attempt.gpus)
+        if attempt.port:
+            self.ports.add(attempt.port)
         self.attempts[attempt.id] = attempt
 
     def release(self, attempt: AttemptRt) -> None:
@@ -85,6 +93,7 @@ class NodeRt:
         self.used_cpus = max(0.0, self.used_cpus - r.cpus)
         self.used_memory_mib = max(0, self.used_memory_mib - r.memory_mib)
         self.used_gpus.difference_update(attempt.gpus)
+        self.ports.discard(attempt.port)
 
 
 @dataclass(eq=False, kw_only=True)
@@ -99,6 +108,15 @@ class AttemptRt:
     started_at: float = 0.0  # when the node reported RUNNING
     failure_class: str = ""  # once ended badly: node_lost | preempted | cancelled | error | infra
     progress: dict[str, tuple[int, int | None]] = field(default_factory=dict)  # latest (done, total) per `what`
+    rank: int = 0  # the member of a gang (a multi-node stage) it is; 0 otherwise
+    rendezvous: Rendezvous | None = None  # a gang member's: where the members meet
+
+    @property
+    def port(self) -> int:
+        """The rendezvous port that member 0 of a gang holds on its node (0: none)."""
+        if self.rendezvous is None or self.rank != 0:
+            return 0
+        return int(self.rendezvous.endpoint.rpartition(":")[2])
 
 
 @dataclass(eq=False, kw_only=True)
@@ -117,11 +135,16 @@ class StageRt:
     reason: str = ""  # as in its row: a new waiting reason is written only when it differs
     deps: list[StageRt] = field(default_factory=list)
     dependents: list[StageRt] = field(default_factory=list)
-    current: AttemptRt | None = None
+    current: AttemptRt | None = None  # the latest attempt (of a gang: its member 0)
+    members: list[AttemptRt] = field(default_factory=list)  # the latest attempt's members, by rank (a gang: K)
     attempt_ids: list[int] = field(default_factory=list)  # those in the master's memory
     retries: dict[str, int] = field(default_factory=dict)  # budget per failure class (infra.spec.plan.RETRY_CLASSES)
     used: dict[str, int] = field(default_factory=dict)  # retries spent per class since budget_from
     budget_from: int = 1  # attempts numbered from here count against the budgets (a rerun starts afresh)
+
+    def gang(self) -> bool:
+        """Whether the latest attempt is a gang's (several members, one per node)."""
+        return len(self.members) > 1
 
     def sort_key(self) -> tuple[int, int, int]:
         """Priority first (higher first), then submission order."""
@@ -197,8 +220,13 @@ class ClusterState:
         return self.ids[kind]
 
     def current(self, node_id: str, attempt_id: int, lease: str) -> AttemptRt | None:
-        """The attempt, if ``node_id`` holds it under ``lease`` and it is its stage's current one (fencing)."""
+        """The attempt, if ``node_id`` holds it under ``lease`` and it is its stage's current one (fencing); a
+        gang's member is current while it has not ended at the master (once one member ended the gang, the
+        others' copies are stopped and their reports refused)."""
         att = self.attempts.get(attempt_id)
-        if att is None or att.lease != lease or att.node_id != node_id or att.stage.current is not att:
+        if att is None or att.lease != lease or att.node_id != node_id:
             return None
-        return att
+        st = att.stage
+        if st.gang():
+            return att if att in st.members and att.state not in TERMINAL else None
+        return att if st.current is att else None

@@ -196,8 +196,9 @@ def load_experiment(s: Session, key: str) -> Snapshot:
 
 
 def _experiment_rows(s: Session, ids: list[int]) -> tuple[Any, Any, Any, Any]:
-    """Stages, dependencies, the latest attempt of each stage, and the retries each stage has spent per
-    failure class (attempts from its ``budget_from`` on; ``cancelled`` is never retried)."""
+    """Stages, dependencies, the latest attempt of each stage (every member of a gang's), and the retries each
+    stage has spent per failure class (attempts from its ``budget_from`` on, a gang's once: its members
+    share the number and the class; ``cancelled`` is never retried)."""
     stages = _rows(s, select(*_cols(Stage)).where(Stage.experiment_id.in_(ids)).order_by(Stage.id))
     sids = [st["id"] for st in stages]
     dep_q = select(StageDependency.stage_id, StageDependency.depends_on_id)
@@ -209,7 +210,7 @@ def _experiment_rows(s: Session, ids: list[int]) -> tuple[Any, Any, Any, Any]:
         select(*_cols(Attempt)).join(latest, (Attempt.stage_id == latest.c.stage_id) & (Attempt.number == latest.c.n)),
     )
     spent = (
-        select(Attempt.stage_id, Attempt.failure_class, func.count())
+        select(Attempt.stage_id, Attempt.failure_class, func.count(func.distinct(Attempt.number)))
         .join(Stage, Stage.id == Attempt.stage_id)
         .where(
             Attempt.stage_id.in_(sids),
@@ -267,7 +268,7 @@ def status(
             select(*_cols(Attempt), Node.name.label("node_name"))
             .join(Node, Node.id == Attempt.node_id)
             .where(Attempt.stage_id.in_(sids))
-            .order_by(Attempt.number),
+            .order_by(Attempt.number, Attempt.rank),
         )
         deps = s.execute(select(StageDependency).where(StageDependency.stage_id.in_(sids))).scalars().all()
         transitions = (
@@ -317,12 +318,14 @@ def events(
 ) -> Rows:
     """One page of events of the given types for a stage, by attempt then seq: of one attempt, after
     ``after_seq``; or of all attempts (``attempt`` None), after the keyset cursor ``(after_attempt,
-    after_seq)``. At most ``limit`` rows: callers page on with the last row's (attempt, seq)."""
+    after_seq)``. At most ``limit`` rows: callers page on with the last row's (attempt, seq). A gang's
+    attempt is its member 0's events (it alone writes metrics and artifacts; the other members' output is in
+    their own log files of the shared record), so that (attempt, seq) stays one event."""
     with Session(engine) as s:
         q = (
             select(Attempt.number.label("attempt"), Event.seq, Event.type, Event.time, Event.data)
             .join(Attempt, Attempt.id == Event.attempt_id)
-            .where(Attempt.stage_id == stage_id, Event.type.in_(types))
+            .where(Attempt.stage_id == stage_id, Attempt.rank == 0, Event.type.in_(types))
             .order_by(Attempt.number, Event.seq)
             .limit(limit)
         )

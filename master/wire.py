@@ -160,11 +160,21 @@ def assignment(att: AttemptRt) -> infra_pb2.NodeCommand:
             kind=st.kind,
             params_json=json.dumps(st.params),
             smoke=st.exp.smoke,
-            resources=infra_pb2.Resources(gpus=r.gpus, cpus=r.cpus, memory_mib=r.memory_mib, processes=r.processes),
+            resources=infra_pb2.Resources(
+                gpus=r.gpus, cpus=r.cpus, memory_mib=r.memory_mib, processes=r.processes, nodes=r.nodes
+            ),
             gpu_indices=list(att.gpus),
             plan_json=st.exp.plan_json,
+            rendezvous=_rendezvous(att),
         )
     )
+
+
+def _rendezvous(att: AttemptRt) -> infra_pb2.Rendezvous | None:
+    z = att.rendezvous
+    if z is None:
+        return None
+    return infra_pb2.Rendezvous(endpoint=z.endpoint, nnodes=z.nnodes, node_rank=z.node_rank, run_id=z.run_id)
 
 
 def cancel_command(stop: Stop) -> infra_pb2.NodeCommand:

@@ -59,7 +59,7 @@ from infra.node.uploads import upload_messages
 from infra.protos import PROTOCOL_VERSION, infra_pb2, infra_pb2_grpc
 from infra.protos.transport import KEEPALIVE, RECONNECT, Connection
 from infra.spec.plan import validation_issues, with_defaults
-from infra.spec.stages import Command, Resources, get_stage_kind, world_size
+from infra.spec.stages import Command, Rendezvous, Resources, get_stage_kind, world_size
 
 log = logging.getLogger("infra.node")
 BATCH = 1000
@@ -189,6 +189,8 @@ class Agent:
         self.facts = node_facts.collect_facts(self.workdir, opts.name, self.gpus, opts.cpus, opts.memory_mib)
         self.facts["warnings"] = list(warnings or [])
         self.facts["extras"] = sorted({*self.facts["extras"], *plugin_extras})  # e.g. scorer:NAME
+        address = opts.advertise_address
+        self.facts["advertise_address"] = node_facts.route_address(opts.master) if address is None else address
         self.conn = Connection(opts.master, opts.token, opts.tls, KEEPALIVE + RECONNECT)
         self.stub = infra_pb2_grpc.NodeServiceStub(self.conn.channel)
         self.stop = threading.Event()  # the loops end (after the graceful stop, or at once when fatal)
@@ -568,6 +570,7 @@ class Agent:
                 a.attempt,
                 resume_from=position,
                 watchdog=self.disk.stop_reason,
+                member=a.rendezvous.node_rank if a.HasField("rendezvous") else 0,
             )
             box.append(run)
             accepted = self._report_running(a)
@@ -624,7 +627,11 @@ class Agent:
         try:
             params = kind.params.model_validate(json.loads(a.params_json or "{}"))
             world = world_size(Resources(gpus=len(a.gpu_indices), processes=a.resources.processes or 1))
-            return kind.build(params, stage_context(exp_dir, a.stage, a.smoke, a.attempt, world)), "", ""
+            rdzv = None
+            if a.HasField("rendezvous"):
+                z = a.rendezvous
+                rdzv = Rendezvous(z.endpoint, z.nnodes, z.node_rank, z.run_id)
+            return kind.build(params, stage_context(exp_dir, a.stage, a.smoke, a.attempt, world, rdzv)), "", ""
         except ValidationError as e:
             return None, "invalid params: " + "; ".join(str(i) for i in validation_issues(e, "params")), "error"
         except (KeyError, ValueError) as e:

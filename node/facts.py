@@ -247,3 +247,18 @@ def _kill_tree(proc: subprocess.Popen[str]) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(proc.pid, signal.SIGKILL)
     proc.communicate()
+
+
+def route_address(master: str) -> str:
+    """This machine's address on its route to ``master`` (``host:port``): the default ``--advertise-address``,
+    the address other nodes of a gang reach this one at. A UDP socket is connected, which sends nothing and
+    only picks the route; "" when there is none (the node then hosts no gang)."""
+    host, _, port = master.rpartition(":")
+    host = host.strip("[]") or master
+    try:
+        family = socket.getaddrinfo(host, None)[0][0]
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect((host, int(port) if port.isdigit() else 9))
+            return str(s.getsockname()[0])
+    except (OSError, ValueError, IndexError):
+        return ""

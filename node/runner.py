@@ -43,7 +43,7 @@ from typing import Any
 import psutil
 
 from crystallm_core.layout import WORK, ExperimentLayout, check_stage_name, write_env_json, write_plan_json
-from infra.spec.stages import Command, StageContext
+from infra.spec.stages import Command, Rendezvous, StageContext
 
 RECORDS = ".infra"
 MAX_LINE = 8192  # longer log lines are cut (a progress bar without newlines must not exhaust the master)
@@ -89,16 +89,34 @@ def aside(path: Path, n: int, suffix: str = "") -> Path:
     return path.with_name(f"{path.name.removesuffix(suffix)}.attempt-{n}{suffix}")
 
 
+def member_paths(layout: ExperimentLayout, stage: str, member: int) -> tuple[Path, Path, Path]:
+    """(work dir, log file, events file) of one member of a stage. Member 0 (every stage that is no gang) has
+    the layout's own; member ``r`` > 0 of a gang, which shares the experiment directory with the others,
+    has ``work/<stage>@<r>/``, ``logs/<stage>@<r>.log`` and ``metrics/<stage>@<r>.jsonl`` (``@`` is in no
+    stage name, so these never collide with another stage's), so that no two members write one file."""
+    work, log, events = layout.work_dir(stage), layout.log_file(stage), layout.metrics_file(stage)
+    if member == 0:
+        return work, log, events
+    tag = f"{stage}@{member}"
+    return work.with_name(tag), log.with_name(f"{tag}.log"), events.with_name(f"{tag}.jsonl")
+
+
 def stage_context(
-    experiment_dir: Path, stage: str, smoke: bool = False, attempt: int = 1, processes: int = 1
+    experiment_dir: Path,
+    stage: str,
+    smoke: bool = False,
+    attempt: int = 1,
+    processes: int = 1,
+    rendezvous: Rendezvous | None = None,
 ) -> StageContext:
-    """What a stage kind's builder receives: the stage's paths, as the experiment layout places them, and its
-    world size (``processes``: :func:`infra.spec.stages.world_size` of its resources)."""
+    """What a stage kind's builder receives: the stage's paths, as the experiment layout places them (a gang
+    member's own work dir: :func:`member_paths`), its processes on this node (``processes``:
+    :func:`infra.spec.stages.world_size` of its resources) and, for a gang member, the rendezvous."""
     lay = ExperimentLayout(experiment_dir)
     return StageContext(
         experiment_dir=lay.root,
         stage=stage,
-        work_dir=lay.work_dir(stage),
+        work_dir=member_paths(lay, stage, rendezvous.node_rank if rendezvous else 0)[0],
         data_dir=lay.data_dir,
         ckpts_dir=lay.ckpts_dir,
         probes_dir=lay.probes_dir,
@@ -107,6 +125,7 @@ def stage_context(
         smoke=smoke,
         attempt=attempt,
         processes=processes,
+        rendezvous=rendezvous,
     )
 
 
@@ -270,12 +289,12 @@ class StageRun:
         env: dict[str, str] | None = None,
         resume_from: dict[str, int] | None = None,
         watchdog: Watchdog | None = None,
+        member: int = 0,
     ) -> None:
         self.command, self.workdir, self.emit = command, workdir, emit
         self.layout = ExperimentLayout(experiment_dir)
-        self.work_dir = self.layout.work_dir(stage)
-        self.events_file = self.layout.metrics_file(stage)
-        self.log_file = self.layout.log_file(stage)
+        self.member = member  # a gang's member > 0 keeps to its own files (member_paths), never the outputs
+        self.work_dir, self.log_file, self.events_file = member_paths(self.layout, stage, member)
         self.gpus = list(gpus)
         self.attempt = attempt
         self.extra_env = env or {}
@@ -384,7 +403,7 @@ class StageRun:
                 (self.work_dir, ""),
                 (self.log_file, ".log"),
                 (self.events_file, ".jsonl"),
-                *((self.layout.root / out, "") for out in self.command.outputs),
+                *((self.layout.root / out, "") for out in (self.command.outputs if not self.member else ())),
             ]
             if path.exists() or path.is_symlink()
         ]

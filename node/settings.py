@@ -32,3 +32,5 @@ class Options:
     plugin_timeout: float = DEFAULT_TIMEOUT  # seconds a stage-kind plugin may take to import
     stop_deadline: float = 60.0  # on SIGTERM/SIGINT, how long running stages may take to finish
     log_level: str = "INFO"  # the agent's log threshold (the stages' own output is never filtered)
+    advertise_address: str | None = None  # where other nodes reach this one (gangs); None: the local address
+    # of this machine's route to the master (node.facts.route_address)

@@ -49,16 +49,18 @@ FAILURE_ERROR: FailureClass
 FAILURE_INFRA: FailureClass
 
 class Resources(_message.Message):
-    __slots__ = ("gpus", "cpus", "memory_mib", "processes")
+    __slots__ = ("gpus", "cpus", "memory_mib", "processes", "nodes")
     GPUS_FIELD_NUMBER: _ClassVar[int]
     CPUS_FIELD_NUMBER: _ClassVar[int]
     MEMORY_MIB_FIELD_NUMBER: _ClassVar[int]
     PROCESSES_FIELD_NUMBER: _ClassVar[int]
+    NODES_FIELD_NUMBER: _ClassVar[int]
     gpus: int
     cpus: float
     memory_mib: int
     processes: int
-    def __init__(self, gpus: _Optional[int] = ..., cpus: _Optional[float] = ..., memory_mib: _Optional[int] = ..., processes: _Optional[int] = ...) -> None: ...
+    nodes: int
+    def __init__(self, gpus: _Optional[int] = ..., cpus: _Optional[float] = ..., memory_mib: _Optional[int] = ..., processes: _Optional[int] = ..., nodes: _Optional[int] = ...) -> None: ...
 
 class Gpu(_message.Message):
     __slots__ = ("index", "uuid", "name", "memory_mib", "driver_version")
@@ -101,7 +103,7 @@ class Usage(_message.Message):
     def __init__(self, cpu_percent: _Optional[float] = ..., memory_used_mib: _Optional[int] = ..., memory_total_mib: _Optional[int] = ..., gpus: _Optional[_Iterable[_Union[GpuUsage, _Mapping]]] = ..., disk_free_mib: _Optional[int] = ...) -> None: ...
 
 class NodeFacts(_message.Message):
-    __slots__ = ("hostname", "name", "gpus", "cpu_count", "memory_mib", "disk_free_mib", "software", "extras", "stage_kinds", "nvml", "workdir", "warnings")
+    __slots__ = ("hostname", "name", "gpus", "cpu_count", "memory_mib", "disk_free_mib", "software", "extras", "stage_kinds", "nvml", "workdir", "warnings", "advertise_address")
     class SoftwareEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -121,6 +123,7 @@ class NodeFacts(_message.Message):
     NVML_FIELD_NUMBER: _ClassVar[int]
     WORKDIR_FIELD_NUMBER: _ClassVar[int]
     WARNINGS_FIELD_NUMBER: _ClassVar[int]
+    ADVERTISE_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     hostname: str
     name: str
     gpus: _containers.RepeatedCompositeFieldContainer[Gpu]
@@ -133,7 +136,8 @@ class NodeFacts(_message.Message):
     nvml: str
     workdir: str
     warnings: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, hostname: _Optional[str] = ..., name: _Optional[str] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., cpu_count: _Optional[int] = ..., memory_mib: _Optional[int] = ..., disk_free_mib: _Optional[int] = ..., software: _Optional[_Mapping[str, str]] = ..., extras: _Optional[_Iterable[str]] = ..., stage_kinds: _Optional[_Iterable[str]] = ..., nvml: _Optional[str] = ..., workdir: _Optional[str] = ..., warnings: _Optional[_Iterable[str]] = ...) -> None: ...
+    advertise_address: str
+    def __init__(self, hostname: _Optional[str] = ..., name: _Optional[str] = ..., gpus: _Optional[_Iterable[_Union[Gpu, _Mapping]]] = ..., cpu_count: _Optional[int] = ..., memory_mib: _Optional[int] = ..., disk_free_mib: _Optional[int] = ..., software: _Optional[_Mapping[str, str]] = ..., extras: _Optional[_Iterable[str]] = ..., stage_kinds: _Optional[_Iterable[str]] = ..., nvml: _Optional[str] = ..., workdir: _Optional[str] = ..., warnings: _Optional[_Iterable[str]] = ..., advertise_address: _Optional[str] = ...) -> None: ...
 
 class RunningAttempt(_message.Message):
     __slots__ = ("attempt_id", "lease_token")
@@ -200,7 +204,7 @@ class AssignmentStreamRequest(_message.Message):
     def __init__(self, node_id: _Optional[str] = ..., session: _Optional[int] = ...) -> None: ...
 
 class Assignment(_message.Message):
-    __slots__ = ("attempt_id", "lease_token", "attempt", "stage_id", "experiment", "stage", "kind", "params_json", "smoke", "resources", "gpu_indices", "plan_json")
+    __slots__ = ("attempt_id", "lease_token", "attempt", "stage_id", "experiment", "stage", "kind", "params_json", "smoke", "resources", "gpu_indices", "plan_json", "rendezvous")
     ATTEMPT_ID_FIELD_NUMBER: _ClassVar[int]
     LEASE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
@@ -213,6 +217,7 @@ class Assignment(_message.Message):
     RESOURCES_FIELD_NUMBER: _ClassVar[int]
     GPU_INDICES_FIELD_NUMBER: _ClassVar[int]
     PLAN_JSON_FIELD_NUMBER: _ClassVar[int]
+    RENDEZVOUS_FIELD_NUMBER: _ClassVar[int]
     attempt_id: int
     lease_token: str
     attempt: int
@@ -225,7 +230,20 @@ class Assignment(_message.Message):
     resources: Resources
     gpu_indices: _containers.RepeatedScalarFieldContainer[int]
     plan_json: str
-    def __init__(self, attempt_id: _Optional[int] = ..., lease_token: _Optional[str] = ..., attempt: _Optional[int] = ..., stage_id: _Optional[int] = ..., experiment: _Optional[str] = ..., stage: _Optional[str] = ..., kind: _Optional[str] = ..., params_json: _Optional[str] = ..., smoke: _Optional[bool] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., gpu_indices: _Optional[_Iterable[int]] = ..., plan_json: _Optional[str] = ...) -> None: ...
+    rendezvous: Rendezvous
+    def __init__(self, attempt_id: _Optional[int] = ..., lease_token: _Optional[str] = ..., attempt: _Optional[int] = ..., stage_id: _Optional[int] = ..., experiment: _Optional[str] = ..., stage: _Optional[str] = ..., kind: _Optional[str] = ..., params_json: _Optional[str] = ..., smoke: _Optional[bool] = ..., resources: _Optional[_Union[Resources, _Mapping]] = ..., gpu_indices: _Optional[_Iterable[int]] = ..., plan_json: _Optional[str] = ..., rendezvous: _Optional[_Union[Rendezvous, _Mapping]] = ...) -> None: ...
+
+class Rendezvous(_message.Message):
+    __slots__ = ("endpoint", "nnodes", "node_rank", "run_id")
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    NNODES_FIELD_NUMBER: _ClassVar[int]
+    NODE_RANK_FIELD_NUMBER: _ClassVar[int]
+    RUN_ID_FIELD_NUMBER: _ClassVar[int]
+    endpoint: str
+    nnodes: int
+    node_rank: int
+    run_id: str
+    def __init__(self, endpoint: _Optional[str] = ..., nnodes: _Optional[int] = ..., node_rank: _Optional[int] = ..., run_id: _Optional[str] = ...) -> None: ...
 
 class CancelAttempt(_message.Message):
     __slots__ = ("attempt_id", "lease_token", "reason")
@@ -493,7 +511,7 @@ class Transition(_message.Message):
     def __init__(self, from_state: _Optional[_Union[StageState, str]] = ..., to_state: _Optional[_Union[StageState, str]] = ..., time: _Optional[float] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class AttemptStatus(_message.Message):
-    __slots__ = ("attempt_id", "number", "node_id", "node_name", "state", "exit_code", "message", "gpu_indices", "assigned_at", "started_at", "finished_at", "failure_class")
+    __slots__ = ("attempt_id", "number", "node_id", "node_name", "state", "exit_code", "message", "gpu_indices", "assigned_at", "started_at", "finished_at", "failure_class", "rank")
     ATTEMPT_ID_FIELD_NUMBER: _ClassVar[int]
     NUMBER_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
@@ -506,6 +524,7 @@ class AttemptStatus(_message.Message):
     STARTED_AT_FIELD_NUMBER: _ClassVar[int]
     FINISHED_AT_FIELD_NUMBER: _ClassVar[int]
     FAILURE_CLASS_FIELD_NUMBER: _ClassVar[int]
+    RANK_FIELD_NUMBER: _ClassVar[int]
     attempt_id: int
     number: int
     node_id: str
@@ -518,7 +537,8 @@ class AttemptStatus(_message.Message):
     started_at: float
     finished_at: float
     failure_class: str
-    def __init__(self, attempt_id: _Optional[int] = ..., number: _Optional[int] = ..., node_id: _Optional[str] = ..., node_name: _Optional[str] = ..., state: _Optional[_Union[StageState, str]] = ..., exit_code: _Optional[int] = ..., message: _Optional[str] = ..., gpu_indices: _Optional[_Iterable[int]] = ..., assigned_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., failure_class: _Optional[str] = ...) -> None: ...
+    rank: int
+    def __init__(self, attempt_id: _Optional[int] = ..., number: _Optional[int] = ..., node_id: _Optional[str] = ..., node_name: _Optional[str] = ..., state: _Optional[_Union[StageState, str]] = ..., exit_code: _Optional[int] = ..., message: _Optional[str] = ..., gpu_indices: _Optional[_Iterable[int]] = ..., assigned_at: _Optional[float] = ..., started_at: _Optional[float] = ..., finished_at: _Optional[float] = ..., failure_class: _Optional[str] = ..., rank: _Optional[int] = ...) -> None: ...
 
 class StageStatus(_message.Message):
     __slots__ = ("stage_id", "name", "kind", "state", "after", "resources", "reason", "attempts", "transitions", "max_retries", "progress")

@@ -41,6 +41,7 @@ INT32_MAX = 2**31 - 1
 MAX_PRIORITY = INT32_MAX  # experiments.priority is an INTEGER column, ExperimentStatus.priority an int32
 MAX_GPUS = 1024
 MAX_PROCESSES = 1024
+MAX_NODES = 64  # members of one gang (a multi-node stage)
 MAX_CPUS = 65536.0
 MAX_MEMORY_MIB = 2**32 - 1  # Resources.memory_mib is a uint32 of MiB (4 PiB)
 MAX_INT_DIGITS = 40  # longer integer literals are refused while parsing (Python limits int() to 4300 digits)
@@ -90,6 +91,7 @@ class ResourcesSpec(Spec):
     cpus: float | None = Field(None, gt=0, le=MAX_CPUS)
     memory: Memory | None = None
     processes: int | None = Field(None, ge=1, le=MAX_PROCESSES)  # CPU processes of a multi-process kind (train)
+    nodes: int | None = Field(None, ge=1, le=MAX_NODES)  # machines of a gang, each with all of the above (train)
 
 
 # Why an attempt ended badly (the master records one per attempt); each class but ``cancelled`` has its
@@ -182,6 +184,7 @@ class Plan:
                         "cpus": s.resources.cpus,
                         "memory": s.resources.memory_mib,
                         "processes": s.resources.processes,
+                        "nodes": s.resources.nodes,
                     },
                     "max_retries": s.max_retries,
                     "retries": dict(s.retries),
@@ -223,14 +226,15 @@ def validation_issues(err: ValidationError, prefix: str = "") -> list[Issue]:
 
 def _merge(kind_default: Resources, *layers: ResourcesSpec | None) -> Resources:
     gpus, cpus, mem = kind_default.gpus, kind_default.cpus, kind_default.memory_mib
-    procs = kind_default.processes
+    procs, nodes = kind_default.processes, kind_default.nodes
     for layer in layers:
         if layer is not None:
             gpus = layer.gpus if layer.gpus is not None else gpus
             cpus = layer.cpus if layer.cpus is not None else cpus
             mem = layer.memory if layer.memory is not None else mem
             procs = layer.processes if layer.processes is not None else procs
-    return Resources(gpus, float(cpus), mem, procs)
+            nodes = layer.nodes if layer.nodes is not None else nodes
+    return Resources(gpus, float(cpus), mem, procs, nodes)
 
 
 def _resources(
@@ -239,12 +243,13 @@ def _resources(
     """The stage's resources: the kind's, then the plan's, then its own. ``processes`` > 1 is for kinds that
     run several processes (``StageKind.processes``: train): given on the stage of another kind it is an
     error; the plan's default reaches only such kinds (the others run one process). With GPUs, a stage runs
-    one process per GPU, so ``processes`` > 1 needs ``gpus`` 0 (CPU processes) or the same number.
+    one process per GPU, so ``processes`` > 1 needs ``gpus`` 0 (CPU processes) or the same number. ``nodes``
+    > 1 (a gang) follows the same rule as ``processes`` > 1: only for such kinds.
 
     A smoke plan is checked as the real run would be, then asks for no GPU: a smoke run rehearses the code
     path with tiny limits on any machine, so this one place drops the GPUs and every placement (the master's
     scheduler, infra-train's local check) sees gpus 0. A stage of several GPUs keeps its world size as CPU
-    processes, so the distributed path is rehearsed too."""
+    processes, and a gang its nodes, so the distributed path is rehearsed too."""
     kind = get_stage_kind(s.kind) if local else None
     r = _merge(kind.resources if kind is not None else Resources(), default, s.resources)
     own = s.resources.processes if s.resources is not None else None
@@ -252,7 +257,12 @@ def _resources(
     if kind is not None and not kind.processes:
         if own is not None and own > 1:
             issues.append(Issue(path, f"kind {s.kind!r} runs one process; only train runs several"))
-        r = Resources(r.gpus, r.cpus, r.memory_mib, 1)
+        own_nodes = s.resources.nodes if s.resources is not None else None
+        if own_nodes is not None and own_nodes > 1:
+            issues.append(
+                Issue(f"stages[{i}].resources.nodes", f"kind {s.kind!r} runs on one node; only train runs on several")
+            )
+        r = Resources(r.gpus, r.cpus, r.memory_mib, 1, 1)
     elif r.processes > 1 and r.gpus not in (0, r.processes):
         issues.append(
             Issue(
@@ -261,19 +271,33 @@ def _resources(
                 f"(CPU processes) or gpus {r.processes}",
             )
         )
-    return Resources(0, r.cpus, r.memory_mib, world_size(r)) if smoke else r
+    return Resources(0, r.cpus, r.memory_mib, world_size(r), r.nodes) if smoke else r
 
 
 def _accum_issue(stage: Stage, smoke: bool, i: int) -> Issue | None:
     """A train stage's ``grad_accum`` override must be a multiple of its world size (crystallm_core refuses
     anything else); one set in a config file is the stage's own check. Smoke runs set one per rank."""
     accum = stage.params.get("overrides", {}).get("grad_accum") if stage.kind == "train" else None
-    n = world_size(stage.resources)
+    n = world_size(stage.resources) * stage.resources.nodes
     if smoke or n <= 1 or not isinstance(accum, int) or isinstance(accum, bool) or accum % n == 0:
         return None
+    where = f" on {stage.resources.nodes} nodes" if stage.resources.nodes > 1 else ""
     return Issue(
         f"stages[{i}].params.overrides.grad_accum",
-        f"grad_accum {accum} counts micro-batches over all {n} processes and must be a multiple of {n}",
+        f"grad_accum {accum} counts micro-batches over all {n} processes{where} and must be a multiple of {n}",
+    )
+
+
+def _gang_issue(stage: Stage, shared_workdir: bool, i: int) -> Issue | None:
+    """A gang's members run on several machines that must all see one experiment directory (rank 0 writes
+    the checkpoints the others resume from): a multi-node stage needs the plan's ``shared_workdir``."""
+    k = stage.resources.nodes
+    if k <= 1 or shared_workdir:
+        return None
+    return Issue(
+        "shared_workdir",
+        f"stage {stage.name!r} runs on {k} nodes (stages[{i}].resources.nodes), whose members must all see one "
+        "experiment directory: set shared_workdir: true (and give the nodes one shared workdir)",
     )
 
 
@@ -399,6 +423,15 @@ def with_defaults(plan: dict[str, Any]) -> dict[str, Any]:
                 params = get_stage_kind(kind).params.model_validate(params).model_dump(mode="json")
         out["stages"].append({**raw, "params": params})
     return out
+
+
+def stage_nodes(plan: Any) -> dict[str, int]:
+    """Each stage's ``resources.nodes`` in a stored normalised plan, read as :func:`stage_processes` is (no
+    column of its own); a plan stored before the field existed gives none: every stage runs on one node."""
+    try:
+        return {s["name"]: int(s.get("resources", {}).get("nodes", 1)) for s in plan.get("stages", [])}
+    except (AttributeError, KeyError, TypeError, ValueError):
+        return {}
 
 
 def stage_processes(plan: Any) -> dict[str, int]:
@@ -566,6 +599,8 @@ def validate_plan(data: Any, known_kinds: Iterable[str] | None = None) -> Plan:
             shards[s.name] = (i, s.shards)
         if accum := _accum_issue(stages[-1], smoke, i):
             issues.append(accum)
+        if gang := _gang_issue(stages[-1], header is not None and header.shared_workdir, i):
+            issues.append(gang)
     issues += _shared_outputs(stages, raw_index)
     stages = _expand_shards(stages, shards, issues)
     for cycle in _cycles(deps):

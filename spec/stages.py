@@ -102,12 +102,24 @@ class Resources:
     cpus: float = 1.0
     memory_mib: int = 2048
     processes: int = 1  # CPU processes of a kind that runs several (``StageKind.processes``); see world_size
+    nodes: int = 1  # machines of a gang (a multi-node stage); each member gets all of the above
 
 
 def world_size(r: Resources) -> int:
-    """How many processes a multi-process stage starts: one per GPU when it has several, else ``processes``
-    (CPU processes, gloo; what tests use)."""
+    """How many processes a multi-process stage starts on one node: one per GPU when it has several, else
+    ``processes`` (CPU processes, gloo; what tests use). A gang starts this many on each of its nodes."""
     return r.gpus if r.gpus > 1 else max(1, r.processes)
+
+
+@dataclass(frozen=True)
+class Rendezvous:
+    """How the members of a gang find each other: ``torch.distributed.run``'s static rendezvous, whose store
+    member 0's node hosts at ``endpoint`` (``host:port``, the port chosen by the master)."""
+
+    endpoint: str
+    nnodes: int
+    node_rank: int
+    run_id: str
 
 
 @dataclass(frozen=True)
@@ -126,7 +138,8 @@ class StageContext:
     artifacts_dir: Path  # this stage's products that have no folder of their own (a plugin's outputs, reports)
     smoke: bool = False
     attempt: int = 1
-    processes: int = 1  # the stage's world size (world_size of its resources); used by kinds with ``processes``
+    processes: int = 1  # processes on this node (world_size of its resources); used by kinds with ``processes``
+    rendezvous: Rendezvous | None = None  # this node's place in a gang (a multi-node stage); None: one node
 
     def artifact(self, rel: str) -> str:
         """An experiment-relative path (a param) as an absolute one."""
@@ -202,17 +215,24 @@ def crystallm(verb: str, *args: str) -> list[str]:
     return [sys.executable, "-m", "crystallm_core.cli", verb, *args]
 
 
-def torchrun(n: int, argv: list[str]) -> list[str]:
+def torchrun(n: int, argv: list[str], rdzv: Rendezvous | None = None) -> list[str]:
     """``argv`` (a ``python -m MODULE ...`` line of :func:`crystallm`) launched as ``n`` processes on this
-    machine by ``torch.distributed.run --standalone`` (a free rendezvous port of its own, so two such stages
-    on one machine do not collide); itself when ``n`` is 1. Each rank sees the stage's
-    ``CUDA_VISIBLE_DEVICES`` and takes its ``LOCAL_RANK``-th GPU."""
-    if n <= 1:
+    machine by ``torch.distributed.run``; itself when ``n`` is 1 and there is no gang. Alone, ``--standalone``
+    (a free rendezvous port of its own, so two such stages on one machine do not collide); as member
+    ``node_rank`` of a gang, the static rendezvous at ``rdzv.endpoint`` (member 0's node hosts the store
+    there). Each rank sees the stage's ``CUDA_VISIBLE_DEVICES`` and takes its ``LOCAL_RANK``-th GPU."""
+    if n <= 1 and rdzv is None:
         return argv
     python, flag, module, *rest = argv
     if flag != "-m":
         raise ValueError(f"torchrun launches a module (python -m MODULE ...), not {argv!r}")
-    return [python, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(n), "-m", module, *rest]
+    if rdzv is None:
+        where = ["--standalone"]
+    else:
+        host, _, port = rdzv.endpoint.rpartition(":")
+        where = ["--nnodes", str(rdzv.nnodes), "--node-rank", str(rdzv.node_rank), "--rdzv-id", rdzv.run_id]
+        where += ["--master-addr", host.strip("[]"), "--master-port", port]
+    return [python, "-m", "torch.distributed.run", *where, "--nproc-per-node", str(n), "-m", module, *rest]
 
 
 def _opt(flag: str, value: object) -> list[str]:
@@ -329,11 +349,11 @@ def _build_train(p: TrainParams, ctx: StageContext) -> Command:
     outputs = [ctx.rel(ctx.ckpts_dir), ctx.rel(ctx.probes_dir)]
     if p.config is not None:  # the user's config file, with the stage's settings as key=value overrides
         overrides = (f"{k}={_setting(v)}" for k, v in settings.items())
-        argv = torchrun(ctx.processes, crystallm("train", p.config, *overrides, *flags))
+        argv = torchrun(ctx.processes, crystallm("train", p.config, *overrides, *flags), ctx.rendezvous)
         return Command([argv], fresh_dir=not resume, outputs=outputs)
     config = ctx.work_dir / "train.json"
     files = {"train.json": json.dumps(settings, indent=2)}
-    argv = torchrun(ctx.processes, crystallm("train", str(config), *flags))
+    argv = torchrun(ctx.processes, crystallm("train", str(config), *flags), ctx.rendezvous)
     return Command([argv], files=files, fresh_dir=not resume, outputs=outputs)
 
 

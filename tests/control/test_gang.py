@@ -1,0 +1,301 @@
+"""Gangs (a stage with ``resources.nodes`` K > 1), driven through the node protocol on a real SQLite master:
+the plan rules, all-or-nothing placement with its waiting reason, one rendezvous per attempt, a failing member
+ending the whole gang as one attempt, and a master restart in the middle of a gang."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from infra.master.controller import Controller
+from infra.master.db import make_engine, migrate
+from infra.protos import PROTOCOL_VERSION, infra_pb2
+from infra.spec.plan import PlanError, validate_plan
+from infra.spec.stages import Rendezvous, torchrun
+
+from .controller_kit import WiredController, run_controller
+from .test_waiting_reason import _reason, _stages
+
+SMALL = {"gpus": 0, "cpus": 1, "memory": 512}
+PORTS = (29400, 29401)
+
+
+def _plan(name: str, stages: list[dict[str, Any]], shared: bool = True) -> str:
+    return json.dumps({"name": name, "shared_workdir": shared, "stages": stages})
+
+
+def _train(name: str = "train", nodes: int = 2, **kw: Any) -> dict[str, Any]:
+    return {"name": name, "kind": "train", "resources": {**SMALL, "nodes": nodes}, **kw}
+
+
+def _job(name: str) -> dict[str, Any]:
+    return {"name": name, "kind": "evaluate", "params": {"inputs": ["x"]}, "resources": SMALL}
+
+
+class _Stream:
+    """A node's command stream, open from registration on (a node is schedulable only while it is open), read
+    into a queue by a task of its own."""
+
+    def __init__(self, stream: Any) -> None:
+        self.commands: asyncio.Queue[infra_pb2.NodeCommand] = asyncio.Queue()
+        self.task = asyncio.ensure_future(self._read(stream))
+
+    async def _read(self, stream: Any) -> None:
+        async for command in stream:
+            self.commands.put_nowait(command)
+
+
+async def _register(
+    c: Controller, name: str, cpus: int = 1, running: Sequence[infra_pb2.Assignment] = (), address: str = "10.0.0."
+) -> _Stream:
+    facts = infra_pb2.NodeFacts(name=name, cpu_count=cpus, memory_mib=4096, stage_kinds=["train", "evaluate"])
+    facts.advertise_address = address + name[1:] if address.endswith(".") else address
+    held = [infra_pb2.RunningAttempt(attempt_id=a.attempt_id, lease_token=a.lease_token) for a in running]
+    req = infra_pb2.RegisterRequest(protocol_version=PROTOCOL_VERSION, node_id=name, facts=facts, running=held)
+    stream = _Stream(c.assignments(name, (await c.register(req)).session))
+    for _ in range(100):
+        if c.nodes[name].queue is not None:
+            return stream
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"the command stream of {name} did not open")
+
+
+async def _command(stream: _Stream) -> infra_pb2.NodeCommand:
+    return await asyncio.wait_for(stream.commands.get(), 5)
+
+
+async def _assign(stream: _Stream) -> infra_pb2.Assignment:
+    cmd = await _command(stream)
+    assert cmd.WhichOneof("command") == "assign", cmd
+    return cmd.assign
+
+
+async def _report(c: Controller, node: str, a: infra_pb2.Assignment, state: int, cls: int = 0) -> tuple[bool, str]:
+    rep = infra_pb2.StageStatusReport(
+        node_id=node, attempt_id=a.attempt_id, lease_token=a.lease_token, state=state, failure_class=cls
+    )
+    return await c.report_status(rep)
+
+
+def _run(tmp_path: Path, scenario: Any) -> None:
+    run_controller(tmp_path, scenario, rendezvous_ports=PORTS)
+
+
+# --- plan rules ------------------------------------------------------------------------------------
+
+
+def _issues(plan: dict[str, Any]) -> list[str]:
+    with pytest.raises(PlanError) as e:
+        validate_plan(plan)
+    return [str(i) for i in e.value.issues]
+
+
+def test_a_multi_node_stage_needs_a_shared_workdir_a_train_kind_and_bounded_nodes() -> None:
+    ok = validate_plan(json.loads(_plan("g", [_train()])))
+    assert ok.stages[0].resources.nodes == 2 and ok.to_dict()["stages"][0]["resources"]["nodes"] == 2
+    assert validate_plan(json.loads(_plan("one", [_job("e")], shared=False))).stages[0].resources.nodes == 1
+    (issue,) = _issues(json.loads(_plan("g", [_train()], shared=False)))
+    assert issue.startswith("shared_workdir: stage 'train' runs on 2 nodes (stages[0].resources.nodes)")
+    assert _issues(json.loads(_plan("g", [{**_job("e"), "resources": {"nodes": 2}}]))) == [
+        "stages[0].resources.nodes: kind 'evaluate' runs on one node; only train runs on several"
+    ]
+    for bad in (0, 65, "2"):
+        (issue,) = _issues(json.loads(_plan("g", [_train(nodes=bad)])))
+        assert issue.startswith("stages[0].resources.nodes: ")
+    accum = _train(resources={**SMALL, "nodes": 2, "processes": 2}, params={"overrides": {"grad_accum": 6}})
+    assert _issues(json.loads(_plan("g", [accum]))) == [
+        "stages[0].params.overrides.grad_accum: grad_accum 6 counts micro-batches over all 4 processes on 2 nodes "
+        "and must be a multiple of 4"
+    ]
+
+
+def test_a_gang_member_s_command_line_is_torchrun_s_static_rendezvous() -> None:
+    argv = ["py", "-m", "crystallm_core.cli", "train", "t.json"]
+    z = Rendezvous("10.0.0.1:29400", 2, 1, "exp.train.1")
+    assert torchrun(1, argv, z) == [
+        *("py", "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", "1", "--rdzv-id", "exp.train.1"),
+        *("--master-addr", "10.0.0.1", "--master-port", "29400", "--nproc-per-node", "1"),
+        *("-m", "crystallm_core.cli", "train", "t.json"),
+    ]
+    assert torchrun(1, argv) == argv
+    assert torchrun(2, argv, Rendezvous("[fd00::1]:29401", 3, 0, "r"))[9:14] == [
+        "--master-addr",
+        "fd00::1",
+        "--master-port",
+        "29401",
+        "--nproc-per-node",
+    ]
+
+
+# --- placement -------------------------------------------------------------------------------------
+
+
+def test_a_gang_is_placed_on_k_nodes_at_once_or_waits_holding_nothing(tmp_path: Path) -> None:
+    """One of two nodes is busy: the gang waits and says what it lacks, holds nothing, and the free node runs
+    a one-node stage meanwhile; once two nodes are free, both members go out together with one rendezvous."""
+
+    async def scenario(c: Controller) -> None:
+        n1, n2 = await _register(c, "n1"), await _register(c, "n2")
+        busy_key = await c.submit(_plan("busy", [_job("e")]))
+        busy = await _assign(n1)
+        gang_key = await c.submit(_plan("gang", [_train()]))
+        row = await _reason(c, gang_key, "train", "waiting for 2 nodes with 1 cpu, 512 MiB memory free each: 1 has")
+        assert row["state"] == "ready" and row["attempt_rows"] == []
+        assert c.nodes["n2"].used_cpus == 0 and not c.nodes["n2"].attempts  # holds nothing while it waits
+        other = await c.submit(_plan("other", [_job("e")]))  # the free node still runs a one-node stage
+        mid = await _assign(n2)
+        assert mid.experiment == other
+        await _report(c, "n2", mid, infra_pb2.SUCCEEDED)
+        await _reason(c, gang_key, "train", "waiting for 2 nodes with 1 cpu, 512 MiB memory free each: 1 has")
+        assert (await _report(c, "n1", busy, infra_pb2.SUCCEEDED))[0] and busy.experiment == busy_key
+        a1, a2 = await _assign(n1), await _assign(n2)
+        members = sorted([a1, a2], key=lambda a: a.rendezvous.node_rank)
+        first = "n1" if members[0] is a1 else "n2"
+        assert [m.rendezvous.node_rank for m in members] == [0, 1]
+        assert {m.rendezvous.endpoint for m in members} == {f"10.0.0.{first[1:]}:29400"}
+        assert {m.rendezvous.nnodes for m in members} == {2} and {m.resources.nodes for m in members} == {2}
+        assert members[0].rendezvous.run_id == members[1].rendezvous.run_id == f"{gang_key}.train.1"
+        assert (a1.attempt, a2.attempt) == (1, 1) and a1.attempt_id != a2.attempt_id
+        assert c.nodes[first].ports == {29400}
+        rows = (await _stages(c, gang_key))["train"]["attempt_rows"]
+        assert sorted((r["number"], r["rank"]) for r in rows) == [(1, 0), (1, 1)]
+        await _report(c, "n1", a1, infra_pb2.RUNNING)
+        assert (await _stages(c, gang_key))["train"]["state"] == "assigned"  # running once every member runs
+        await _report(c, "n2", a2, infra_pb2.RUNNING)
+        assert (await _stages(c, gang_key))["train"]["state"] == "running"
+        await _report(c, "n1", a1, infra_pb2.SUCCEEDED)
+        assert (await _stages(c, gang_key))["train"]["state"] == "running"
+        await _report(c, "n2", a2, infra_pb2.SUCCEEDED)
+        assert (await _stages(c, gang_key))["train"]["state"] == "succeeded"
+        assert not c.nodes["n1"].ports and not c.nodes["n2"].ports
+
+    _run(tmp_path, scenario)
+
+
+def test_two_gangs_never_hold_half_each(tmp_path: Path) -> None:
+    """Three nodes, two gangs of two: the first takes two nodes, the second waits holding nothing (the third
+    node stays free for anything else), then runs when the first ends."""
+
+    async def scenario(c: Controller) -> None:
+        streams = {n: await _register(c, n) for n in ("n1", "n2", "n3")}
+        first = await c.submit(_plan("first", [_train()]))
+        second = await c.submit(_plan("second", [_train()]))
+        await _reason(c, second, "train", "waiting for 2 nodes with 1 cpu, 512 MiB memory free each: 1 has")
+        held = {n: node.used_cpus for n, node in c.nodes.items()}
+        assert sorted(held.values()) == [0, 1, 1]
+        got = {}
+        for n, node in c.nodes.items():
+            if node.used_cpus:
+                got[n] = await _assign(streams[n])
+        assert {a.experiment for a in got.values()} == {first}
+        for n, a in got.items():
+            await _report(c, n, a, infra_pb2.SUCCEEDED)
+        for _ in range(100):
+            if sum(1 for node in c.nodes.values() if node.used_cpus) == 2:
+                break
+            await asyncio.sleep(0.02)
+        out = [await _assign(streams[n]) for n, node in c.nodes.items() if node.used_cpus]
+        assert len(out) == 2 and {a.experiment for a in out} == {second}
+
+    _run(tmp_path, scenario)
+
+
+def test_a_node_without_an_address_takes_no_part_in_gangs(tmp_path: Path) -> None:
+    async def scenario(c: Controller) -> None:
+        await _register(c, "n1")
+        await _register(c, "n2", address="")
+        key = await c.submit(_plan("gang", [_train()]))
+        await _reason(
+            c,
+            key,
+            "train",
+            "waiting: needs 2 nodes that can run it together, 1 online; 1 advertises no address "
+            "(infra node --advertise-address)",
+        )
+
+    _run(tmp_path, scenario)
+
+
+# --- failure and restart ---------------------------------------------------------------------------
+
+
+def test_a_failing_member_stops_the_others_and_the_gang_is_retried_as_one_attempt(tmp_path: Path) -> None:
+    async def scenario(c: Controller) -> None:
+        n1, n2 = await _register(c, "n1"), await _register(c, "n2")
+        key = await c.submit(_plan("g", [_train(retries={"infra": 1})]))
+        a, b = await _assign(n1), await _assign(n2)
+        for node, m in (("n1", a), ("n2", b)):
+            await _report(c, node, m, infra_pb2.RUNNING)
+        one = {a.rendezvous.node_rank: ("n1", a, n1), b.rendezvous.node_rank: ("n2", b, n2)}
+        (node1, m1, _), (node0, m0, s0) = one[1], one[0]
+        assert await _report(c, node1, m1, infra_pb2.FAILED, infra_pb2.FAILURE_INFRA) == (True, "")
+        stop = await _command(s0)
+        assert stop.WhichOneof("command") == "cancel" and stop.cancel.attempt_id == m0.attempt_id
+        assert "member 1 of the gang" in stop.cancel.reason
+        assert (await _report(c, node0, m0, infra_pb2.CANCELLED))[0] is False  # its end is already recorded
+        a, b = await _assign(n1), await _assign(n2)
+        st = (await _stages(c, key))["train"]
+        retried = [t["reason"] for t in st["transitions"] if t["to_state"] == "ready" and t["attempt_id"]]
+        assert len(retried) == 1 and "member 1 on " in retried[0] and "retry 1 of 1 (infra)" in retried[0]
+        assert sorted((r["rank"], r["state"], r["failure_class"]) for r in st["attempt_rows"] if r["number"] == 1) == [
+            (0, "failed", "infra"),
+            (1, "failed", "infra"),
+        ]
+        assert (a.attempt, b.attempt) == (2, 2) and a.rendezvous.run_id.endswith(".2")
+        assert a.rendezvous.endpoint != m0.rendezvous.endpoint or a.rendezvous.node_rank != 0
+        await _report(c, "n1", a, infra_pb2.FAILED, infra_pb2.FAILURE_INFRA)
+        st = (await _stages(c, key))["train"]
+        assert st["state"] == "failed"  # the budget was one gang attempt, not one per member
+
+    _run(tmp_path, scenario)
+
+
+def test_a_restarted_master_restores_a_running_gang(tmp_path: Path) -> None:
+    async def main() -> None:
+        engine = make_engine(f"sqlite:///{tmp_path / 'm.db'}")
+        migrate(engine)
+        c = WiredController(engine, heartbeat_interval=1, rendezvous_ports=PORTS)
+        await c.start()
+        key = await c.submit(_plan("g", [_train()]))
+        n1, n2 = await _register(c, "n1"), await _register(c, "n2")
+        a, b = await _assign(n1), await _assign(n2)
+        await _report(c, "n1", a, infra_pb2.RUNNING)
+        await _report(c, "n2", b, infra_pb2.RUNNING)
+        host = "n1" if a.rendezvous.node_rank == 0 else "n2"
+        await c.stop()
+
+        c = WiredController(engine, heartbeat_interval=1, rendezvous_ports=PORTS)
+        await c.start()
+        try:
+            assert c.nodes[host].ports == {29400}  # the port stays held while the gang runs
+            assert c.nodes["n1"].used_cpus == c.nodes["n2"].used_cpus == 1
+            n1 = await _register(c, "n1", running=[a])
+            n2 = await _register(c, "n2", running=[b])
+            assert await _report(c, "n1", a, infra_pb2.SUCCEEDED) == (True, "")
+            assert (await _stages(c, key))["train"]["state"] == "running"
+            assert await _report(c, "n2", b, infra_pb2.FAILED, infra_pb2.FAILURE_NODE_LOST) == (True, "")
+            a2, b2 = await _assign(n1), await _assign(n2)
+            assert (a2.attempt, b2.attempt) == (2, 2)
+            assert {a2.rendezvous.endpoint, b2.rendezvous.endpoint} == {b2.rendezvous.endpoint}
+        finally:
+            await c.stop()
+            engine.dispose()
+
+    asyncio.run(main())
+
+
+def test_rendezvous_ports_and_the_default_advertise_address() -> None:
+    from infra.master.config import port_range
+    from infra.node.facts import route_address
+
+    assert port_range("29400-29999") == (29400, 29999) and port_range("29500") == (29500, 29500)
+    for bad in ("29999-29400", "80-90", "a-b", "29400-70000"):
+        with pytest.raises(ValueError, match="rendezvous ports"):
+            port_range(bad)
+    assert route_address("127.0.0.1:50051") == "127.0.0.1"  # the route to a master on loopback
+    assert route_address("no-such-host.invalid:50051") == ""
