@@ -92,6 +92,7 @@ class NewExperiment:
         create_experiment(s, self.experiment, self.stages, self.deps, self.transitions)
 
 
+@dataclass
 class Registrations:
     """Node registrations as one unit: node id -> (node row, its GPU rows).
 
