@@ -8,7 +8,10 @@ an operator reruns it. Every change is a row in ``transitions`` with time and re
 
 Every attempt that does not succeed ends with a failure class (``node_lost``, ``preempted``,
 ``cancelled``, ``error``, ``infra``) and is retried only while the stage's budget for that class lasts,
-so that a machine fault never spends the budget of the stage's own code (``error``).
+so that a machine fault never spends the budget of the stage's own code (``error``). A gang (a stage on
+K nodes) is one attempt of K members: the first member to end badly has the others stopped, and once every
+member has ended the gang takes the most innocent class a member ended with on its own (``node_lost`` >
+``preempted`` > ``infra`` > ``error``; cancelled members do not vote), charged once.
 
 Memory only: every method changes the shared :class:`~master.state.ClusterState` and writes the rows
 of the change into a :class:`~master.store.Changes` that the caller commits (``master/journal.py``).
@@ -39,11 +42,12 @@ from infra.master.state import (
     StageRt,
     Stop,
 )
-from infra.master.store import Changes
+from infra.master.store import INNOCENCE, Changes
 from infra.spec.plan import DEFAULT_RETRIES, stage_nodes, stage_processes
 from infra.spec.stages import Rendezvous, Resources, get_stage_kind, stage_kinds
 
 NODE_LOST, PREEMPTED, CANCELLED_CLASS, ERROR, INFRA = "node_lost", "preempted", "cancelled", "error", "infra"
+MESSAGE_IN_REASON = 300  # of each member's message, in a gang's reason (K members' messages in one row)
 
 
 def stage_extras(kind: str, params: dict[str, Any]) -> frozenset[str]:
@@ -105,27 +109,24 @@ class StageMachine:
     ) -> None:
         """End an attempt. A failed one is retried while its class's budget lasts (``cancelled`` never is,
         nor anything of an experiment being cancelled); otherwise the stage ends and what waits on it is
-        cancelled. A gang's member ends alone; the gang ends when all its members succeeded, or at its first
-        member that did not: the others are stopped and the gang is one attempt of that member's class."""
+        cancelled. A gang's member ends alone (:meth:`_member_ended`): the gang is decided once all have."""
         if att.state in TERMINAL:
             return
-        st, exp = att.stage, att.stage.exp
         if state != SUCCEEDED and not cls:
             cls = CANCELLED_CLASS if state == CANCELLED else ERROR
         if state == SUCCEEDED:
             cls = ""
         self._end(att, state, exit_code, message, cls, ch, now)
-        ended = f"{state} (exit {exit_code}" + (f", {cls})" if cls else ")") + (f": {message}" if message else "")
-        detail = f"attempt {att.number} {ended}"
-        if st.gang():
-            if state == SUCCEEDED and any(m.state != SUCCEEDED for m in st.members):
-                self.wake()  # its node's resources are free; the stage goes on while other members run
-                return
-            if state == SUCCEEDED:
-                detail = f"attempt {att.number} succeeded on all {len(st.members)} nodes"
-            else:
-                detail = f"attempt {att.number} member {att.rank} on {self._where(att)} {ended}"
-                detail += self._stop_gang(att, state, cls, ch, now)
+        if att.stage.gang():
+            self._member_ended(att, ch, now)
+        else:
+            ended = f"{state} (exit {exit_code}" + (f", {cls})" if cls else ")") + (f": {message}" if message else "")
+            self._decide(att, state, cls, f"attempt {att.number} {ended}", ch, now)
+
+    def _decide(self, att: AttemptRt, state: str, cls: str, detail: str, ch: Changes, now: float) -> None:
+        """The stage's attempt (a gang's: all its members) has ended as ``state`` in class ``cls``: charge
+        the budget (once), then retry, fail or succeed the stage."""
+        st, exp = att.stage, att.stage.exp
         if state == FAILED and cls != CANCELLED_CLASS and not exp.cancel_requested and att.number >= st.budget_from:
             st.used[cls] = st.used.get(cls, 0) + 1
         if state == SUCCEEDED:
@@ -143,9 +144,83 @@ class StageMachine:
         self.update_experiment(exp, ch, now)
         self.wake()
 
+    def _member_ended(self, att: AttemptRt, ch: Changes, now: float) -> None:
+        """A gang's member ended. The first to end badly has the others stopped at once (their resources are
+        released as each ends), but the gang is decided only once every member has ended: a machine that
+        dies usually breaks the other members' collectives (they exit ``error``) before its node is declared
+        lost, and the gang must be charged to that loss, not to the stage's own code. Until then the stage
+        keeps its state, says it is stopping, and nothing of it is placed again."""
+        st = att.stage
+        active = [m for m in st.members if m.state not in TERMINAL]
+        if not active:
+            self._decide_gang(st, ch, now)
+            return
+        first_bad = att.state != SUCCEEDED and not any(
+            m is not att and m.state in (FAILED, CANCELLED) for m in st.members
+        )
+        if first_bad:
+            why = f"stopped: member {att.rank} of the gang (on {self._where(att)}) {att.state}"
+            for m in active:
+                self._stop_member(m, why, now)
+            others = ", ".join(self._where(m) for m in active)
+            reason = f"attempt {att.number} stopping: member {att.rank} on {self._where(att)} {self._ended(att)}"
+            reason += f"; stopping the other member{'s' if len(active) > 1 else ''} on {others}"
+            st.reason = reason
+            ch.stages.append({"id": st.id, "reason": reason, "updated_at": now})
+        self.wake()  # its node's resources are free
+
+    def _stop_member(self, m: AttemptRt, why: str, now: float) -> None:
+        """Tell a member's node to stop it: now when its command stream is open, else when it reopens
+        (``master/nodes.py`` sends the Stop of every stopping member then)."""
+        m.stop_at, m.stop_why = now, why
+        self.state.stopping[m.id] = m
+        node = self.state.nodes.get(m.node_id)
+        if node is not None and node.queue is not None:
+            node.queue.put_nowait(Stop(attempt_id=m.id, lease=m.lease, reason=why))
+
+    def _decide_gang(self, st: StageRt, ch: Changes, now: float) -> None:
+        """Every member has ended: the gang is one attempt of the most innocent class any member ended with
+        on its own (``node_lost`` > ``preempted`` > ``infra`` > ``error``); members that were cancelled
+        (stopped by the master, or an experiment cancel) do not vote, and a gang with no vote is cancelled."""
+        members = st.members
+        if all(m.state == SUCCEEDED for m in members):
+            self._decide(
+                members[0], SUCCEEDED, "", f"attempt {members[0].number} succeeded on all {len(members)} nodes", ch, now
+            )
+            return
+        voters = sorted(
+            (m for m in members if m.state == FAILED and m.failure_class in INNOCENCE),
+            key=lambda m: (INNOCENCE.index(m.failure_class), m.ended_at, m.rank),
+        )
+        if voters:
+            first, state, cls = voters[0], FAILED, voters[0].failure_class
+        else:
+            first = min((m for m in members if m.state != SUCCEEDED), key=lambda m: (m.ended_at, m.rank))
+            state, cls = CANCELLED, CANCELLED_CLASS
+        named = [first, *sorted((m for m in voters if m is not first), key=lambda m: (m.ended_at, m.rank))]
+        detail = f"attempt {first.number}: " + "; ".join(
+            f"member {m.rank} on {self._where(m)} {self._ended(m)}" for m in named
+        )
+        stopped = [self._where(m) for m in members if m not in named and m.state != SUCCEEDED]
+        if stopped:
+            detail += f"; stopped the other member{'s' if len(stopped) > 1 else ''} on {', '.join(stopped)}"
+        self._decide(first, state, cls, detail, ch, now)
+
+    @staticmethod
+    def _ended(att: AttemptRt) -> str:
+        cls = att.failure_class
+        return (
+            f"{att.state} (exit {att.exit_code}"
+            + (f", {cls})" if cls else ")")
+            + (f": {att.message[:MESSAGE_IN_REASON]}" if att.message else "")
+        )
+
     def _end(self, att: AttemptRt, state: str, exit_code: int, message: str, cls: str, ch: Changes, now: float) -> None:
-        """One attempt (or gang member) ends: its row, and what it held on its node."""
+        """One attempt (or gang member) ends: its row (a gang member's with its own class: a restarted master
+        decides an ending gang from these rows), and what it held on its node."""
         att.state, att.failure_class = state, cls
+        att.exit_code, att.message, att.ended_at = exit_code, message[:4000], now
+        self.state.stopping.pop(att.id, None)
         ch.attempts.append(
             {
                 "id": att.id,
@@ -164,24 +239,6 @@ class StageMachine:
     def _where(self, att: AttemptRt) -> str:
         node = self.state.nodes.get(att.node_id)
         return node.name if node is not None else att.node_id
-
-    def _stop_gang(self, first: AttemptRt, state: str, cls: str, ch: Changes, now: float) -> str:
-        """The gang's first member to end badly ends the others: each is recorded ended with the gang's class
-        (so the gang counts once, in that class) and its node told to stop its copy (now when its command
-        stream is open, else when it reopens). Returns what the stage's reason adds."""
-        why = f"stopped: member {first.rank} of the gang (on {self._where(first)}) {state}"
-        stopped = []
-        for m in first.stage.members:
-            if m is first or m.state in TERMINAL:
-                continue
-            self._end(m, CANCELLED if state == CANCELLED else FAILED, -1, why, cls, ch, now)
-            stopped.append(self._where(m))
-            node = self.state.nodes.get(m.node_id)
-            if node is not None and node.queue is not None:
-                node.queue.put_nowait(Stop(attempt_id=m.id, lease=m.lease, reason=why))
-            elif node is not None:
-                node.pending_cancels.append((m.id, m.lease))
-        return f"; stopped the other member{'s' if len(stopped) > 1 else ''} on {', '.join(stopped)}" if stopped else ""
 
     @staticmethod
     def _budget_left(st: StageRt, cls: str) -> bool:
@@ -213,6 +270,7 @@ class StageMachine:
             self.state.ready.discard(st)
             for att_id in st.attempt_ids:
                 self.state.attempts.pop(att_id, None)
+                self.state.stopping.pop(att_id, None)
 
     def drop(self, exp: ExperimentRt) -> None:
         """Forget an experiment and free what its attempts hold on the nodes."""
@@ -242,6 +300,9 @@ class StageMachine:
             stages[dep].dependents.append(stages[sid])
         for a in snap.attempts:
             self._attempt(a, stages[a["stage_id"]])
+        for st in stages.values():
+            if st.state in ACTIVE and st.gang():
+                self._restore_gang(st, now)
         for exp in by_id.values():
             before = len(ch.transitions)
             for st in exp.stages:
@@ -256,6 +317,23 @@ class StageMachine:
             ended = exp.state not in TERMINAL and all(st.state in TERMINAL for st in exp.stages)
             if len(ch.transitions) != before or ended:  # an unfinished experiment whose stages all ended
                 self.update_experiment(exp, ch, now)
+
+    def _restore_gang(self, st: StageRt, now: float) -> None:
+        """A gang that was ending when the master stopped: its members' rows say so (one ended badly, some
+        have not ended). Each member's end is committed as one unit with its own class, and the gang's
+        decision (stage move, budget) in the same unit as the last member's end, so every prefix of the
+        commits restores to a state the running master could have been in: the members still running are
+        told to stop again (the Stops were memory only) and the gang is decided once they end. The budget
+        spent is counted from the rows per attempt number and leaves out a number with a member still active
+        (``store._experiment_rows``), so an undecided gang is charged once, when decided."""
+        active = [m for m in st.members if m.state not in TERMINAL]
+        if not active or not any(m.state in (FAILED, CANCELLED) for m in st.members):
+            return
+        first = min((m for m in st.members if m.state in (FAILED, CANCELLED)), key=lambda m: (m.ended_at, m.rank))
+        for m in active:
+            self._stop_member(
+                m, f"stopped: member {first.rank} of the gang (on {self._where(first)}) {first.state}", now
+            )
 
     def _experiment(self, e: dict[str, Any]) -> ExperimentRt:
         exp = ExperimentRt(
@@ -313,6 +391,9 @@ class StageMachine:
             failure_class=a.get("failure_class") or "",
             rank=a.get("rank") or 0,
             rendezvous=Rendezvous(**a["rendezvous"]) if a.get("rendezvous") else None,
+            exit_code=a.get("exit_code") or 0,
+            message=a.get("message") or "",
+            ended_at=a.get("finished_at") or 0.0,
         )
         if att.rank == 0:
             st.current = att

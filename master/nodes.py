@@ -24,9 +24,10 @@ from infra.master import store
 from infra.master.config import ControllerOptions
 from infra.master.errors import NotFound
 from infra.master.journal import Journal, Part
-from infra.master.lifecycle import NODE_LOST, PREEMPTED, StageMachine
+from infra.master.lifecycle import CANCELLED_CLASS, NODE_LOST, PREEMPTED, StageMachine
 from infra.master.state import (
     ASSIGNED,
+    CANCELLED,
     FAILED,
     PENDING,
     READY,
@@ -215,6 +216,9 @@ class NodeRegistry(Part):
             return
         ch = Changes()
         for att in gone:
+            if att.stop_at is not None:  # a gang member told to stop: gone as told, which says nothing of the cause
+                self.machine.finish(att, CANCELLED, -1, att.stop_why, ch, now, CANCELLED_CLASS)
+                continue
             why = "the node no longer runs this attempt (its agent restarted without it)"
             self.machine.finish(att, FAILED, -1, why, ch, now, NODE_LOST)
         asyncio.ensure_future(self.journal.commit_logged(ch, f"failing {len(gone)} attempt(s) gone from {node.name}"))
@@ -268,6 +272,8 @@ class NodeRegistry(Part):
                 q.put_nowait(att)
             if att.stage.exp.cancel_requested:
                 q.put_nowait(Stop(attempt_id=att.id, lease=att.lease, reason="experiment cancelled"))
+            elif att.stop_at is not None:  # a member of an ending gang, told while its node was away
+                q.put_nowait(Stop(attempt_id=att.id, lease=att.lease, reason=att.stop_why))
         for att_id, lease in node.pending_cancels:
             q.put_nowait(Stop(attempt_id=att_id, lease=lease, reason="this attempt is not current at the master"))
         node.pending_cancels.clear()
@@ -313,12 +319,28 @@ class NodeRegistry(Part):
                     self._lose(node, silent, ch, now)
             if node.drained and node.drain_deadline is not None and now >= node.drain_deadline and node.attempts:
                 stops += self._preempt(node, ch, now)
+        self._end_unstopped(ch, now)
         for exp in list(self.state.experiments.values()):
             home = self.state.nodes.get(exp.home_node) if exp.home_node else None
             if exp.shared_workdir or home is None or not home.lost or now - (home.lost_at or now) < self.home_wait:
                 continue
             self._rehome(exp, home, ch, now)
         return stops
+
+    def _end_unstopped(self, ch: Changes, now: float) -> None:
+        """A gang waits for every member to end before it is decided; a member whose node still heartbeats
+        but has not ended it within the lost timeout of its Stop is ended here, as cancelled (no vote). One
+        whose node went silent is left to the lost timeout, which ends it as ``node_lost`` (a vote), so the
+        wait is bounded either way."""
+        for att in list(self.state.stopping.values()):
+            node = self.state.nodes.get(att.node_id)
+            stop_at = att.stop_at or now
+            if now - stop_at <= self.lost_timeout:
+                continue
+            if node is not None and not node.lost and (node.last_heartbeat or 0) <= stop_at:
+                continue  # silent since the Stop: the lost timeout decides
+            why = f"{att.stop_why}; not ended by its node within {self.lost_timeout:g}s, cancelled by the master"
+            self.machine.finish(att, CANCELLED, -1, why, ch, now, CANCELLED_CLASS)
 
     def _lose(self, node: NodeRt, silent: float, ch: Changes, now: float) -> None:
         if node.session or node.attempts:  # not the nodes of earlier days that never came back

@@ -110,6 +110,11 @@ class AttemptRt:
     progress: dict[str, tuple[int, int | None]] = field(default_factory=dict)  # latest (done, total) per `what`
     rank: int = 0  # the member of a gang (a multi-node stage) it is; 0 otherwise
     rendezvous: Rendezvous | None = None  # a gang member's: where the members meet
+    exit_code: int = 0  # once ended: as reported (a gang's reason names every member's end)
+    message: str = ""
+    ended_at: float = 0.0
+    stop_at: float | None = None  # a gang member the master told to stop (its gang is ending): when
+    stop_why: str = ""  # what that Stop said (sent again when the node's stream reopens)
 
     @property
     def port(self) -> int:
@@ -210,6 +215,7 @@ class ClusterState:
     experiments: dict[str, ExperimentRt] = field(default_factory=dict)  # unfinished, by key
     attempts: dict[int, AttemptRt] = field(default_factory=dict)  # every attempt of an unfinished experiment
     ready: set[StageRt] = field(default_factory=set)
+    stopping: dict[int, AttemptRt] = field(default_factory=dict)  # gang members told to stop, not yet ended
     ids: dict[str, int] = field(default_factory=dict)  # the last id given, per table (the master allocates them)
     # bumped whenever a node is added or replaced (its facts may differ): what is derived from every node's
     # facts is kept until it changes, instead of being gathered from 10,000 nodes per call
@@ -221,8 +227,8 @@ class ClusterState:
 
     def current(self, node_id: str, attempt_id: int, lease: str) -> AttemptRt | None:
         """The attempt, if ``node_id`` holds it under ``lease`` and it is its stage's current one (fencing); a
-        gang's member is current while it has not ended at the master (once one member ended the gang, the
-        others' copies are stopped and their reports refused)."""
+        gang's member is current while it has not ended at the master (a member told to stop because its gang
+        is ending still reports how it ended: that end decides the gang's failure class)."""
         att = self.attempts.get(attempt_id)
         if att is None or att.lease != lease or att.node_id != node_id:
             return None

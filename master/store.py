@@ -10,13 +10,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import Engine, and_, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import Engine, and_, bindparam, case, delete, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from infra.master.models import Attempt, Event, Experiment, Gpu, Node, Stage, StageDependency, Transition
 
 TERMINAL = ("succeeded", "failed", "cancelled")
+# the failure classes that a gang's attempt can be charged to, most innocent first: a gang takes the first that
+# any member ended with on its own, so a machine fault that also broke the others' collectives is not `error`
+INNOCENCE = ("node_lost", "preempted", "infra", "error")
 
 
 @dataclass
@@ -198,8 +201,8 @@ def load_experiment(s: Session, key: str) -> Snapshot:
 
 def _experiment_rows(s: Session, ids: list[int]) -> tuple[Any, Any, Any, Any]:
     """Stages, dependencies, the latest attempt of each stage (every member of a gang's), and the retries each
-    stage has spent per failure class (attempts from its ``budget_from`` on, a gang's once: its members
-    share the number and the class; ``cancelled`` is never retried)."""
+    stage has spent per failure class (attempts from its ``budget_from`` on, a gang's once, in its members'
+    most innocent class; ``cancelled`` is never retried)."""
     stages = _rows(s, select(*_cols(Stage)).where(Stage.experiment_id.in_(ids)).order_by(Stage.id))
     sids = [st["id"] for st in stages]
     dep_q = select(StageDependency.stage_id, StageDependency.depends_on_id)
@@ -210,19 +213,28 @@ def _experiment_rows(s: Session, ids: list[int]) -> tuple[Any, Any, Any, Any]:
         s,
         select(*_cols(Attempt)).join(latest, (Attempt.stage_id == latest.c.stage_id) & (Attempt.number == latest.c.n)),
     )
-    spent = (
-        select(Attempt.stage_id, Attempt.failure_class, func.count(func.distinct(Attempt.number)))
+    # one class per attempt number: a gang's members each keep their own, and the gang counts once, in the
+    # most innocent of them; a number with a member still active is not yet
+    # decided and counts nothing (a master restarted in the middle of an ending gang decides it later)
+    undecided = len(INNOCENCE)
+    rank = case({c: i for i, c in enumerate(INNOCENCE)}, value=Attempt.failure_class, else_=undecided)
+    active = case((Attempt.state.in_(("assigned", "running")), 1), else_=0)
+    per_number = (
+        select(Attempt.stage_id, func.min(rank).label("cls"))
         .join(Stage, Stage.id == Attempt.stage_id)
-        .where(
-            Attempt.stage_id.in_(sids),
-            Attempt.failure_class.not_in(("", "cancelled")),
-            Attempt.number >= Stage.budget_from,
-        )
-        .group_by(Attempt.stage_id, Attempt.failure_class)
+        .where(Attempt.stage_id.in_(sids), Attempt.number >= Stage.budget_from)
+        .group_by(Attempt.stage_id, Attempt.number)
+        .having(func.max(active) == 0)
+        .subquery()
+    )
+    spent = (
+        select(per_number.c.stage_id, per_number.c.cls, func.count())
+        .where(per_number.c.cls < undecided)
+        .group_by(per_number.c.stage_id, per_number.c.cls)
     )
     used: dict[int, dict[str, int]] = {}
     for sid, cls, n in s.execute(spent):
-        used.setdefault(sid, {})[cls] = n
+        used.setdefault(sid, {})[INNOCENCE[cls]] = n
     return stages, deps, attempts, used
 
 

@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from infra.master import store
 from infra.master.controller import Controller
 from infra.master.db import make_engine, migrate
 from infra.protos import PROTOCOL_VERSION, infra_pb2
@@ -224,33 +226,126 @@ def test_a_node_without_an_address_takes_no_part_in_gangs(tmp_path: Path) -> Non
 # --- failure and restart ---------------------------------------------------------------------------
 
 
-def test_a_failing_member_stops_the_others_and_the_gang_is_retried_as_one_attempt(tmp_path: Path) -> None:
+Gang = dict[int, tuple[str, infra_pb2.Assignment, _Stream]]
+
+
+async def _running_gang(c: Controller, key: str, streams: dict[str, _Stream]) -> Gang:
+    """The gang's members come on the nodes' streams and both report RUNNING. By rank: (node, member,
+    stream)."""
+    got = {n: await _assign(s) for n, s in streams.items()}
+    for n, m in got.items():
+        await _report(c, n, m, infra_pb2.RUNNING)
+    assert (await _stages(c, key))["train"]["state"] == "running"
+    return {m.rendezvous.node_rank: (n, m, streams[n]) for n, m in got.items()}
+
+
+async def _two_nodes(c: Controller) -> dict[str, _Stream]:
+    return {n: await _register(c, n) for n in ("n1", "n2")}
+
+
+async def _stop_of(stream: _Stream, m: infra_pb2.Assignment) -> str:
+    stop = await _command(stream)
+    assert stop.WhichOneof("command") == "cancel" and stop.cancel.attempt_id == m.attempt_id, stop
+    return str(stop.cancel.reason)
+
+
+async def _lose(c: Controller, node: str) -> None:
+    """``node`` falls silent past the lost timeout and the master's check declares it lost."""
+    c.nodes[node].last_heartbeat = time.time() - 10 * c.lost_timeout
+    await c.registry.check_nodes()
+
+
+def _retried(st: dict[str, Any]) -> list[str]:
+    return [t["reason"] for t in st["transitions"] if t["to_state"] == "ready" and t["attempt_id"]]
+
+
+def _members(st: dict[str, Any], number: int = 1) -> list[tuple[int, str, str]]:
+    return sorted((r["rank"], r["state"], r["failure_class"]) for r in st["attempt_rows"] if r["number"] == number)
+
+
+def test_a_failing_member_stops_the_others_and_the_gang_is_decided_once_all_have_ended(tmp_path: Path) -> None:
+    """Member 1 fails (error); member 0 is stopped and reports cancelled, which does not vote: one attempt of
+    class error, charged once per gang."""
+
     async def scenario(c: Controller) -> None:
-        n1, n2 = await _register(c, "n1"), await _register(c, "n2")
-        key = await c.submit(_plan("g", [_train(retries={"infra": 1})]))
-        a, b = await _assign(n1), await _assign(n2)
-        for node, m in (("n1", a), ("n2", b)):
-            await _report(c, node, m, infra_pb2.RUNNING)
-        one = {a.rendezvous.node_rank: ("n1", a, n1), b.rendezvous.node_rank: ("n2", b, n2)}
-        (node1, m1, _), (node0, m0, s0) = one[1], one[0]
-        assert await _report(c, node1, m1, infra_pb2.FAILED, infra_pb2.FAILURE_INFRA) == (True, "")
-        stop = await _command(s0)
-        assert stop.WhichOneof("command") == "cancel" and stop.cancel.attempt_id == m0.attempt_id
-        assert "member 1 of the gang" in stop.cancel.reason
-        assert (await _report(c, node0, m0, infra_pb2.CANCELLED))[0] is False  # its end is already recorded
-        a, b = await _assign(n1), await _assign(n2)
+        streams = await _two_nodes(c)
+        key = await c.submit(_plan("g", [_train(retries={"error": 1})]))
+        gang = await _running_gang(c, key, streams)
+        (node0, m0, s0), (node1, m1, _) = gang[0], gang[1]
+        assert await _report(c, node1, m1, infra_pb2.FAILED, infra_pb2.FAILURE_ERROR) == (True, "")
+        assert "member 1 of the gang" in await _stop_of(s0, m0)
         st = (await _stages(c, key))["train"]
-        retried = [t["reason"] for t in st["transitions"] if t["to_state"] == "ready" and t["attempt_id"]]
-        assert len(retried) == 1 and "member 1 on " in retried[0] and "retry 1 of 1 (infra)" in retried[0]
-        assert sorted((r["rank"], r["state"], r["failure_class"]) for r in st["attempt_rows"] if r["number"] == 1) == [
-            (0, "failed", "infra"),
-            (1, "failed", "infra"),
-        ]
+        assert st["state"] == "running" and st["reason"].startswith(f"attempt 1 stopping: member 1 on {node1} failed")
+        assert st["reason"].endswith(f"; stopping the other member on {node0}")
+        assert _members(st) == [(0, "running", ""), (1, "failed", "error")] and not _retried(st)
+        assert c.nodes[node1].used_cpus == 0 and c.nodes[node0].used_cpus == 1  # nothing placed meanwhile
+        assert await _report(c, node0, m0, infra_pb2.CANCELLED) == (True, "")
+        a, b = await _assign(streams["n1"]), await _assign(streams["n2"])
+        st = (await _stages(c, key))["train"]
+        (retried,) = _retried(st)
+        assert retried.startswith(f"attempt 1: member 1 on {node1} failed (exit 0, error)")
+        assert retried.endswith(f"; stopped the other member on {node0}; retry 1 of 1 (error)")
+        assert _members(st) == [(0, "cancelled", "cancelled"), (1, "failed", "error")]
         assert (a.attempt, b.attempt) == (2, 2) and a.rendezvous.run_id.endswith(".2")
-        assert a.rendezvous.endpoint != m0.rendezvous.endpoint or a.rendezvous.node_rank != 0
-        await _report(c, "n1", a, infra_pb2.FAILED, infra_pb2.FAILURE_INFRA)
+        await _report(c, "n1", a, infra_pb2.FAILED, infra_pb2.FAILURE_ERROR)
+        await _report(c, "n2", b, infra_pb2.CANCELLED)
+        assert (await _stages(c, key))["train"]["state"] == "failed"  # the budget was one gang attempt
+
+    _run(tmp_path, scenario)
+
+
+def test_a_member_s_lost_node_outweighs_the_error_of_a_member_it_broke(tmp_path: Path) -> None:
+    """Member 0's collectives break (error) before member 1's node is declared lost: the gang is one attempt
+    of class node_lost, and the error budget (0) is untouched."""
+
+    async def scenario(c: Controller) -> None:
+        streams = await _two_nodes(c)
+        key = await c.submit(_plan("g", [_train()]))
+        gang = await _running_gang(c, key, streams)
+        (node0, m0, _), (node1, m1, s1) = gang[0], gang[1]
+        await _report(c, node0, m0, infra_pb2.FAILED, infra_pb2.FAILURE_ERROR)
+        await _stop_of(s1, m1)
+        assert (await _stages(c, key))["train"]["state"] == "running"
+        await _lose(c, node1)
         st = (await _stages(c, key))["train"]
-        assert st["state"] == "failed"  # the budget was one gang attempt, not one per member
+        (retried,) = _retried(st)
+        assert retried.startswith(f"attempt 1: member 1 on {node1} failed (exit -1, node_lost): node {node1} lost")
+        assert f"; member 0 on {node0} failed (exit 0, error)" in retried
+        assert retried.endswith("; retry 1 of 3 (node_lost)")
+        assert st["state"] == "ready" and _members(st) == [(0, "failed", "error"), (1, "failed", "node_lost")]
+        assert c.state.experiments[key].stages[0].used == {"node_lost": 1}
+
+    _run(tmp_path, scenario)
+
+
+def test_preempted_outweighs_error(tmp_path: Path) -> None:
+    async def scenario(c: Controller) -> None:
+        streams = await _two_nodes(c)
+        key = await c.submit(_plan("g", [_train()]))
+        gang = await _running_gang(c, key, streams)
+        (node0, m0, _), (node1, m1, _) = gang[0], gang[1]
+        await _report(c, node0, m0, infra_pb2.FAILED, infra_pb2.FAILURE_ERROR)
+        await _report(c, node1, m1, infra_pb2.FAILED, infra_pb2.FAILURE_PREEMPTED)
+        (retried,) = _retried((await _stages(c, key))["train"])
+        assert retried.startswith(f"attempt 1: member 1 on {node1} failed (exit 0, preempted)")
+        assert retried.endswith("; retry 1 of 3 (preempted)")
+
+    _run(tmp_path, scenario)
+
+
+def test_a_cancel_while_the_gang_is_ending_is_a_cancel(tmp_path: Path) -> None:
+    async def scenario(c: Controller) -> None:
+        streams = await _two_nodes(c)
+        key = await c.submit(_plan("g", [_train(retries={"error": 1})]))
+        gang = await _running_gang(c, key, streams)
+        (node0, m0, _), (node1, m1, s1) = gang[0], gang[1]
+        await _report(c, node0, m0, infra_pb2.FAILED, infra_pb2.FAILURE_ERROR)
+        await _stop_of(s1, m1)
+        await c.cancel(key, "enough")
+        await _report(c, node1, m1, infra_pb2.CANCELLED)
+        st = (await _stages(c, key))["train"]
+        assert st["state"] == "cancelled" and not _retried(st) and "retry" not in st["reason"]
+        assert (await c.read(store.experiment_state, c.engine, key)) == "cancelled"
 
     _run(tmp_path, scenario)
 
@@ -299,3 +394,40 @@ def test_rendezvous_ports_and_the_default_advertise_address() -> None:
             port_range(bad)
     assert route_address("127.0.0.1:50051") == "127.0.0.1"  # the route to a master on loopback
     assert route_address("no-such-host.invalid:50051") == ""
+
+
+def test_a_restarted_master_finishes_deciding_an_ending_gang(tmp_path: Path) -> None:
+    """The master stops after member 0 failed (error) and before member 1 ended: the restarted master tells
+    member 1's node to stop it again, nothing is charged until it ends, and then the gang counts once."""
+
+    async def main() -> None:
+        engine = make_engine(f"sqlite:///{tmp_path / 'm.db'}")
+        migrate(engine)
+        c = WiredController(engine, heartbeat_interval=1, rendezvous_ports=PORTS)
+        await c.start()
+        key = await c.submit(_plan("g", [_train(retries={"error": 1})]))
+        gang = await _running_gang(c, key, await _two_nodes(c))
+        (node0, m0, _), (node1, m1, s1) = gang[0], gang[1]
+        await _report(c, node0, m0, infra_pb2.FAILED, infra_pb2.FAILURE_ERROR)
+        await _stop_of(s1, m1)
+        await c.stop()
+
+        c = WiredController(engine, heartbeat_interval=1, rendezvous_ports=PORTS)
+        await c.start()
+        try:
+            st = c.state.experiments[key].stages[0]
+            assert st.state == "running" and st.used == {}  # undecided: nothing spent yet
+            assert c.nodes[node1].used_cpus == 1 and c.nodes[node0].used_cpus == 0
+            streams = {node0: await _register(c, node0), node1: await _register(c, node1, running=[m1])}
+            assert "member 0 of the gang" in await _stop_of(streams[node1], m1)  # the Stop is sent again
+            assert await _report(c, node1, m1, infra_pb2.CANCELLED) == (True, "")
+            a, b = await _assign(streams["n1"]), await _assign(streams["n2"])
+            (retried,) = _retried((await _stages(c, key))["train"])
+            assert retried.startswith(f"attempt 1: member 0 on {node0} failed (exit 0, error)")
+            assert retried.endswith("; retry 1 of 1 (error)")  # charged once, after the restart
+            assert (a.attempt, b.attempt) == (2, 2)
+        finally:
+            await c.stop()
+            engine.dispose()
+
+    asyncio.run(main())
