@@ -431,3 +431,64 @@ def test_a_restarted_master_finishes_deciding_an_ending_gang(tmp_path: Path) -> 
             engine.dispose()
 
     asyncio.run(main())
+
+
+def _beat(c: Controller, node: str, running: Sequence[infra_pb2.Assignment]) -> None:
+    req = infra_pb2.HeartbeatRequest(node_id=node, session=c.nodes[node].session)
+    for a in running:
+        req.running.add(attempt_id=a.attempt_id, lease_token=a.lease_token)
+    assert not c.heartbeat(req).reregister
+
+
+def test_a_member_never_ended_by_its_live_node_is_cancelled_after_the_lost_timeout(tmp_path: Path) -> None:
+    """The wait for every member is bounded: a node that heartbeats but does not end its stopped member
+    within the lost timeout has it cancelled by the master (no vote); a node silent since the Stop is left to
+    the lost timeout (twice it, for a node not heard from since the master started), whose node_lost votes."""
+
+    async def scenario(c: Controller) -> None:
+        streams = await _two_nodes(c)
+        key = await c.submit(_plan("g", [_train()]))
+        gang = await _running_gang(c, key, streams)
+        (node0, m0, _), (node1, m1, s1) = gang[0], gang[1]
+        await _report(c, node0, m0, infra_pb2.FAILED, infra_pb2.FAILURE_ERROR)
+        await _stop_of(s1, m1)
+        stopping = c.state.stopping[m1.attempt_id]
+        stopping.stop_at = (stopping.stop_at or 0) - 2 * c.lost_timeout  # the Stop was sent long ago
+        c.nodes[node1].last_heartbeat = None  # not heard from since this master started, as after a restart
+        await c.registry.check_nodes()
+        assert stopping.state == "running" and not c.nodes[node1].lost  # silent: for the lost timeout to decide
+        _beat(c, node1, [m1])  # alive, still running it
+        await c.registry.check_nodes()
+        st = (await _stages(c, key))["train"]
+        assert st["state"] == "failed" and _members(st) == [(0, "failed", "error"), (1, "cancelled", "cancelled")]
+        row = next(r for r in st["attempt_rows"] if r["rank"] == 1)
+        assert row["message"].endswith(f"not ended by its node within {c.lost_timeout:g}s, cancelled by the master")
+        assert (
+            st["reason"]
+            == f"attempt 1: member 0 on {node0} failed (exit 0, error); stopped the other member on {node1}"
+        )
+
+    _run(tmp_path, scenario)
+
+
+def test_a_stopped_member_gone_from_its_node_s_heartbeat_does_not_vote(tmp_path: Path) -> None:
+    """A node that drops a stopped member (its report lost with the agent) has it ended as cancelled, not as
+    node_lost, which would charge the gang to a machine fault."""
+
+    async def scenario(c: Controller) -> None:
+        streams = await _two_nodes(c)
+        key = await c.submit(_plan("g", [_train()]))
+        gang = await _running_gang(c, key, streams)
+        (node0, m0, _), (node1, m1, s1) = gang[0], gang[1]
+        _beat(c, node1, [m1])
+        await _report(c, node0, m0, infra_pb2.FAILED, infra_pb2.FAILURE_ERROR)
+        await _stop_of(s1, m1)
+        _beat(c, node1, [])
+        for _ in range(100):
+            st = (await _stages(c, key))["train"]
+            if st["state"] != "running":
+                break
+            await asyncio.sleep(0.02)
+        assert st["state"] == "failed" and _members(st) == [(0, "failed", "error"), (1, "cancelled", "cancelled")]
+
+    _run(tmp_path, scenario)

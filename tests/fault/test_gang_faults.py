@@ -94,9 +94,10 @@ def test_a_two_node_train_stage_trains_once_and_writes_one_checkpoint(gang: Clus
 
 def test_a_killed_member_agent_ends_the_gang_which_resumes_from_its_checkpoint(gang: Cluster) -> None:
     """kill -9 of member 1's agent: the node is lost after the lost timeout, the master stops the other
-    member, and the gang is retried (on the two remaining nodes of three) from ``ckpts/last.pt``. The killed
-    agent's training processes are frozen (SIGSTOP), as on a machine that hangs, so that the run cannot end
-    on its own before the master notices, however slow this machine is."""
+    member (which ends cancelled, no vote), and the gang is retried as one ``node_lost`` attempt (on the two
+    remaining nodes of three) from ``ckpts/last.pt``. The killed agent's training processes are frozen
+    (SIGSTOP), as on a machine that hangs, so that the run cannot end on its own before the master notices,
+    however slow this machine is."""
     train = {
         "model": "tiny",
         "max_steps": 20,
@@ -131,8 +132,11 @@ def _killed_member_run(gang: Cluster, key: str, record: Path) -> None:
     assert exp["state"] == "succeeded", json.dumps(exp, indent=1)
     first = {a["rank"]: a for a in _train_attempts(exp) if a["number"] == 1}
     assert first[1]["state"] == "failed" and first[1]["failure_class"] == "node_lost"
-    assert first[0]["state"] == "failed" and first[0]["failure_class"] == "node_lost"
-    assert "stopped: member 1 of the gang" in first[0]["message"]
+    assert first[0]["state"] == "cancelled" and first[0]["failure_class"] == "cancelled"  # stopped: no vote
+    stage = next(s for s in exp["stages"] if s["name"] == "train")
+    (retried,) = [t["reason"] for t in stage["transitions"] if t["from"] == "running" and t["to"] == "ready"]
+    assert retried.startswith(f"attempt 1: member 1 on {victim} failed (exit -1, node_lost)"), retried
+    assert retried.endswith(f"; stopped the other member on {survivor}; retry 1 of 3 (node_lost)"), retried
     second = [a for a in _train_attempts(exp) if a["number"] == 2]
     assert sorted(a["state"] for a in second) == ["succeeded", "succeeded"]
     assert {a["node"] for a in second} == {"n1", "n2", "n3"} - {victim} and survivor != victim
