@@ -313,7 +313,10 @@ def test_a_member_s_lost_node_outweighs_the_error_of_a_member_it_broke(tmp_path:
         assert f"; member 0 on {node0} failed (exit 0, error)" in retried
         assert retried.endswith("; retry 1 of 3 (node_lost)")
         assert st["state"] == "ready" and _members(st) == [(0, "failed", "error"), (1, "failed", "node_lost")]
-        assert c.state.experiments[key].stages[0].used == {"node_lost": 1}
+        st = c.state.experiments[key].stages[0]
+        assert st.used == {"node_lost": 1}
+        snap = await c.commit(lambda s: store.load_experiment(s, key))  # what a restarted master counts
+        assert snap.used == {st.id: {"node_lost": 1}}
 
     _run(tmp_path, scenario)
 
@@ -396,12 +399,13 @@ def test_rendezvous_ports_and_the_default_advertise_address() -> None:
     assert route_address("no-such-host.invalid:50051") == ""
 
 
-def test_a_restarted_master_finishes_deciding_an_ending_gang(tmp_path: Path) -> None:
+def test_a_restarted_master_finishes_deciding_an_ending_gang(db_url: str) -> None:
     """The master stops after member 0 failed (error) and before member 1 ended: the restarted master tells
-    member 1's node to stop it again, nothing is charged until it ends, and then the gang counts once."""
+    member 1's node to stop it again, nothing is charged until it ends, and then the gang counts once (the
+    budget spent is read back by a query of its own, hence both databases)."""
 
     async def main() -> None:
-        engine = make_engine(f"sqlite:///{tmp_path / 'm.db'}")
+        engine = make_engine(db_url)
         migrate(engine)
         c = WiredController(engine, heartbeat_interval=1, rendezvous_ports=PORTS)
         await c.start()
