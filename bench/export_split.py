@@ -4,8 +4,10 @@ A data set that ``crystallm prepare --split ... --seed S`` made holds its struct
 ``structures.sqlite``; a benchmark on a held-out part of one input file (carbon_24 has only
 ``val.csv.gz`` here) reads that part back from the store, so the model never saw it:
 
-    crystallm prepare ../shared/data/carbon_24/val.csv.gz --out carbon --split 0.9,0,0.1 --seed 0
+    crystallm prepare ../shared/data/carbon_24/val.csv.gz --out carbon --split 0.8,0.1,0.1 --seed 0
     python bench/export_split.py carbon --split test --out carbon_test.csv.gz
+
+(``crystallm benchmark csp --test carbon --test-split test`` reads the same split without the file.)
 
 Prints one JSON line: the rows written and the sha256 of the file.
 """

@@ -8,12 +8,13 @@ capture first:
    on their first principal component (top eigenvector of the width × width covariance, sign fixed so
    that its largest loading is positive). The series runs over the kept positions of a window, windows
    one after another (length windows × positions). The share of variance kept is reported per module.
-2. **Pairs.** Candidates are every (source module, target module) with source ≠ target. ``--pairs all``
-   keeps them all; ``--pairs top-n`` keeps the ``--top-n`` pairs whose series share the most mutual
-   information, averaged over the analysed captures, one direction of each (a module in both lists
-   gives (x, y) and (y, x), whose MI is the same and whose atoms mirror each other). That MI is the
-   Gaussian estimate from the Pearson correlation ρ of the two series at the same token,
-   I = -½ ln(1 - ρ²) nats.
+2. **Pairs.** Candidates are every (source module, target module) with source ≠ target, one direction of
+   each: a module in both lists gives (x, y) and (y, x), whose MI is the same and whose atoms mirror each
+   other (the decomposition of [y; x] is that of [x; y] with x and y swapped in every atom's name), so only
+   the first in candidate order is analysed. ``--pairs all`` keeps every such pair (28 for 8 blocks probed
+   against themselves); ``--pairs top-n`` keeps the ``--top-n`` whose series share the most mutual
+   information, averaged over the analysed captures. That MI is the Gaussian estimate from the Pearson
+   correlation ρ of the two series at the same token, I = -½ ln(1 - ρ²) nats.
 3. **Atoms.** Each pair is a two-variable system (x: the source series, y: the target series); ΦID
    decomposes the information its past (lag ``--tau`` kept positions) carries about its future, with
    ``omegaid.core.decomposition.calc_phiid_multivariate([x; y], [x; y], tau, kind="gaussian",
@@ -25,7 +26,10 @@ capture first:
 
 Written to ``plots/<probe>/``: ``phiid_eval_<step>.json`` (one row per pair: MI and atoms),
 ``phiid.json`` (all captures' rows and the mean over captures), and heatmaps (source modules ×
-target modules, pairs not analysed left blank) of the atoms in :data:`HEATMAP_ATOMS`:
+target modules, pairs not analysed left blank) of the atoms in :data:`HEATMAP_ATOMS`. A heatmap shows
+each analysed pair in both of its cells where both exist, the mirror's atoms read off the pair's; an atom
+that does not change under the swap (``rtr``, ``sts``: :data:`SYMMETRIC_ATOMS`) appears once, below the
+diagonal, when sources and targets are the same modules:
 ``eval_<step>_<atom>.png`` per capture, ``mean_<atom>.png`` over captures, and, with two captures or
 more, ``trend_<atom>.png`` (each pair's atom against the training step).
 
@@ -66,6 +70,7 @@ HEATMAP_ATOMS = {
     "xty": "source to target (xty)",
     "ytx": "target to source (ytx)",
 }
+SYMMETRIC_ATOMS = frozenset(a for a in ATOMS if a == a.translate(str.maketrans("xy", "yx")))
 INSTALL = "pip install 'infra[oid]' (omegaid needs Python >= 3.12)"
 _CAPTURE = re.compile(r"eval_(\d+)\.pt\.gz")
 
@@ -169,7 +174,38 @@ def reduce_capture(path: Path) -> Reduced:
 
 
 def candidate_pairs(sources: list[str], targets: list[str]) -> list[Pair]:
-    return [(s, t) for s in sources for t in targets if s != t]
+    """Every (source, target) of distinct modules, one direction of each mirrored pair (the first met)."""
+    pairs: list[Pair] = []
+    for s in sources:
+        for t in targets:
+            if s != t and (t, s) not in pairs:
+                pairs.append((s, t))
+    return pairs
+
+
+def mirror(row: dict[str, Any]) -> dict[str, Any]:
+    """The row of (target, source) from that of (source, target): the same system with x and y swapped, so
+    every atom's name swaps its x and y (``xty`` becomes ``ytx``, ``rtx`` becomes ``rty``) and MI stays."""
+    swap = str.maketrans("xy", "yx")
+    out = {**row, "source": row["target"], "target": row["source"]}
+    for a in ATOMS:
+        if a in row:
+            out[a.translate(swap)] = row[a]
+    return out
+
+
+def heatmap_matrices(rows: list[dict[str, Any]], sources: list[str], targets: list[str]) -> dict[str, np.ndarray]:
+    """Each heatmap atom's source × target matrix: the analysed pairs, their mirrors where both modules are
+    in both lists, and a symmetric atom once (below the diagonal) when the two lists are the same modules."""
+    both = [*rows, *(mirror(r) for r in rows if r["target"] in sources and r["source"] in targets)]
+    same = sources == targets
+    out = {}
+    for atom in HEATMAP_ATOMS:
+        m = _matrix(both, atom, sources, targets)
+        if same and atom in SYMMETRIC_ATOMS:
+            m[np.triu_indices(len(sources))] = np.nan
+        out[atom] = m
+    return out
 
 
 def choose_pairs(captures: list[Reduced], mode: str, n: int) -> tuple[list[Pair], dict[Pair, float]]:
@@ -184,15 +220,8 @@ def choose_pairs(captures: list[Reduced], mode: str, n: int) -> tuple[list[Pair]
         mi[(s, t)] = float(np.mean(values))
     if mode == "all":
         return candidates, mi
-    # MI is symmetric and the ΦID of (y, x) mirrors that of (x, y): a pair whose mirror was chosen is
-    # skipped, so that n pairs are n different module pairs (ties, and mirrors, go in candidate order).
-    chosen: list[Pair] = []
-    for pair in sorted(candidates, key=lambda p: (-round(mi[p], 9), candidates.index(p))):
-        if (pair[1], pair[0]) not in chosen:
-            chosen.append(pair)
-        if len(chosen) == n:
-            break
-    return chosen, mi
+    ranked = sorted(candidates, key=lambda p: (-round(mi[p], 9), candidates.index(p)))  # ties in candidate order
+    return ranked[:n], mi
 
 
 def _number(v: float) -> float | None:
@@ -292,14 +321,10 @@ def analyze_probe(
 def _heatmaps(rows: list[dict[str, Any]], axes: Reduced, title: str, prefix: Path) -> list[Path]:
     """One heatmap per atom of HEATMAP_ATOMS: the source modules x the target modules of ``axes``."""
     sources, targets = axes.sources, axes.targets
+    matrices = heatmap_matrices(rows, sources, targets)
     return [
         heatmap(
-            _matrix(rows, atom, sources, targets),
-            sources,
-            targets,
-            f"{title}: {name}",
-            "nats",
-            prefix.with_name(f"{prefix.name}_{atom}.png"),
+            matrices[atom], sources, targets, f"{title}: {name}", "nats", prefix.with_name(f"{prefix.name}_{atom}.png")
         )
         for atom, name in HEATMAP_ATOMS.items()
     ]

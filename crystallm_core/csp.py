@@ -196,9 +196,11 @@ def run_csp(
     max_tokens: int | None = None,
     sink: JsonlSink | None = None,
     shard: Shard | None = None,
+    test_split: str | None = None,
 ) -> CspResult:
     """The benchmark over the test structures (the first ``limit``), or over ``shard``'s part of them; with
-    ``out``, its per-structure results too (what ``crystallm merge csp`` joins). Progress of its sampling and
+    ``out``, its per-structure results too (what ``crystallm merge csp`` joins). With ``test_split``, ``test``
+    is a prepared data set and the structures are that split of it. Progress of its sampling and
     matching goes to ``sink`` (and a bar on a terminal)."""
     from pymatgen.core import Structure
 
@@ -208,11 +210,16 @@ def run_csp(
     from crystallm_core.sample import generate, load_for_inference
     from crystallm_core.sampler import Sampler, SamplingParams
 
-    truths: list[str] = []
-    for rec in read_input(test):
-        if limit is not None and len(truths) >= limit:
-            break
-        truths.append(rec.text)
+    if test_split is not None:
+        from crystallm_core.prepare import split_cifs
+
+        truths = split_cifs(test, test_split)[:limit]
+    else:
+        truths = []
+        for rec in read_input(test):
+            if limit is not None and len(truths) >= limit:
+                break
+            truths.append(rec.text)
     part = range(len(truths)) if shard is None else shard.part(len(truths))
     truths = truths[part.start : part.stop]
     prompts: list[tuple[str, str | None]] = []
@@ -268,7 +275,17 @@ def run_csp(
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("task", choices=["csp"], help="benchmark to run")
     p.add_argument("--model", required=True, help="checkpoint (.pt)")
-    p.add_argument("--test", required=True, help="CSV(.gz) with a cif column, a directory or a tarball")
+    p.add_argument(
+        "--test",
+        required=True,
+        help="CSV(.gz) with a cif column, a directory or a tarball; with --test-split, a data set",
+    )
+    p.add_argument(
+        "--test-split",
+        choices=["train", "val", "test"],
+        default=None,
+        help="benchmark this split of the prepared data set --test (a held-out part of one input file)",
+    )
     p.add_argument("--n", type=int, default=20, help="attempts per composition")
     p.add_argument("--limit", type=int, default=None, help="first LIMIT test structures only")
     p.add_argument("--temperature", type=float, default=1.0, help="softmax temperature (default 1)")
@@ -314,6 +331,7 @@ def run(args: argparse.Namespace) -> int:
             SMOKE_TOKENS if args.smoke else None,
             sink,
             args.shard,
+            args.test_split,
         )
         if sink is not None:
             sink.metric(0, **{k: v for k, v in asdict(result).items() if v is not None})

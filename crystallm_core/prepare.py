@@ -588,3 +588,18 @@ def run(args: argparse.Namespace) -> int:
         print("crystallm prepare: error: no structure went into the token files", file=sys.stderr)
         return 1
     return 0
+
+
+def split_cifs(data_dir: str | Path, split: str) -> list[str]:
+    """The canonical CIFs of one split of a prepared data set, in store order: a held-out part of an input
+    that has no test file of its own (carbon_24 here) is benchmarked from where ``prepare`` put it."""
+    from crystallm_core.store import Store, parse_filter
+
+    path = Path(data_dir) / STORE_NAME
+    if not path.is_file():
+        raise ValueError(f"{data_dir}: not a prepared data set (no {STORE_NAME})")
+    with Store.open(path) as store:
+        cifs = [row.cif for row in store.iter_rows([parse_filter(f"split={split}")])]
+    if not cifs:
+        raise ValueError(f"{data_dir}: its {split} split is empty")
+    return cifs

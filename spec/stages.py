@@ -431,9 +431,13 @@ def _mcts_extras(p: MctsParams) -> set[str]:
 
 
 class BenchmarkParams(Spec):
+    """``test`` names the test structures, or ``test_split`` a split of this experiment's prepared data set
+    (``data/``): a held-out part of an input that has no test file of its own."""
+
     task: Literal["csp"] = "csp"
     model: ExperimentPath = DEFAULT_MODEL
-    test: InputPath
+    test: InputPath | None = None
+    test_split: Literal["train", "val", "test"] | None = None
     n: int = Field(20, ge=1, le=MAX_COUNT)
     limit: int | None = Field(None, ge=1, le=MAX_COUNT)
     temperature: float | None = Field(None, gt=0, le=1000)
@@ -441,9 +445,18 @@ class BenchmarkParams(Spec):
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     shard: ShardSpec | None = None
 
+    @model_validator(mode="after")
+    def _one_test(self) -> BenchmarkParams:
+        if (self.test is None) == (self.test_split is None):
+            raise ValueError("give test (a file of test structures) or test_split (a split of data/), not both")
+        return self
+
 
 def _build_benchmark(p: BenchmarkParams, ctx: StageContext) -> Command:
-    args = ["--model", ctx.artifact(p.model), "--test", p.test, "--n", str(p.n), *_opt("--limit", p.limit)]
+    test = (
+        ["--test", p.test] if p.test is not None else ["--test", ctx.artifact(DATA), "--test-split", str(p.test_split)]
+    )
+    args = ["--model", ctx.artifact(p.model), *test, "--n", str(p.n), *_opt("--limit", p.limit)]
     args += _opt("--temperature", p.temperature) + _opt("--top-k", p.top_k) + _opt("--seed", p.seed)
     argv = crystallm("benchmark", p.task, *args, "--out", str(ctx.samples_dir), *_shard(p), *_smoke(ctx))
     return Command([argv], outputs=[ctx.rel(ctx.samples_dir)])

@@ -203,5 +203,35 @@ def test_top_n_takes_one_direction_of_each_module_pair():
     cap = analysis.Reduced(None, 10, 1.0, mods, mods, series, dict.fromkeys(mods, 1.0))
     chosen, mi = analysis.choose_pairs([cap], "top-n", 3)
     assert chosen == [("a", "b"), ("a", "c"), ("b", "c")]
-    assert mi[("a", "b")] == pytest.approx(mi[("b", "a")])
-    assert len(analysis.choose_pairs([cap], "all", 3)[0]) == 12
+    assert ("b", "a") not in mi  # a mirror is not a candidate of its own: its MI and atoms are its pair's
+    assert len(analysis.choose_pairs([cap], "all", 3)[0]) == 6  # 4 modules: 6 unordered pairs
+
+
+def test_all_pairs_of_one_module_list_analyse_each_unordered_pair_once_and_fill_both_cells():
+    """8 blocks probed against themselves: 28 systems, not 56; a heatmap shows every off-diagonal cell of a
+    directional atom (the mirror read off its pair) and a symmetric atom once, below the diagonal."""
+    mods = [f"blocks.{i}" for i in range(8)]
+    pairs = analysis.candidate_pairs(mods, mods)
+    assert len(pairs) == 28 and all(mods.index(s) < mods.index(t) for s, t in pairs)
+    rows = [{"source": s, "target": t, "mi": 0.1, **{a: float(k) for k, a in enumerate(ATOMS)}} for s, t in pairs]
+    m = analysis.heatmap_matrices(rows, mods, mods)
+    off = ~np.eye(8, dtype=bool)
+    assert np.isfinite(m["xty"][off]).all() and np.isnan(np.diag(m["xty"])).all()
+    # (blocks.5, blocks.2) was not analysed: its xty is the ytx of (blocks.2, blocks.5), and so on
+    assert m["xty"][5, 2] == m["ytx"][2, 5] == ATOMS.index("ytx")
+    assert m["xtx"][5, 2] == m["yty"][2, 5] == ATOMS.index("yty")
+    for atom in ("rtr", "sts"):
+        assert np.isfinite(m[atom][np.tril_indices(8, -1)]).all() and np.isnan(m[atom][np.triu_indices(8)]).all()
+    assert analysis.mirror(analysis.mirror(rows[0])) == rows[0]
+
+
+def test_the_mirror_of_a_system_is_its_decomposition_with_x_and_y_swapped():
+    """Runs where omegaid is installed: ΦID of [y; x] equals the mirror of ΦID of [x; y] (MMI redundancy)."""
+    pytest.importorskip("omegaid", reason="omegaid needs Python >= 3.12 (pip install 'infra[oid]')")
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal(5_000)
+    y = 0.7 * np.roll(x, 1) + 0.5 * rng.standard_normal(5_000)
+    phiid = load_phiid(tau=1, redundancy="MMI")
+    xy = {"source": "x", "target": "y", **phiid(x, y)}
+    yx = {"source": "y", "target": "x", **phiid(y, x)}
+    assert {a: analysis.mirror(xy)[a] for a in ATOMS} == pytest.approx({a: yx[a] for a in ATOMS}, abs=1e-9)

@@ -63,3 +63,16 @@ def test_a_match_that_runs_too_long_counts_as_no_match(monkeypatch, perov_rows):
     start = time.monotonic()
     rms, timeouts = csp.match_all([(truth, [truth, None, truth])], workers=1)
     assert rms == [[None, None, None]] and timeouts == [2] and time.monotonic() - start < 2
+
+
+def test_a_split_of_a_prepared_data_set_is_read_as_test_structures(demo_small, demo8):
+    from crystallm_core.prepare import split_cifs
+    from crystallm_core.store import Store
+
+    with Store.open(demo_small / "structures.sqlite") as store:
+        held_out = [r.cif for r in store.iter_rows() if r.split == "test"]
+    assert held_out and split_cifs(demo_small, "test") == held_out
+    with pytest.raises(ValueError, match="its test split is empty"):
+        split_cifs(demo8, "test")
+    with pytest.raises(ValueError, match="not a prepared data set"):
+        split_cifs(demo8.parent, "test")

@@ -210,7 +210,7 @@ def test_relative_inputs_are_made_absolute_on_submit(tmp_path: Path) -> None:
 def test_examples_validate_and_the_demo_plan_is_the_example() -> None:
     from infra.demo import DEMO_PLAN
 
-    for name in ("demo.json", "perov5.json", "perov5_ddp.json", "perov5_2nodes.json"):
+    for name in ("demo.json", "perov5.json", "perov5_ddp.json", "perov5_2nodes.json", "carbon24.json"):
         validate_plan(resolve_inputs(load_plan_data(ROOT / "examples" / name), ROOT))
     ddp = validate_plan(load_plan_data(ROOT / "examples" / "perov5_ddp.json")).stages[1].resources
     gang = validate_plan(load_plan_data(ROOT / "examples" / "perov5_2nodes.json")).stages[1].resources

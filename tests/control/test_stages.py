@@ -149,3 +149,14 @@ def test_shard_stages_run_their_part_and_the_merge_writes_where_the_whole_stage_
     jsonl = [str(EXP / "artifacts" / p / "evaluation.jsonl") for p in parts]
     assert _argv(merge) == ["merge", "evaluate", *jsonl, "--out", str(EXP / "artifacts/g/evaluation.jsonl")]
     assert merge.outputs == ["artifacts/g"]
+
+
+def test_a_benchmark_reads_a_test_file_or_a_split_of_the_experiment_s_data_set() -> None:
+    bench, _ = _build("benchmark", {"test_split": "test"}, "csp")
+    argv = _argv(bench)
+    assert argv[argv.index("--test") + 1 :][:3] == [str(EXP / "data"), "--test-split", "test"]
+    for params in ({}, {"test": "/t.csv", "test_split": "test"}):
+        with pytest.raises(ValueError, match="give test .* or test_split"):
+            _build("benchmark", params)
+    with pytest.raises(ValueError, match="test_split"):
+        _build("benchmark", {"test_split": "holdout"})
