@@ -447,7 +447,9 @@ class BenchmarkParams(Spec):
 
     @model_validator(mode="after")
     def _one_test(self) -> BenchmarkParams:
-        if (self.test is None) == (self.test_split is None):
+        if self.test is None and self.test_split is None:
+            raise ValueError("missing test: give test (a file of test structures) or test_split (a split of data/)")
+        if self.test is not None and self.test_split is not None:
             raise ValueError("give test (a file of test structures) or test_split (a split of data/), not both")
         return self
 

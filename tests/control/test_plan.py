@@ -75,7 +75,10 @@ def test_missing_fields() -> None:
     errors = _errors({"stages": [{"kind": "prepare", "params": {"demo": {}}}, {"name": "t", "kind": "benchmark"}]})
     assert "name: missing required field" in errors
     assert "stages[0].name: missing required field" in errors
-    assert "stages[1].params.test: missing required field" in errors
+    assert (
+        "stages[1].params: missing test: give test (a file of test structures) or test_split (a split of data/)"
+        in errors
+    )
 
 
 def _layout_entries() -> list[str]:

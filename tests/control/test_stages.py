@@ -155,8 +155,9 @@ def test_a_benchmark_reads_a_test_file_or_a_split_of_the_experiment_s_data_set()
     bench, _ = _build("benchmark", {"test_split": "test"}, "csp")
     argv = _argv(bench)
     assert argv[argv.index("--test") + 1 :][:3] == [str(EXP / "data"), "--test-split", "test"]
-    for params in ({}, {"test": "/t.csv", "test_split": "test"}):
-        with pytest.raises(ValueError, match="give test .* or test_split"):
-            _build("benchmark", params)
+    with pytest.raises(ValueError, match="missing test: give test .* or test_split"):
+        _build("benchmark", {})
+    with pytest.raises(ValueError, match="or test_split .*, not both"):
+        _build("benchmark", {"test": "/t.csv", "test_split": "test"})
     with pytest.raises(ValueError, match="test_split"):
         _build("benchmark", {"test_split": "holdout"})
