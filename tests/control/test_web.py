@@ -8,7 +8,6 @@ there, to look at.
 from __future__ import annotations
 
 import os
-import socket
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -28,16 +27,10 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]  # (name, sorted 
 pytestmark = pytest.mark.timeout(240)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Web:
-    def __init__(self, cluster: Cluster, port: int) -> None:
+    def __init__(self, cluster: Cluster, url: str) -> None:
         self.cluster = cluster
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = url
 
     def get(self, path: str, token: str = "") -> tuple[int, str]:
         req = urllib.request.Request(self.url + path, headers={"Authorization": f"Bearer {token}"} if token else {})
@@ -67,9 +60,8 @@ class Web:
 
 
 def _start(cluster: Cluster, *flags: str) -> Web:
-    port = _free_port()
-    cluster.start_master("--web-port", str(port), *flags)
-    return Web(cluster, port)
+    cluster.start_master("--web-port", "0", *flags)
+    return Web(cluster, cluster.dashboard.rstrip("/"))
 
 
 @pytest.fixture
