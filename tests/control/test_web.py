@@ -166,7 +166,18 @@ def test_dashboard_in_a_browser(sqlite_cluster: Cluster) -> None:
             page.reload()
             points = page.locator("figure.chart path.series[data-name=value]").get_attribute("data-points")
             assert int(points or 0) == 20
-            assert page.locator("#artifacts td code").first.inner_text().endswith("out.txt")
+            listed = page.locator("#artifacts td code").first.inner_text()
+            assert listed.endswith("out.txt")
+            # its link downloads the file from the node, through the page's session; a range resumes it
+            original = (c.workdir("alpha") / listed).read_bytes()
+            with page.expect_download() as download:
+                page.locator("#artifacts a.download").first.click()
+            assert download.value.suggested_filename == "out.txt"
+            assert Path(download.value.path()).read_bytes() == original == b"done\n"
+            href = page.locator("#artifacts a.download").first.get_attribute("href") or ""
+            part = page.request.get(web.url + href, headers={"Range": "bytes=2-"})
+            assert part.status == 206 and part.body() == b"ne\n"
+            assert web.get(href)[0] == 401  # no session, no token
             if shots:
                 page.screenshot(path=str(Path(shots) / "dashboard-experiment.png"), full_page=True)
 
@@ -206,5 +217,7 @@ def test_dashboard_in_a_browser(sqlite_cluster: Cluster) -> None:
             assert key not in other.goto(f"{web.url}/experiments").text()
             denied = other.goto(f"{web.url}/experiments/{key}")
             assert denied is not None and denied.status == 403 and "belongs to 'root'" in denied.text()
+            theirs = other.request.get(web.url + href)
+            assert theirs.status == 403 and "belongs to 'root'" in theirs.text()
         finally:
             browser.close()
