@@ -143,3 +143,18 @@ def test_a_bad_log_level_stops_the_command_with_the_reason(
     monkeypatch.setenv("INFRA_LOG_LEVEL", "loud")
     assert main(["node", "--workdir", str(tmp_path / "w")]) == 2
     assert "infra node: $INFRA_LOG_LEVEL is 'loud'" in capsys.readouterr().err
+
+
+def test_artifact_max_bytes_takes_a_size_and_refuses_what_is_not_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from infra.spec.plan import parse_bytes
+
+    assert [parse_bytes(v) for v in ("64GiB", "1.5 MiB", "512kib", "1000")] == [64 << 30, 3 << 19, 512 << 10, 1000]
+    monkeypatch.setenv("INFRA_CONFIG_DIR", str(tmp_path))
+    assert main(["master", "--artifact-max-bytes", "lots"]) == 2
+    assert "infra master: --artifact-max-bytes: invalid size 'lots'" in capsys.readouterr().err
+    assert main(["master", "--artifact-max-bytes", "0"]) == 2
+    assert "--artifact-max-bytes must be 1 byte to 16 EiB, not 0" in capsys.readouterr().err
+    help_text = " ".join(_sub(build_parser(), "master").format_help().split())
+    assert "(default 64GiB)" in help_text
