@@ -190,7 +190,7 @@ def run_demo(keep: bool = False, as_json: bool = False) -> int:
         )
         procs.append(master)
         console.print(f"master on {address} (database {tmp / 'master.db'})")
-        console.print(f"dashboard: open {dashboard} to watch the run (it lasts while the demo does)")
+        console.print(f"dashboard on {dashboard} while the demo runs")
         node_log = (tmp / "node.log").open("w")
         node_cmd = _python(
             "node",

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -158,3 +161,27 @@ def test_artifact_max_bytes_takes_a_size_and_refuses_what_is_not_one(
     assert "--artifact-max-bytes must be 1 byte to 16 EiB, not 0" in capsys.readouterr().err
     help_text = " ".join(_sub(build_parser(), "master").format_help().split())
     assert "(default 64GiB)" in help_text
+
+
+@pytest.mark.timeout(120)
+def test_the_demo_says_where_its_dashboard_is_first(tmp_path: Path) -> None:
+    """Interrupted once it has submitted its plan: Ctrl-C stops its master and node and removes its
+    directory."""
+    env = {**os.environ, "TMPDIR": str(tmp_path), "COLUMNS": "200"}
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "infra.cli", "demo"], stdout=subprocess.PIPE, text=True, env=env, cwd=tmp_path
+    )
+    try:
+        assert demo.stdout is not None
+        first = [demo.stdout.readline() for _ in range(2)]
+        assert first[0].startswith("master on 127.0.0.1:"), first
+        url = first[1].removeprefix("dashboard on ").split()[0]
+        assert first[1].startswith("dashboard on http://127.0.0.1:"), first
+        with urllib.request.urlopen(url, timeout=30) as page:
+            assert page.status == 200 and "<h1>Cluster</h1>" in page.read().decode()
+        while not demo.stdout.readline().startswith("submitted "):  # its node is up: both are in procs
+            assert demo.poll() is None, "the demo ended before submitting"
+    finally:
+        demo.send_signal(signal.SIGINT)
+        demo.communicate(timeout=60)
+    assert not list(tmp_path.glob("infra-demo-*"))
