@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
@@ -233,16 +234,22 @@ def test_https_with_the_master_s_certificate_and_client_certificates(tmp_path: P
 
 async def _answer_fetches(c: Controller, workdir: Path, session: int) -> None:
     """Node n1's side of the relay: each fetch on its command stream answered by the node's own upload code
-    (100-byte chunks, so a file takes many)."""
+    (100-byte chunks, so a file takes many); the upload of a file named ``cut.bin`` stops after 3 chunks."""
 
-    async def each(messages: Iterable[infra_pb2.ArtifactChunk]) -> AsyncIterator[infra_pb2.ArtifactChunk]:
-        for m in messages:
+    async def each(messages: Iterable[infra_pb2.ArtifactChunk], cut: bool) -> AsyncIterator[infra_pb2.ArtifactChunk]:
+        for i, m in enumerate(messages):
+            if cut and i == 4:
+                return
             yield m
 
+    uploads: set[asyncio.Task[tuple[bool, str]]] = set()  # held: the loop keeps only weak references
     async for command in c.stream:  # type: ignore[attr-defined]
         if command.HasField("fetch"):
             upload = upload_messages(workdir, command.fetch, "n1", session, chunk=100)
-            asyncio.create_task(c.artifacts.receive(wire.pieces(each(upload))))
+            cut = command.fetch.path.endswith("cut.bin")
+            task = asyncio.create_task(c.artifacts.receive(wire.pieces(each(upload, cut))))
+            uploads.add(task)
+            task.add_done_callback(uploads.discard)
 
 
 def test_a_file_downloads_whole_or_from_a_range_and_relay_errors_have_statuses(tmp_path: Path) -> None:
@@ -253,6 +260,7 @@ def test_a_file_downloads_whole_or_from_a_range_and_relay_errors_have_statuses(t
         key, a, session = await _running(c)
         (workdir / "experiments" / key / "artifacts" / "s").mkdir(parents=True)
         (workdir / "experiments" / key / "artifacts/s/out näme.bin").write_bytes(data)
+        (workdir / "experiments" / key / "artifacts/s/cut.bin").write_bytes(data)
         batch = infra_pb2.EventBatch(node_id="n1")
         ev = batch.events.add(attempt_id=a.attempt_id, lease_token=a.lease_token, seq=1, time=1.0)
         ev.artifact.path, ev.artifact.kind = f"experiments/{key}/artifacts/s/out näme.bin", "report"
@@ -290,6 +298,13 @@ def test_a_file_downloads_whole_or_from_a_range_and_relay_errors_have_statuses(t
             escape = await client.get(f"/experiments/{key}/files//etc/passwd")
             assert escape.status == 400 and "without '..'" in await escape.text()
             assert (await client.get("/experiments/nope-9/files/plan.json")).status == 404
+            cut = await client.get(f"/experiments/{key}/files/artifacts/s/cut.bin")
+            assert cut.status == 200 and cut.headers["Content-Length"] == "10240"
+            with pytest.raises(aiohttp.ClientPayloadError):  # the node stopped: the body ends short, not padded
+                await asyncio.wait_for(cut.read(), 30)
+            c.artifacts.max_bytes = 10_000  # as --artifact-max-bytes sets it
+            large = await client.get(href)
+            assert large.status == 413 and "10240 bytes, over the master's limit of 10000 bytes" in await large.text()
             c.nodes["n1"].last_heartbeat = 1.0  # silent for ages: offline
             offline = await client.get(href)
             assert (
