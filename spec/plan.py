@@ -67,8 +67,8 @@ def parse_bytes(value: str) -> int:
     """``"64GiB"``, ``"512KiB"`` or a whole number of bytes -> bytes (a command-line size named in bytes)."""
     if value.strip().isdigit():
         return int(value)
-    if m := _MEM_RE.match(value):
-        return int(float(m.group(1)) * _UNITS[m.group(2).lower()] * (1 << 20))
+    if (m := _MEM_RE.match(value)) and math.isfinite(size := float(m.group(1)) * _UNITS[m.group(2).lower()]):
+        return int(size * (1 << 20))
     raise ValueError(f'invalid size {value!r}; use e.g. "64GiB", "512MiB" or a whole number of bytes')
 
 

@@ -155,8 +155,9 @@ def test_artifact_max_bytes_takes_a_size_and_refuses_what_is_not_one(
 
     assert [parse_bytes(v) for v in ("64GiB", "1.5 MiB", "512kib", "1000")] == [64 << 30, 3 << 19, 512 << 10, 1000]
     monkeypatch.setenv("INFRA_CONFIG_DIR", str(tmp_path))
-    assert main(["master", "--artifact-max-bytes", "lots"]) == 2
-    assert "infra master: --artifact-max-bytes: invalid size 'lots'" in capsys.readouterr().err
+    for bad in ("lots", "9" * 400 + "GiB"):
+        assert main(["master", "--artifact-max-bytes", bad]) == 2
+        assert f"infra master: --artifact-max-bytes: invalid size {bad!r}" in capsys.readouterr().err
     assert main(["master", "--artifact-max-bytes", "0"]) == 2
     assert "--artifact-max-bytes must be 1 byte to 16 EiB, not 0" in capsys.readouterr().err
     help_text = " ".join(_sub(build_parser(), "master").format_help().split())
