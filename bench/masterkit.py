@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def start_master(db_url: str, tmp: Path, *flags: str, port: int = 0) -> tuple[subprocess.Popen[str], str]:
     """:func:`infra.demo.start_master` with the benchmark's config directory and log in ``tmp``."""
     env = {**os.environ, "INFRA_CONFIG_DIR": str(tmp)}
-    return demo.start_master(db_url, env, tmp / "master.log", *flags, port=port, cwd=ROOT)
+    proc, address, _ = demo.start_master(db_url, env, tmp / "master.log", *flags, port=port, cwd=ROOT)
+    return proc, address
 
 
 def postgres_database(url: str, prefix: str) -> tuple[str, Callable[[], None]]:

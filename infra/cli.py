@@ -71,11 +71,17 @@ def cmd_master(args: argparse.Namespace) -> int:
         return 0
     from infra.master.db import default_db_url
     from infra.master.server import Settings, main
+    from infra.spec.plan import parse_bytes
 
     try:
         level = log_level(args.log_level, Settings.log_level)
     except ValueError as e:
         print(f"infra master: {e}", file=sys.stderr)
+        return 2
+    try:
+        max_bytes = parse_bytes(args.artifact_max_bytes)
+    except ValueError as e:
+        print(f"infra master: --artifact-max-bytes: {e}", file=sys.stderr)
         return 2
     settings = Settings(
         db_url=args.db or default_db_url(),
@@ -91,6 +97,7 @@ def cmd_master(args: argparse.Namespace) -> int:
         tls_ca=args.tls_ca,
         log_level=level,
         web_port=None if args.no_web else args.web_port,
+        artifact_max_bytes=max_bytes,
     )
     return main(settings)
 
@@ -703,6 +710,13 @@ def _add_master(sub: Any) -> None:
         "0: any free port); same authentication and TLS as gRPC",
     )
     sp.add_argument("--no-web", action="store_true", help="serve no dashboard and no /metrics")
+    sp.add_argument(
+        "--artifact-max-bytes",
+        default=f"{Settings.artifact_max_bytes >> 30}GiB",
+        metavar="SIZE",
+        help="the largest file of a record relayed to a client (`infra artifacts --get`, dashboard downloads); "
+        'a size like "64GiB" or a whole number of bytes (default %(default)s)',
+    )
     systemd_unit_flag(sp, "the master")
     sp.set_defaults(func=cmd_master, parser=sp)
 

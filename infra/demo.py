@@ -103,10 +103,11 @@ def _python(*args: str) -> list[str]:
 
 def start_master(
     db_url: str, env: dict[str, str], log_path: Path, *flags: str, port: int = 0, cwd: Path | None = None
-) -> tuple[subprocess.Popen[str], str]:
+) -> tuple[subprocess.Popen[str], str, str]:
     """Start ``infra master`` on loopback (``port`` 0: a free one) with ``flags``, its log appended to
-    ``log_path``; returns the process and the address it printed once listening. The demo, the
-    control-plane tests and the benchmarks all start their masters here."""
+    ``log_path``; returns the process, the gRPC address and the dashboard's URL (empty with ``--no-web``) it
+    printed once listening. The demo, the control-plane tests and the benchmarks all start their masters
+    here."""
     log = log_path.open("a")
     if "--web-port" not in flags and "--no-web" not in flags:
         flags = (*flags, "--web-port", "0")  # a free port: several masters may run on one machine
@@ -119,10 +120,13 @@ def start_master(
         cwd=cwd,
     )
     found: list[str] = []
+    dashboard: list[str] = []  # printed before the listening line, so known once that is
 
     def read() -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
+            if " dashboard on " in line and not dashboard:
+                dashboard.append(line.split(" dashboard on ", 1)[1].split()[0])
             if "listening on " in line and not found:
                 found.append(line.split("listening on ", 1)[1].split()[0])
 
@@ -133,7 +137,7 @@ def start_master(
             stop(proc)
             raise RuntimeError(f"the master did not start; its log ({log_path}):\n{log_path.read_text()[-4000:]}")
         time.sleep(0.05)
-    return proc, found[0]
+    return proc, found[0], dashboard[0] if dashboard else ""
 
 
 def stop(proc: subprocess.Popen[Any], timeout: float = 15.0) -> None:
@@ -181,9 +185,12 @@ def run_demo(keep: bool = False, as_json: bool = False) -> int:
     procs: list[subprocess.Popen[Any]] = []
     started = time.monotonic()
     try:
-        master, address = start_master(f"sqlite:///{tmp / 'master.db'}", env, tmp / "master.log", "--heartbeat", "1")
+        master, address, dashboard = start_master(
+            f"sqlite:///{tmp / 'master.db'}", env, tmp / "master.log", "--heartbeat", "1"
+        )
         procs.append(master)
         console.print(f"master on {address} (database {tmp / 'master.db'})")
+        console.print(f"dashboard on {dashboard} while the demo runs")
         node_log = (tmp / "node.log").open("w")
         node_cmd = _python(
             "node",

@@ -9,8 +9,8 @@ than a few chunks of a file. A client that goes away ends the upload (its handle
 Who may read what is decided here, like the other verbs: a user reads only their own experiments. Which node
 is asked: the one that reported the path as an artifact, else the experiment's home node, else the node of
 its latest attempt; for a ``shared_workdir`` experiment, any online node that has the file (tried in that
-order, then the others). :class:`ArtifactRelay` is the whole interface (the gRPC servicer and, later, the
-web dashboard use it); its errors are :class:`ArtifactError` with a message for the user.
+order, then the others). :class:`ArtifactRelay` is the whole interface (the gRPC servicer and the web
+dashboard's downloads use it); its errors are :class:`ArtifactError` with a message for the user.
 """
 
 from __future__ import annotations

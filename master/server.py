@@ -56,6 +56,8 @@ def check(settings: Settings) -> None:
         raise SettingsError("TLS needs both --tls-cert and --tls-key")
     if settings.web_port is not None and not 0 <= settings.web_port <= 65535:
         raise SettingsError(f"--web-port must be 0 (any free port) to 65535, not {settings.web_port}")
+    if not 0 < settings.artifact_max_bytes < 2**64:  # FetchArtifact.max_bytes is a uint64
+        raise SettingsError(f"--artifact-max-bytes must be 1 byte to 16 EiB, not {settings.artifact_max_bytes}")
     if settings.tls_ca and not settings.tls_cert:
         raise SettingsError("--tls-ca (mutual TLS) needs --tls-cert and --tls-key")
 

@@ -5,8 +5,9 @@ state and the same database queries (``master/store.py``) as the gRPC ``ClientSe
 same rules: without ``--auth`` every visitor acts as the local admin (the server then binds loopback
 only, as gRPC does); with ``--auth`` a visitor logs in with an ``infra token`` (kept in a server-side
 session, the browser holds only a random session id), a user reads only their own experiments and an
-admin reads all and may cancel. ``/metrics`` takes the session cookie or an ``Authorization: Bearer``
-header (what Prometheus sends).
+admin reads all and may cancel. Files of a record download through the artifact relay
+(``master/artifacts.py``), from the node that holds them, with byte ranges for resuming. ``/metrics`` takes
+the session cookie or an ``Authorization: Bearer`` header (what Prometheus sends).
 
 Pages are rendered here as HTML; the few scripts and the stylesheet are files of this package
 (``master/static/``), nothing is fetched from elsewhere. A state-changing request is a POST that carries
@@ -17,16 +18,19 @@ the page's CSRF token (per session; per process without ``--auth``), and the ses
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import json
+import logging
 import math
+import re
 import secrets
 import ssl
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from html import escape
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import quote, urlencode, urlsplit
 
@@ -34,11 +38,13 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from infra.master import auth, store
+from infra.master.artifacts import ArtifactError, record_path
 from infra.master.auth import Authenticator, AuthError, Identity
 from infra.master.controller import Controller
 from infra.master.errors import NotFound
 from infra.master.state import TERMINAL
 
+log = logging.getLogger("infra.master")
 STATIC = Path(__file__).resolve().parent / "static"
 COOKIE = "infra_session"
 SESSION_TTL_S = 12 * 3600
@@ -55,6 +61,14 @@ CSP = (
     "connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'"
 )
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+RELAY_STATUS = {  # ArtifactError.kind -> HTTP status; the rest (failed) is 502: the node, not the request, failed
+    "invalid": 400,
+    "denied": 403,
+    "not_found": 404,
+    "too_large": 413,
+    "offline": 503,
+    "busy": 503,
+}
 
 
 @dataclass
@@ -94,6 +108,7 @@ class Dashboard:
                 web.post("/experiments/{key}/cancel", self.cancel),
                 web.get("/experiments/{key}/stages/{stage}/logs", self.logs),
                 web.get("/experiments/{key}/stages/{stage}/metrics.json", self.metrics_json),
+                web.get("/experiments/{key}/files/{path:.+}", self.download),
                 web.get("/metrics", self.prometheus),
                 web.static("/static", STATIC),
             ]
@@ -359,7 +374,7 @@ class Dashboard:
             f'data-src="{base}/stages/{quote(n)}/metrics.json"></div>'
             for n in names
         )
-        art_rows = "".join(_artifact_row(r, n, now) for r, n in _latest(artifacts))
+        art_rows = "".join(_artifact_row(key, r, n, now) for r, n in _latest(artifacts))
         art = (
             '<table class="grid" id="artifacts"><thead><tr><th>stage</th><th>attempt</th><th>kind</th><th>path</th>'
             "<th>node</th><th>reported</th></tr></thead><tbody>"
@@ -459,6 +474,69 @@ class Dashboard:
             cursor = (rows[-1]["attempt"], rows[-1]["seq"])
         out = {name: _thin(points) for name, points in sorted(series.items())}
         return web.json_response({"stage": stage["name"], "state": stage["state"], "series": out})
+
+    async def download(self, request: web.Request) -> web.StreamResponse:
+        """A file of the record, relayed from the node that holds it (``master/artifacts.py``) as it arrives.
+        One ``Range`` (``bytes=N-``, ``bytes=N-M`` or ``bytes=-N``) gives 206 from that offset, so a browser or
+        ``curl -C -`` resumes."""
+        key, path = request.match_info["key"], request.match_info["path"]
+        await self._may_read(request, key)
+        me: Identity = request[IDENTITY]
+        relay = self.c.artifacts
+        try:
+            size = await relay.stat(key, path, user=me)
+        except ArtifactError as e:
+            return _relay_error(e)
+        header = request.headers.get("Range")
+        span = _range(header, size) if header else (0, size)
+        if span is None:
+            return web.Response(
+                status=416,
+                text=f"Range {header!r} is not one byte range within the file's {size} bytes\n",
+                headers={"Content-Range": f"bytes */{size}"},
+            )
+        start, end = span
+        name = PurePosixPath(record_path(key, path)).name
+        response = web.StreamResponse(
+            status=206 if header else 200,
+            headers={
+                "Content-Type": "application/octet-stream",
+                "Content-Disposition": _attachment(name),
+                "Accept-Ranges": "bytes",
+                "Cache-Control": "no-store",
+                "Content-Security-Policy": CSP,  # set before the headers go (the guard's come too late here)
+                "X-Content-Type-Options": "nosniff",
+            },
+        )
+        response.content_length = end - start
+        if header:
+            response.headers["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+        left = end - start
+        if request.method == "HEAD" or left == 0:
+            await response.prepare(request)
+            return response
+        chunks = relay.stream(key, path, start, user=me)
+        try:
+            async with contextlib.aclosing(chunks):
+                async for chunk in chunks:
+                    if not response.prepared:
+                        await response.prepare(request)  # after the node's first answer: its refusal is a status
+                    await response.write(chunk[:left])
+                    left -= min(left, len(chunk))
+                    if not left:
+                        break  # the end of the range: closing the stream ends the node's upload
+        except ArtifactError as e:
+            if not response.prepared:
+                return _relay_error(e)
+            log.warning("download of %s/%s broke off: %s", key, path, e)
+            response.force_close()  # fewer bytes than Content-Length, then no more: the client sees it is cut
+            return response
+        except ConnectionResetError:  # the client went away; leaving the stream above ended the node's upload
+            return response
+        if left:  # the file shrank since its size was read: end the connection short rather than pad it
+            log.warning("download of %s/%s ended %d bytes early", key, path, left)
+            response.force_close()
+        return response
 
     async def prometheus(self, request: web.Request) -> web.StreamResponse:
         snap = self.c.metrics.snapshot()  # on the loop; the rest, most of the work, in a thread
@@ -665,13 +743,47 @@ def _latest(artifacts: list[dict[str, Any]]) -> list[tuple[dict[str, Any], int]]
     return [(r, counts[key]) for key, r in latest.items()]
 
 
-def _artifact_row(r: dict[str, Any], times: int, now: float) -> str:
-    """One reported artifact. Its path is text; a download link, once the master relays files, wraps it here."""
-    path = escape(r["data"].get("path", ""))
+def _artifact_row(key: str, r: dict[str, Any], times: int, now: float) -> str:
+    """One reported artifact; its path links to the file, relayed from its node (a reported folder's link
+    answers 404: the node sends files only)."""
+    reported = r["data"].get("path", "")
+    prefix = f"experiments/{key}/"
+    rel = reported[len(prefix) :] if reported.startswith(prefix) else reported
+    path = f"<code>{escape(reported)}</code>"
+    if rel:
+        href = f"/experiments/{quote(key)}/files/{quote(rel)}"
+        path = f'<a class="download" href="{escape(href)}" download>{path}</a>'
     again = f' <span class="muted small">×{times}</span>' if times > 1 else ""
     kind = escape(r["data"].get("kind", ""))
     return f"""<tr><td>{escape(r["stage"])}</td><td class="num">{r["attempt"]}</td><td>{kind}</td>
-<td><code>{path}</code></td><td>{escape(r["node_name"])}</td><td>{_ago(r["time"], now)}{again}</td></tr>"""
+<td>{path}</td><td>{escape(r["node_name"])}</td><td>{_ago(r["time"], now)}{again}</td></tr>"""
+
+
+def _relay_error(e: ArtifactError) -> web.Response:
+    return web.Response(status=RELAY_STATUS.get(e.kind, 502), text=f"{e}\n")
+
+
+def _range(header: str, size: int) -> tuple[int, int] | None:
+    """``[start, end)`` of one ``bytes=`` range of a file of ``size`` bytes; None for anything else (several
+    ranges, another unit, a start at or past the end)."""
+    unit, _, spec = header.partition("=")
+    first, dash, last = spec.strip().partition("-")
+    if unit.strip().lower() != "bytes" or not dash or not (first.isdigit() or last.isdigit()):
+        return None
+    if (first and not first.isdigit()) or (last and not last.isdigit()):
+        return None
+    if not first:  # the last N bytes
+        return (max(0, size - int(last)), size) if int(last) > 0 and size else None
+    start = int(first)
+    end = min(size, int(last) + 1) if last else size
+    return (start, end) if start < size and start < end else None
+
+
+def _attachment(name: str) -> str:
+    """A ``Content-Disposition`` that saves as the file's own name: an ASCII fallback with nothing a header or
+    a file system could misread (quotes, separators, control characters), and the exact name UTF-8-encoded."""
+    plain = re.sub(r"[^A-Za-z0-9._+-]", "_", name).lstrip(".") or "artifact"
+    return f"attachment; filename=\"{plain}\"; filename*=UTF-8''{quote(name, safe='')}"
 
 
 def _same_origin(request: web.Request) -> bool:

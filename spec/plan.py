@@ -63,6 +63,15 @@ def parse_memory(value: object) -> int:
     raise ValueError(f'invalid memory size {value!r}; use e.g. "4GiB", "512MiB" or a whole number of MiB')
 
 
+def parse_bytes(value: str) -> int:
+    """``"64GiB"``, ``"512KiB"`` or a whole number of bytes -> bytes (a command-line size named in bytes)."""
+    if value.strip().isdigit():
+        return int(value)
+    if (m := _MEM_RE.match(value)) and math.isfinite(size := float(m.group(1)) * _UNITS[m.group(2).lower()]):
+        return int(size * (1 << 20))
+    raise ValueError(f'invalid size {value!r}; use e.g. "64GiB", "512MiB" or a whole number of bytes')
+
+
 def _memory_bound(mib: float, given: object) -> int:
     if mib > MAX_MEMORY_MIB:
         raise ValueError(f"memory {given!r} exceeds the limit of {MAX_MEMORY_MIB} MiB (4 PiB)")

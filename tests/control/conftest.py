@@ -56,6 +56,7 @@ class Cluster:
         self.env.pop("INFRA_TOKEN", None)
         self.procs: list[subprocess.Popen[Any]] = []
         self.address = ""
+        self.dashboard = ""  # the master's dashboard URL, as it printed it
         self.master: subprocess.Popen[Any] | None = None
         self.master_args: tuple[str, ...] = ()
         self.nodes: dict[str, subprocess.Popen[Any]] = {}
@@ -64,7 +65,9 @@ class Cluster:
     def start_master(self, *args: str, port: int = 0, heartbeat: float = 1.0) -> str:
         self.master_args = args
         flags = ("--heartbeat", str(heartbeat), *args)
-        self.master, self.address = start_master(self.db_url, self.env, self.tmp / "master.log", *flags, port=port)
+        self.master, self.address, self.dashboard = start_master(
+            self.db_url, self.env, self.tmp / "master.log", *flags, port=port
+        )
         self.procs.append(self.master)
         return self.address
 

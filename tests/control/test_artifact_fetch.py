@@ -25,7 +25,7 @@ def _record(cluster: Any, node: str, key: str) -> Path:
 
 @SQLITE
 def test_fetch_through_the_master(cluster: Any, tmp_path: Path) -> None:
-    cluster.start_master()
+    cluster.start_master("--artifact-max-bytes", "40MiB")
     cluster.start_node("n1", "--cpus", "2", "--memory", "4GiB", "--fake-gpus", "0")
     cluster.wait_online("n1")
     key = cluster.submit(PROBE)
@@ -89,6 +89,11 @@ def test_fetch_through_the_master(cluster: Any, tmp_path: Path) -> None:
         again = tmp_path / "again.txt"
         client.fetch_artifact(key, "artifacts/p/out.txt", again)
         assert again.read_bytes() == b"probe output\n"
+        # over --artifact-max-bytes: refused before a byte is sent
+        with (record / "artifacts" / "huge.bin").open("wb") as fh:
+            fh.truncate((40 << 20) + 1)  # sparse: no 40 MiB written
+        with pytest.raises(ClientError, match="41943041 bytes, over the master's limit of 41943040 bytes"):
+            client.fetch_artifact(key, "artifacts/huge.bin", tmp_path / "huge.bin")
 
     # the holding node goes away: a clear error naming it
     cluster.kill_node("n1")

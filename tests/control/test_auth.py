@@ -95,6 +95,9 @@ def test_tokens_roles_and_mutual_tls(cluster: Cluster) -> None:
         "alice's experiment to succeed",
     )
     assert json.loads(as_(alice, "metrics", f"{key}/s", "--json").stdout)[0]["values"]["loss"] == 1.0
+    got = cluster.tmp / "out.txt"  # relayed: the node's upload carries its join token too
+    as_(alice, "artifacts", key, "--get", "artifacts/s/out.txt", "-o", str(got))
+    assert got.read_bytes() == b"probe output\n"
     assert "nothing to rerun" in as_(alice, "rerun", key, check=False).stderr  # her own: allowed, refused as done
     assert "needs an admin token" in as_(alice, "node", "drain", "secure", check=False).stderr
     assert as_(admin_file, "node", "drain", "secure").stdout.startswith("node secure: drained")

@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
 import subprocess
 import sys
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -143,3 +146,43 @@ def test_a_bad_log_level_stops_the_command_with_the_reason(
     monkeypatch.setenv("INFRA_LOG_LEVEL", "loud")
     assert main(["node", "--workdir", str(tmp_path / "w")]) == 2
     assert "infra node: $INFRA_LOG_LEVEL is 'loud'" in capsys.readouterr().err
+
+
+def test_artifact_max_bytes_takes_a_size_and_refuses_what_is_not_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from infra.spec.plan import parse_bytes
+
+    assert [parse_bytes(v) for v in ("64GiB", "1.5 MiB", "512kib", "1000")] == [64 << 30, 3 << 19, 512 << 10, 1000]
+    monkeypatch.setenv("INFRA_CONFIG_DIR", str(tmp_path))
+    for bad in ("lots", "9" * 400 + "GiB"):
+        assert main(["master", "--artifact-max-bytes", bad]) == 2
+        assert f"infra master: --artifact-max-bytes: invalid size {bad!r}" in capsys.readouterr().err
+    assert main(["master", "--artifact-max-bytes", "0"]) == 2
+    assert "--artifact-max-bytes must be 1 byte to 16 EiB, not 0" in capsys.readouterr().err
+    help_text = " ".join(_sub(build_parser(), "master").format_help().split())
+    assert "(default 64GiB)" in help_text
+
+
+@pytest.mark.timeout(120)
+def test_the_demo_says_where_its_dashboard_is_first(tmp_path: Path) -> None:
+    """Interrupted once it has submitted its plan: Ctrl-C stops its master and node and removes its
+    directory."""
+    env = {**os.environ, "TMPDIR": str(tmp_path), "COLUMNS": "200"}
+    demo = subprocess.Popen(
+        [sys.executable, "-m", "infra.cli", "demo"], stdout=subprocess.PIPE, text=True, env=env, cwd=tmp_path
+    )
+    try:
+        assert demo.stdout is not None
+        first = [demo.stdout.readline() for _ in range(2)]
+        assert first[0].startswith("master on 127.0.0.1:"), first
+        url = first[1].removeprefix("dashboard on ").split()[0]
+        assert first[1].startswith("dashboard on http://127.0.0.1:"), first
+        with urllib.request.urlopen(url, timeout=30) as page:
+            assert page.status == 200 and "<h1>Cluster</h1>" in page.read().decode()
+        while not demo.stdout.readline().startswith("submitted "):  # its node is up: both are in procs
+            assert demo.poll() is None, "the demo ended before submitting"
+    finally:
+        demo.send_signal(signal.SIGINT)
+        demo.communicate(timeout=60)
+    assert not list(tmp_path.glob("infra-demo-*"))

@@ -8,7 +8,6 @@ there, to look at.
 from __future__ import annotations
 
 import os
-import socket
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -28,16 +27,10 @@ Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]  # (name, sorted 
 pytestmark = pytest.mark.timeout(240)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 class Web:
-    def __init__(self, cluster: Cluster, port: int) -> None:
+    def __init__(self, cluster: Cluster, url: str) -> None:
         self.cluster = cluster
-        self.url = f"http://127.0.0.1:{port}"
+        self.url = url
 
     def get(self, path: str, token: str = "") -> tuple[int, str]:
         req = urllib.request.Request(self.url + path, headers={"Authorization": f"Bearer {token}"} if token else {})
@@ -67,9 +60,8 @@ class Web:
 
 
 def _start(cluster: Cluster, *flags: str) -> Web:
-    port = _free_port()
-    cluster.start_master("--web-port", str(port), *flags)
-    return Web(cluster, port)
+    cluster.start_master("--web-port", "0", *flags)
+    return Web(cluster, cluster.dashboard.rstrip("/"))
 
 
 @pytest.fixture
@@ -174,7 +166,18 @@ def test_dashboard_in_a_browser(sqlite_cluster: Cluster) -> None:
             page.reload()
             points = page.locator("figure.chart path.series[data-name=value]").get_attribute("data-points")
             assert int(points or 0) == 20
-            assert page.locator("#artifacts td code").first.inner_text().endswith("out.txt")
+            listed = page.locator("#artifacts td code").first.inner_text()
+            assert listed.endswith("out.txt")
+            # its link downloads the file from the node, through the page's session; a range resumes it
+            original = (c.workdir("alpha") / listed).read_bytes()
+            with page.expect_download() as download:
+                page.locator("#artifacts a.download").first.click()
+            assert download.value.suggested_filename == "out.txt"
+            assert Path(download.value.path()).read_bytes() == original == b"done\n"
+            href = page.locator("#artifacts a.download").first.get_attribute("href") or ""
+            part = page.request.get(web.url + href, headers={"Range": "bytes=2-"})
+            assert part.status == 206 and part.body() == b"ne\n"
+            assert web.get(href)[0] == 401  # no session, no token
             if shots:
                 page.screenshot(path=str(Path(shots) / "dashboard-experiment.png"), full_page=True)
 
@@ -214,5 +217,7 @@ def test_dashboard_in_a_browser(sqlite_cluster: Cluster) -> None:
             assert key not in other.goto(f"{web.url}/experiments").text()
             denied = other.goto(f"{web.url}/experiments/{key}")
             assert denied is not None and denied.status == 403 and "belongs to 'root'" in denied.text()
+            theirs = other.request.get(web.url + href)
+            assert theirs.status == 403 and "belongs to 'root'" in theirs.text()
         finally:
             browser.close()

@@ -1,29 +1,33 @@
 """The dashboard's handlers on a controller driven in-process (real SQLite, real HTTP on loopback, no browser):
-filters, metric series, the log stream's resume and end, CSRF, GPU usage, sessions and revoked tokens."""
+filters, metric series, the log stream's resume and end, CSRF, GPU usage, sessions and revoked tokens, file
+downloads (ranges, relay errors) from a node's real upload code."""
 
 from __future__ import annotations
 
 import asyncio
+import html
 import json
 import re
 import ssl
 import urllib.error
 import urllib.request
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestClient, TestServer
 from prometheus_client.parser import text_string_to_metric_families
 from sqlalchemy.orm import Session
 
-from infra.master import auth, web
+from infra.master import auth, web, wire
 from infra.master.auth import Authenticator
 from infra.master.config import Settings
 from infra.master.controller import Controller
 from infra.master.server import SettingsError, check
 from infra.master.web import Dashboard, _graph, _latest
+from infra.node.uploads import upload_messages
 from infra.protos import PROTOCOL_VERSION, infra_pb2
 
 from .controller_kit import run_controller
@@ -226,3 +230,87 @@ def test_https_with_the_master_s_certificate_and_client_certificates(tmp_path: P
             await runner.cleanup()
 
     run_controller(tmp_path, scenario)
+
+
+async def _answer_fetches(c: Controller, workdir: Path, session: int) -> None:
+    """Node n1's side of the relay: each fetch on its command stream answered by the node's own upload code
+    (100-byte chunks, so a file takes many); the upload of a file named ``cut.bin`` stops after 3 chunks."""
+
+    async def each(messages: Iterable[infra_pb2.ArtifactChunk], cut: bool) -> AsyncIterator[infra_pb2.ArtifactChunk]:
+        for i, m in enumerate(messages):
+            if cut and i == 4:
+                return
+            yield m
+
+    uploads: set[asyncio.Task[tuple[bool, str]]] = set()  # held: the loop keeps only weak references
+    async for command in c.stream:  # type: ignore[attr-defined]
+        if command.HasField("fetch"):
+            upload = upload_messages(workdir, command.fetch, "n1", session, chunk=100)
+            cut = command.fetch.path.endswith("cut.bin")
+            task = asyncio.create_task(c.artifacts.receive(wire.pieces(each(upload, cut))))
+            uploads.add(task)
+            task.add_done_callback(uploads.discard)
+
+
+def test_a_file_downloads_whole_or_from_a_range_and_relay_errors_have_statuses(tmp_path: Path) -> None:
+    workdir = tmp_path / "work"
+    data = bytes(range(256)) * 40
+
+    async def scenario(c: Controller, client: TestClient, _: Dashboard) -> None:
+        key, a, session = await _running(c)
+        (workdir / "experiments" / key / "artifacts" / "s").mkdir(parents=True)
+        (workdir / "experiments" / key / "artifacts/s/out näme.bin").write_bytes(data)
+        (workdir / "experiments" / key / "artifacts/s/cut.bin").write_bytes(data)
+        batch = infra_pb2.EventBatch(node_id="n1")
+        ev = batch.events.add(attempt_id=a.attempt_id, lease_token=a.lease_token, seq=1, time=1.0)
+        ev.artifact.path, ev.artifact.kind = f"experiments/{key}/artifacts/s/out näme.bin", "report"
+        assert (await c.report_events(batch))[0] == 1
+        node = asyncio.create_task(_answer_fetches(c, workdir, session))
+        try:
+            page = await (await client.get(f"/experiments/{key}")).text()
+            link = re.search(r'<a class="download" href="([^"]+)" download>', page)
+            assert link, "no download link on the experiment page"
+            href = html.unescape(link.group(1))
+            assert href == f"/experiments/{key}/files/artifacts/s/out%20n%C3%A4me.bin"
+
+            whole = await client.get(href)
+            assert whole.status == 200 and await whole.read() == data
+            assert whole.headers["Content-Length"] == str(len(data)) and whole.headers["Accept-Ranges"] == "bytes"
+            assert whole.headers["Content-Disposition"] == (
+                "attachment; filename=\"out_n_me.bin\"; filename*=UTF-8''out%20n%C3%A4me.bin"
+            )
+            for asked, status, want, span in [
+                ("bytes=1000-", 206, data[1000:], "bytes 1000-10239/10240"),
+                ("bytes=150-349", 206, data[150:350], "bytes 150-349/10240"),  # ends mid-chunk
+                ("bytes=-5", 206, data[-5:], "bytes 10235-10239/10240"),
+                ("bytes=10000-99999", 206, data[10000:], "bytes 10000-10239/10240"),
+            ]:
+                part = await client.get(href, headers={"Range": asked})
+                assert (part.status, await part.read(), part.headers["Content-Range"]) == (status, want, span), asked
+            for bad in ("bytes=10240-", "bytes=5-2", "lines=0-5", "bytes=0-1,4-5", "bytes=-0", "bytes=x-"):
+                refused = await client.get(href, headers={"Range": bad})
+                assert refused.status == 416 and refused.headers["Content-Range"] == "bytes */10240", bad
+            head = await client.head(href)
+            assert head.status == 200 and head.headers["Content-Length"] == "10240"
+
+            missing = await client.get(f"/experiments/{key}/files/artifacts/s/none.bin")
+            assert missing.status == 404 and "node n1" in await missing.text()
+            escape = await client.get(f"/experiments/{key}/files//etc/passwd")
+            assert escape.status == 400 and "without '..'" in await escape.text()
+            assert (await client.get("/experiments/nope-9/files/plan.json")).status == 404
+            cut = await client.get(f"/experiments/{key}/files/artifacts/s/cut.bin")
+            assert cut.status == 200 and cut.headers["Content-Length"] == "10240"
+            with pytest.raises(aiohttp.ClientPayloadError):  # the node stopped: the body ends short, not padded
+                await asyncio.wait_for(cut.read(), 30)
+            c.artifacts.max_bytes = 10_000  # as --artifact-max-bytes sets it
+            large = await client.get(href)
+            assert large.status == 413 and "10240 bytes, over the master's limit of 10000 bytes" in await large.text()
+            c.nodes["n1"].last_heartbeat = 1.0  # silent for ages: offline
+            offline = await client.get(href)
+            assert (
+                offline.status == 503 and "node n1 holding artifacts/s/out näme.bin is offline" in await offline.text()
+            )
+        finally:
+            node.cancel()
+
+    _serve(tmp_path, scenario)
