@@ -236,7 +236,7 @@ def _stages_view(exp: dict[str, Any]) -> Any:
 
     t = Table(title=f"{exp['experiment']}  {_styled(exp['state'])}", title_justify="left")
     for col in ("stage", "state", "node", "progress"):
-        t.add_column(col)
+        t.add_column(col, no_wrap=col in ("stage", "state"))  # whole names, as in `infra status`
     for s in exp["stages"]:
         bars = Table.grid(padding=(0, 1))
         for p in s["progress"]:
@@ -315,8 +315,10 @@ def cmd_status(args: argparse.Namespace) -> int:
     console.print(nodes)
     for e in data["experiments"]:
         t = Table(title=f"{e['experiment']}  {_styled(e['state'])}  priority {e['priority']}", title_justify="left")
+        # whole stage names (a shard's NAME.shard-I-of-S is told apart by its end): the other columns wrap;
+        # `after` folds rather than cut the names it lists
         for col in ("stage", "kind", "state", "node", "attempts", "after", "reason"):
-            t.add_column(col)
+            t.add_column(col, no_wrap=col in ("stage", "state"), overflow="fold" if col == "after" else "ellipsis")
         for s in e["stages"]:
             t.add_row(
                 s["name"],
@@ -351,7 +353,7 @@ def _print_attempts(console: Any, e: dict[str, Any]) -> None:
 
     t = Table(title=f"{e['experiment']}  attempts", title_justify="left")
     for col in ("stage", "#", "node", "state", "started", "finished", "class", "exit", "message"):
-        t.add_column(col)
+        t.add_column(col, no_wrap=col in ("stage", "state"))  # whole names, as in the stage table
     for s in e["stages"]:
         gang = any(a.get("rank") for a in s["attempts"])  # a multi-node stage: one row per member (rank)
         for a in s["attempts"]:
@@ -369,9 +371,25 @@ def _print_attempts(console: Any, e: dict[str, Any]) -> None:
     console.print(t)
 
 
+MEMBER_HELP = "the member (rank) of a gang (a stage on several nodes) to show (default: 0, the only one otherwise)"
+
+
+def _member(text: str) -> int:
+    """argparse's type for ``--member``: a rank a gang can have (the master checks it against the stage's)."""
+    from infra.spec.plan import MAX_NODES
+
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a whole number: {text!r}") from None
+    if not 0 <= value < MAX_NODES:
+        raise argparse.ArgumentTypeError(f"a member is a rank from 0 to {MAX_NODES - 1}, not {value}")
+    return value
+
+
 def cmd_logs(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        for line in client.logs(args.stage, follow=args.follow, attempt=args.attempt):
+        for line in client.logs(args.stage, follow=args.follow, attempt=args.attempt, member=args.member):
             if args.json:
                 print(json.dumps(line), flush=True)
             else:
@@ -382,7 +400,7 @@ def cmd_logs(args: argparse.Namespace) -> int:
 
 def cmd_metrics(args: argparse.Namespace) -> int:
     with _client(args) as client:
-        rows = client.metrics(args.stage, args.attempt)
+        rows = client.metrics(args.stage, args.attempt, args.member)
     if args.json:
         _print_json(rows)
         return 0
@@ -825,11 +843,13 @@ def _add_client_verbs(sub: Any) -> None:
     sp.add_argument("stage", help="EXPERIMENT/STAGE or a numeric stage id")
     sp.add_argument("-f", "--follow", action="store_true", help="keep following until the stage ends")
     sp.add_argument("--attempt", type=int, default=0, help="attempt number (default: the latest)")
+    sp.add_argument("--member", type=_member, default=0, help=MEMBER_HELP)
     sp.set_defaults(func=cmd_logs)
 
     sp = client_verb("metrics", "a stage's metrics")
     sp.add_argument("stage", help="EXPERIMENT/STAGE or a numeric stage id")
     sp.add_argument("--attempt", type=int, default=0, help="attempt number (default: all)")
+    sp.add_argument("--member", type=_member, default=0, help=MEMBER_HELP)
     sp.set_defaults(func=cmd_metrics)
 
     sp = client_verb("artifacts", "artifacts an experiment's stages reported")

@@ -200,21 +200,27 @@ class Client:
     def experiment(self, key: str) -> dict[str, Any]:
         return self.status(key)["experiments"][0]
 
-    def logs(self, stage: str, follow: bool = False, attempt: int = 0) -> Iterator[dict[str, Any]]:
-        req = infra_pb2.LogsRequest(stage=parse_stage_ref(stage), follow=follow, attempt=attempt)
+    def logs(self, stage: str, follow: bool = False, attempt: int = 0, member: int = 0) -> Iterator[dict[str, Any]]:
+        req = infra_pb2.LogsRequest(stage=parse_stage_ref(stage), follow=follow, attempt=attempt, member=member)
         try:
             for r in self.stub.GetLogs(req, timeout=None if follow else self.timeout):
                 yield {"attempt": r.attempt, "seq": r.seq, "time": r.time, "stream": r.stream, "text": r.text}
         except grpc.RpcError as e:
             raise self._error(e) from None
 
-    def metrics(self, stage: str, attempt: int = 0) -> list[dict[str, Any]]:
-        """Every metric record, asked for a page at a time (keyset cursor: the last record's attempt and seq)."""
+    def metrics(self, stage: str, attempt: int = 0, member: int = 0) -> list[dict[str, Any]]:
+        """Every metric record of one member (a gang's rank; 0 for a plain stage), asked for a page at a time
+        (keyset cursor: the last record's attempt and seq)."""
         ref, out = parse_stage_ref(stage), []
         after_attempt = after_seq = 0
         while True:
             req = infra_pb2.MetricsRequest(
-                stage=ref, attempt=attempt, page_size=METRICS_PAGE, after_attempt=after_attempt, after_seq=after_seq
+                stage=ref,
+                attempt=attempt,
+                page_size=METRICS_PAGE,
+                after_attempt=after_attempt,
+                after_seq=after_seq,
+                member=member,
             )
             resp = self._call("GetMetrics", req)
             for r in resp.metrics:

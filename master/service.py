@@ -241,6 +241,23 @@ class ClientServicer(infra_pb2_grpc.ClientServiceServicer):
         await self._may_access(context, row["key"], row["owner"])
         return row  # type: ignore[return-value]
 
+    async def _member(self, stage: dict[str, Any], member: int, context: grpc.aio.ServicerContext) -> None:
+        """Refuse a member the stage does not have, naming the gang's size, before any reading starts."""
+        if not member:
+            return
+        size = await self.c.read(store.gang_size, self.c.engine, stage["id"])
+        if size < 2:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"member: stage {stage['name']} is not a gang (it runs on one node); only member 0 exists",
+            )
+        if member >= size:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"member: stage {stage['name']} is a gang of {size} members (0 to {size - 1}); "
+                f"there is no member {member}",
+            )
+
     async def GetLogs(
         self,
         request: infra_pb2.LogsRequest,
@@ -248,6 +265,7 @@ class ClientServicer(infra_pb2_grpc.ClientServiceServicer):
     ) -> AsyncIterator[infra_pb2.LogRecord]:
         """Every line, streamed a page of rows at a time (no cap: the stream is the pagination)."""
         stage = await self._stage(request.stage, context)
+        await self._member(stage, request.member, context)
         attempt, after = request.attempt, request.after_seq
         while True:
             if not request.attempt:  # follow the latest attempt (a retry starts a new one)
@@ -258,7 +276,15 @@ class ClientServicer(infra_pb2_grpc.ClientServiceServicer):
             sent = 0
             while True:
                 rows = await self.c.read(
-                    store.events, self.c.engine, stage["id"], ("log", "dropped"), attempt, after, store.PAGE_SIZE
+                    store.events,
+                    self.c.engine,
+                    stage["id"],
+                    ("log", "dropped"),
+                    attempt,
+                    after,
+                    store.PAGE_SIZE,
+                    0,
+                    request.member,
                 )
                 for r in rows:
                     after = r["seq"]
@@ -278,6 +304,7 @@ class ClientServicer(infra_pb2_grpc.ClientServiceServicer):
         """One page after the request's cursor; or, for a client that asks for no page (page_size 0, clients
         before paging), every record, read a page at a time, if they fit one message."""
         stage = await self._stage(request.stage, context)
+        await self._member(stage, request.member, context)
         attempt = request.attempt or None
         if request.page_size:
             size = min(request.page_size, store.MAX_PAGE_SIZE)
@@ -290,13 +317,22 @@ class ClientServicer(infra_pb2_grpc.ClientServiceServicer):
                 request.after_seq,
                 size + 1,
                 request.after_attempt,
+                request.member,
             )
             return infra_pb2.MetricsResponse(metrics=[_metric(r) for r in rows[:size]], more=len(rows) > size)
         out: list[infra_pb2.MetricRecord] = []
         size_bytes, cursor = 0, (0, 0)
         while True:
             rows = await self.c.read(
-                store.events, self.c.engine, stage["id"], ("metric",), attempt, cursor[1], store.PAGE_SIZE, cursor[0]
+                store.events,
+                self.c.engine,
+                stage["id"],
+                ("metric",),
+                attempt,
+                cursor[1],
+                store.PAGE_SIZE,
+                cursor[0],
+                request.member,
             )
             for r in rows:
                 out.append(_metric(r))

@@ -316,6 +316,16 @@ def latest_attempt(engine: Engine, stage_id: int) -> int:
         return s.scalar(select(func.max(Attempt.number)).where(Attempt.stage_id == stage_id)) or 0
 
 
+def gang_size(engine: Engine, stage_id: int) -> int:
+    """The members of a stage as its plan declares them (``resources.nodes``; 1: a plain stage), read from
+    the stored plan so that a finished experiment's stage answers too."""
+    with Session(engine) as s:
+        row = s.execute(select(Stage.position, Experiment.plan).join(Experiment).where(Stage.id == stage_id)).first()
+    if row is None:
+        return 1
+    return int(row.plan["stages"][row.position].get("resources", {}).get("nodes") or 1)
+
+
 PAGE_SIZE = 5_000  # events per read of logs and metrics: what a read holds in memory at once
 MAX_PAGE_SIZE = 10_000  # the most a client may ask for in one page
 
@@ -328,17 +338,18 @@ def events(
     after_seq: int = 0,
     limit: int = PAGE_SIZE,
     after_attempt: int = 0,
+    member: int = 0,
 ) -> Rows:
     """One page of events of the given types for a stage, by attempt then seq: of one attempt, after
     ``after_seq``; or of all attempts (``attempt`` None), after the keyset cursor ``(after_attempt,
-    after_seq)``. At most ``limit`` rows: callers page on with the last row's (attempt, seq). A gang's
-    attempt is its member 0's events (it alone writes metrics and artifacts; the other members' output is in
-    their own log files of the shared record), so that (attempt, seq) stays one event."""
+    after_seq)``. At most ``limit`` rows: callers page on with the last row's (attempt, seq). Each member of a
+    gang has its own seq per attempt, so one member's events are read at a time (``member``, its rank; 0 for a
+    plain stage), which keeps (attempt, seq) one event."""
     with Session(engine) as s:
         q = (
             select(Attempt.number.label("attempt"), Event.seq, Event.type, Event.time, Event.data)
             .join(Attempt, Attempt.id == Event.attempt_id)
-            .where(Attempt.stage_id == stage_id, Attempt.rank == 0, Event.type.in_(types))
+            .where(Attempt.stage_id == stage_id, Attempt.rank == member, Event.type.in_(types))
             .order_by(Attempt.number, Event.seq)
             .limit(limit)
         )

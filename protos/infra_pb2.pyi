@@ -609,16 +609,18 @@ class StageRef(_message.Message):
     def __init__(self, experiment: _Optional[str] = ..., stage: _Optional[str] = ..., stage_id: _Optional[int] = ...) -> None: ...
 
 class LogsRequest(_message.Message):
-    __slots__ = ("stage", "attempt", "follow", "after_seq")
+    __slots__ = ("stage", "attempt", "follow", "after_seq", "member")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     FOLLOW_FIELD_NUMBER: _ClassVar[int]
     AFTER_SEQ_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_FIELD_NUMBER: _ClassVar[int]
     stage: StageRef
     attempt: int
     follow: bool
     after_seq: int
-    def __init__(self, stage: _Optional[_Union[StageRef, _Mapping]] = ..., attempt: _Optional[int] = ..., follow: _Optional[bool] = ..., after_seq: _Optional[int] = ...) -> None: ...
+    member: int
+    def __init__(self, stage: _Optional[_Union[StageRef, _Mapping]] = ..., attempt: _Optional[int] = ..., follow: _Optional[bool] = ..., after_seq: _Optional[int] = ..., member: _Optional[int] = ...) -> None: ...
 
 class LogRecord(_message.Message):
     __slots__ = ("attempt", "seq", "time", "stream", "text")
@@ -635,18 +637,20 @@ class LogRecord(_message.Message):
     def __init__(self, attempt: _Optional[int] = ..., seq: _Optional[int] = ..., time: _Optional[float] = ..., stream: _Optional[str] = ..., text: _Optional[str] = ...) -> None: ...
 
 class MetricsRequest(_message.Message):
-    __slots__ = ("stage", "attempt", "page_size", "after_attempt", "after_seq")
+    __slots__ = ("stage", "attempt", "page_size", "after_attempt", "after_seq", "member")
     STAGE_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
     AFTER_ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     AFTER_SEQ_FIELD_NUMBER: _ClassVar[int]
+    MEMBER_FIELD_NUMBER: _ClassVar[int]
     stage: StageRef
     attempt: int
     page_size: int
     after_attempt: int
     after_seq: int
-    def __init__(self, stage: _Optional[_Union[StageRef, _Mapping]] = ..., attempt: _Optional[int] = ..., page_size: _Optional[int] = ..., after_attempt: _Optional[int] = ..., after_seq: _Optional[int] = ...) -> None: ...
+    member: int
+    def __init__(self, stage: _Optional[_Union[StageRef, _Mapping]] = ..., attempt: _Optional[int] = ..., page_size: _Optional[int] = ..., after_attempt: _Optional[int] = ..., after_seq: _Optional[int] = ..., member: _Optional[int] = ...) -> None: ...
 
 class MetricRecord(_message.Message):
     __slots__ = ("attempt", "seq", "time", "metric")

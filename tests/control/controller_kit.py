@@ -1,4 +1,5 @@
-"""A Controller on a fresh SQLite database, for tests that drive it directly (no gRPC)."""
+"""A Controller on a fresh SQLite database, for tests that drive it directly (no gRPC for the node side; the
+client service on loopback for the `infra` verbs)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,15 @@ from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
+import grpc
 from sqlalchemy import Engine
 
 from infra.master.config import ControllerOptions
 from infra.master.controller import Controller
 from infra.master.db import make_engine, migrate
+from infra.master.service import ClientServicer
 from infra.master.wire import NodeAPI, usage_row
-from infra.protos import infra_pb2
+from infra.protos import infra_pb2, infra_pb2_grpc
 
 
 class WiredController(Controller):
@@ -50,6 +53,19 @@ async def started(engine: Engine, **kw: Any) -> AsyncIterator[WiredController]:
         yield c
     finally:
         await c.stop()
+
+
+@asynccontextmanager
+async def client_api(c: Controller) -> AsyncIterator[str]:
+    """The client service of ``c`` on a loopback port (its address): what the ``infra`` verbs talk to."""
+    server = grpc.aio.server()
+    infra_pb2_grpc.add_ClientServiceServicer_to_server(ClientServicer(c), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        await server.stop(None)
 
 
 def run_controller(

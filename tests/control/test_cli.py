@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import os
 import signal
@@ -22,9 +23,11 @@ from crystallm_core.cli import main as crystallm_main
 from infra import __version__
 from infra.cli import build_parser, globals_after_verb, log_level, main, node_admin_parser
 from infra.local import build_parser as infra_train_parser
+from infra.master.controller import Controller
 from infra.wkdir import build_parser as infra_wkdir_parser
 
 from .conftest import Cluster, wait_for
+from .controller_kit import client_api, run_controller
 
 
 def _parsers() -> Iterator[tuple[str, argparse.ArgumentParser]]:
@@ -146,6 +149,28 @@ def test_a_bad_log_level_stops_the_command_with_the_reason(
     monkeypatch.setenv("INFRA_LOG_LEVEL", "loud")
     assert main(["node", "--workdir", str(tmp_path / "w")]) == 2
     assert "infra node: $INFRA_LOG_LEVEL is 'loud'" in capsys.readouterr().err
+
+
+def test_status_shows_whole_shard_names_in_a_narrow_terminal(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Twelve shards of a long-named stage in 80 columns: each part's name and its merge's name appear whole
+    (the other columns wrap), so the parts are told apart by their ends."""
+    monkeypatch.setenv("COLUMNS", "80")
+    stage = {"name": "structure-search", "kind": "evaluate", "params": {"inputs": ["x"]}}
+    plan = {"name": "shards", "stages": [{**stage, "shards": 12}]}
+
+    async def scenario(c: Controller) -> None:
+        key = await c.submit(json.dumps(plan))
+        async with client_api(c) as address:
+            capsys.readouterr()
+            assert await asyncio.to_thread(main, ["status", key, "--master", address]) == 0
+        lines = capsys.readouterr().out.splitlines()
+        assert max(len(line) for line in lines) <= 80
+        names = [line.split()[1] for line in lines if line.startswith("│ structure-search")]  # the stage cells
+        assert names == [f"structure-search.shard-{i}-of-12" for i in range(12)] + ["structure-search"]
+
+    run_controller(tmp_path, scenario)
 
 
 def test_artifact_max_bytes_takes_a_size_and_refuses_what_is_not_one(

@@ -13,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from infra.cli import main
 from infra.master import store
 from infra.master.controller import Controller
 from infra.master.db import make_engine, migrate
@@ -20,7 +21,7 @@ from infra.protos import PROTOCOL_VERSION, infra_pb2
 from infra.spec.plan import PlanError, validate_plan
 from infra.spec.stages import Rendezvous, torchrun
 
-from .controller_kit import WiredController, run_controller
+from .controller_kit import WiredController, client_api, run_controller
 from .test_waiting_reason import _reason, _stages
 
 SMALL = {"gpus": 0, "cpus": 1, "memory": 512}
@@ -494,5 +495,73 @@ def test_a_stopped_member_gone_from_its_node_s_heartbeat_does_not_vote(tmp_path:
                 break
             await asyncio.sleep(0.02)
         assert st["state"] == "failed" and _members(st) == [(0, "failed", "error"), (1, "cancelled", "cancelled")]
+
+    _run(tmp_path, scenario)
+
+
+# --- a member's logs and metrics ----------------------------------------------------------------------
+
+
+def _events(m: infra_pb2.Assignment, first: int, *bodies: infra_pb2.LogLine | infra_pb2.Metric) -> list[Any]:
+    """Events of member ``m`` from seq ``first`` on: a log line or a metric each."""
+    out = []
+    for seq, body in enumerate(bodies, first):
+        ev = infra_pb2.Event(attempt_id=m.attempt_id, lease_token=m.lease_token, seq=seq, time=time.time())
+        (ev.log if isinstance(body, infra_pb2.LogLine) else ev.metric).CopyFrom(body)
+        out.append(ev)
+    return out
+
+
+async def _infra(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
+    """An ``infra`` verb, run off the loop that serves it: (exit code, stdout, stderr)."""
+    capsys.readouterr()
+    code = await asyncio.to_thread(main, list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_a_member_s_logs_and_metrics_come_back_with_member(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Both members log and report a metric (each with its own seqs): ``--member 1`` shows member 1's, the
+    default member 0's, ``-f --member 1`` follows member 1 until the gang ends; a member past the gang's size
+    and a member of a plain stage are refused by name."""
+
+    async def scenario(c: Controller) -> None:
+        streams = await _two_nodes(c)
+        key = await c.submit(_plan("g", [_train(), _job("plain")]))
+        gang = await _running_gang(c, key, streams)
+        (node0, m0, _), (node1, m1, _) = gang[0], gang[1]
+        for node, m, rank in ((node0, m0, 0), (node1, m1, 1)):
+            line = infra_pb2.LogLine(stream="stdout", text=f"hello from member {rank}")
+            metric = infra_pb2.Metric(step=10 + rank, values={"loss": 1.5 + rank})
+            batch = infra_pb2.EventBatch(node_id=node, events=_events(m, 1, line, metric))
+            assert await c.report_events(batch) == (2, [])
+        async with client_api(c) as address:
+            run = ("--master", address)
+            assert await _infra(capsys, *run, "logs", f"{key}/train", "--member", "1") == (
+                0,
+                "hello from member 1\n",
+                "",
+            )
+            assert (await _infra(capsys, *run, "logs", f"{key}/train"))[1] == "hello from member 0\n"
+            code, out, _ = await _infra(capsys, *run, "--json", "metrics", f"{key}/train", "--member", "1")
+            assert code == 0 and [(r["step"], r["values"]) for r in json.loads(out)] == [(11, {"loss": 2.5})]
+            code, out, _ = await _infra(capsys, *run, "--json", "metrics", f"{key}/train")
+            assert code == 0 and [(r["step"], r["values"]) for r in json.loads(out)] == [(10, {"loss": 1.5})]
+
+            code, out, err = await _infra(capsys, *run, "logs", f"{key}/train", "--member", "2")
+            assert code == 1 and not out
+            assert "member: stage train is a gang of 2 members (0 to 1); there is no member 2" in err
+            code, _, err = await _infra(capsys, *run, "metrics", f"{key}/plain", "--member", "1")
+            assert code == 1 and "member: stage plain is not a gang" in err
+            assert (await _infra(capsys, *run, "logs", f"{key}/plain", "--member", "0"))[0] == 0
+
+            follow = asyncio.ensure_future(_infra(capsys, *run, "logs", "-f", f"{key}/train", "--member", "1"))
+            later = infra_pb2.LogLine(stream="stderr", text="member 1 again")
+            assert await c.report_events(infra_pb2.EventBatch(node_id=node1, events=_events(m1, 3, later))) == (1, [])
+            await _report(c, node0, m0, infra_pb2.SUCCEEDED)
+            await _report(c, node1, m1, infra_pb2.SUCCEEDED)
+            assert (await _stages(c, key))["train"]["state"] == "succeeded"
+            code, out, _ = await asyncio.wait_for(follow, 10)
+            assert code == 0 and out == "hello from member 1\n[stderr] member 1 again\n"
 
     _run(tmp_path, scenario)
