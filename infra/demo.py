@@ -132,11 +132,14 @@ def start_master(
 
     threading.Thread(target=read, daemon=True).start()
     deadline = time.monotonic() + START_TIMEOUT_S
-    while not found:
-        if proc.poll() is not None or time.monotonic() > deadline:
-            stop(proc)
-            raise RuntimeError(f"the master did not start; its log ({log_path}):\n{log_path.read_text()[-4000:]}")
-        time.sleep(0.05)
+    try:
+        while not found:
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the master did not start; its log ({log_path}):\n{log_path.read_text()[-4000:]}")
+            time.sleep(0.05)
+    except BaseException:  # a Ctrl-C while it starts included: the caller has no handle on it yet
+        stop(proc)
+        raise
     return proc, found[0], dashboard[0] if dashboard else ""
 
 

@@ -211,3 +211,27 @@ def test_the_demo_says_where_its_dashboard_is_first(tmp_path: Path) -> None:
         demo.send_signal(signal.SIGINT)
         demo.communicate(timeout=60)
     assert not list(tmp_path.glob("infra-demo-*"))
+
+
+def test_a_ctrl_c_while_the_master_starts_leaves_no_master_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``infra demo`` (and every test cluster) starts its master through start_master; an interrupt while it
+    waits for the master to listen must stop that master, which the caller has no handle on yet."""
+    from infra import demo
+
+    spawned: list[subprocess.Popen[str]] = []
+    real_popen = subprocess.Popen
+
+    def popen(*args: object, **kwargs: object) -> subprocess.Popen[str]:
+        spawned.append(real_popen(*args, **kwargs))  # type: ignore[call-overload]
+        return spawned[-1]
+
+    def interrupt(_: float) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(demo.subprocess, "Popen", popen)
+    monkeypatch.setattr(demo.time, "sleep", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        demo.start_master(f"sqlite:///{tmp_path / 'm.db'}", dict(os.environ), tmp_path / "master.log")
+    assert len(spawned) == 1 and spawned[0].poll() is not None  # stopped, not left running
