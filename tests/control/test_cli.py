@@ -10,9 +10,11 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -231,7 +233,8 @@ def test_a_ctrl_c_while_the_master_starts_leaves_no_master_behind(
         raise KeyboardInterrupt
 
     monkeypatch.setattr(demo.subprocess, "Popen", popen)
-    monkeypatch.setattr(demo.time, "sleep", interrupt)
+    # only the demo's own clock: subprocess's waits sleep through the real time module
+    monkeypatch.setattr(demo, "time", SimpleNamespace(monotonic=time.monotonic, sleep=interrupt))
     with pytest.raises(KeyboardInterrupt):
         demo.start_master(f"sqlite:///{tmp_path / 'm.db'}", dict(os.environ), tmp_path / "master.log")
     assert len(spawned) == 1 and spawned[0].poll() is not None  # stopped, not left running
