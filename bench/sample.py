@@ -73,6 +73,7 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=10)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--no-graph", action="store_true")
+    ap.add_argument("--kv-cache", choices=["model", "fp8"], default="model", help="key/value cache type")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
 
@@ -109,7 +110,12 @@ def main() -> None:
     naive_s = time.perf_counter() - t0
 
     sampler = Sampler(
-        model, vocab, batch_size=args.batch_size, max_len=max_len, cuda_graph=False if args.no_graph else None
+        model,
+        vocab,
+        batch_size=args.batch_size,
+        max_len=max_len,
+        cuda_graph=False if args.no_graph else None,
+        cache_dtype=torch.float8_e4m3fn if args.kv_cache == "fp8" else None,
     )
     sampler.generate(prompts[: args.batch_size], params)  # warm-up: capture, kernels, allocator
     _, stats = sampler.generate(prompts, params)
@@ -124,6 +130,7 @@ def main() -> None:
         "batch_size": args.batch_size,
         "cache_len": max_len,
         "cuda_graph": sampler.use_graph,
+        "kv_cache": str(sampler.cache.k.dtype).removeprefix("torch."),
         "naive": {
             "structures": len(naive_prompts),
             "structures_per_s": round(naive_rate, 3),

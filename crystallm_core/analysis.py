@@ -45,6 +45,7 @@ import math
 import os
 import re
 import sys
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -276,8 +277,14 @@ def analyze_probe(
     tau: int = 1,
     redundancy: str = "MMI",
 ) -> list[Path]:
-    """Reduce, pair, decompose and draw one probe's captures; returns the files written."""
+    """Reduce, pair, decompose and draw one probe's captures; returns the files written.
+
+    ``phiid.json`` records the cost: seconds spent reducing captures and decomposing pairs, and omegaid's
+    backend, so an all-pairs analysis can be planned from an earlier one."""
+    t0 = time.perf_counter()
     captures = [reduce_capture(p) for p in paths]
+    reduce_s = time.perf_counter() - t0
+    atoms_s = 0.0
     chosen, mi = choose_pairs(captures, pairs, top_n)
     out = layout.probe_plots_dir(probe)
     settings: dict[str, Any] = {"reduction": "first principal component", "tau": tau, "redundancy": redundancy}
@@ -285,7 +292,9 @@ def analyze_probe(
     written: list[Path] = []
     all_rows: list[dict[str, Any]] = []
     for c in captures:
+        t0 = time.perf_counter()
         rows = [_row(c, p, atoms_fn, tau) for p in chosen]
+        atoms_s += time.perf_counter() - t0
         table = {
             "probe": probe,
             "step": c.step,
@@ -310,6 +319,12 @@ def analyze_probe(
         "chosen_pairs": [{"source": s, "target": t, "mean_mi": mi[(s, t)]} for s, t in chosen],
         "rows": all_rows,
         "mean": mean_rows,
+        "cost": {
+            "backend": os.environ.get("OMEGAID_BACKEND", "numpy"),
+            "decompositions": len(captures) * len(chosen),
+            "reduce_s": round(reduce_s, 3),
+            "atoms_s": round(atoms_s, 3),
+        },
     }
     written.append(_write_json(out / "phiid.json", summary))
     written += _heatmaps(mean_rows, captures[-1], f"{probe} mean of {len(captures)} capture(s)", out / "mean")
@@ -383,7 +398,11 @@ def run(args: argparse.Namespace) -> int:
             chosen = paths[-1:] if args.smoke else paths
             files = analyze_probe(layout, probe, chosen, atoms_fn, mode, n, args.tau, args.redundancy)
             where = layout.relative(layout.probe_plots_dir(probe))
-            print(f"{probe}: {len(chosen)} capture(s), {len(files)} files in {where}/")
+            cost = json.loads((layout.probe_plots_dir(probe) / "phiid.json").read_text())["cost"]
+            print(
+                f"{probe}: {len(chosen)} capture(s), {cost['decompositions']} decompositions in {cost['atoms_s']} s "
+                f"({cost['backend']}), {len(files)} files in {where}/"
+            )
             written += files
     except ValueError as e:  # AnalysisError, unreadable captures
         return fail(str(e))

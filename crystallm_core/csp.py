@@ -197,6 +197,7 @@ def run_csp(
     sink: JsonlSink | None = None,
     shard: Shard | None = None,
     test_split: str | None = None,
+    kv_cache: str = "model",
 ) -> CspResult:
     """The benchmark over the test structures (the first ``limit``), or over ``shard``'s part of them; with
     ``out``, its per-structure results too (what ``crystallm merge csp`` joins). With ``test_split``, ``test``
@@ -208,7 +209,7 @@ def run_csp(
     from crystallm_core.evaluate import check_texts
     from crystallm_core.inputs import read_input
     from crystallm_core.sample import generate, load_for_inference
-    from crystallm_core.sampler import Sampler, SamplingParams
+    from crystallm_core.sampler import KV_CACHE_TYPES, Sampler, SamplingParams
 
     if test_split is not None:
         from crystallm_core.prepare import split_cifs
@@ -235,7 +236,9 @@ def run_csp(
     phase(f"{len(truths)} test structures read")
     model, vocab, _ = load_for_inference(model_path, device)
     on_gpu = next(model.parameters()).device.type == "cuda"
-    sampler = Sampler(model, vocab, batch_size=batch_size or (1024 if on_gpu else 32))
+    sampler = Sampler(
+        model, vocab, batch_size=batch_size or (1024 if on_gpu else 32), cache_dtype=KV_CACHE_TYPES[kv_cache]
+    )
     length = min(model.cfg.block_size, max_tokens or model.cfg.block_size)  # default: up to the whole context
     params = SamplingParams(temperature=temperature, top_k=top_k, seed=seed, max_tokens=length)
     with ProgressReporter(sink, "csp sample", n * len(prompts)) as progress:
@@ -299,6 +302,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="processes for the validity checks and structure matching (default: all cores)",
     )
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
+    p.add_argument(
+        "--kv-cache", choices=["model", "fp8"], default="model", help="key/value cache type (fp8: half the bytes)"
+    )
     p.add_argument("--out", default=None, help="directory for samples.csv.gz, results.jsonl and csp.json")
     p.add_argument(
         "--smoke", action="store_true", help=f"8 test structures, 2 attempts each of at most {SMOKE_TOKENS} tokens"
@@ -332,6 +338,7 @@ def run(args: argparse.Namespace) -> int:
             sink,
             args.shard,
             args.test_split,
+            args.kv_cache,
         )
         if sink is not None:
             sink.metric(0, **{k: v for k, v in asdict(result).items() if v is not None})

@@ -83,7 +83,12 @@ def named_config(name: str, vocab_size: int, dropout: float = 0.0, block_size: i
 
 
 class KVCache:
-    """Preallocated keys and values for ``batch`` sequences of up to ``length`` tokens, all layers."""
+    """Preallocated keys and values for ``batch`` sequences of up to ``length`` tokens, all layers.
+
+    ``dtype`` may be narrower than the model's (``torch.float8_e4m3fn``): decoding reads the whole
+    visible cache every step, so its bytes bound the speed; keys and values are stored unscaled,
+    clamped to the fp8 range, and widened to float32 inside the attention kernel.
+    """
 
     def __init__(self, cfg: ModelConfig, batch: int, length: int, device: torch.device, dtype: torch.dtype) -> None:
         shape = (cfg.n_layer, batch, cfg.n_head, length, cfg.head_dim)
@@ -117,10 +122,7 @@ class CausalSelfAttention(nn.Module):
         """One token per sequence: x (b, 1, c), written to the cache at ``pos`` (b,), attending to 0..pos."""
         b, _, c = x.shape
         q, k, v = self._split(x)
-        rows = torch.arange(b, device=x.device)
-        k_cache[rows, :, pos] = k[:, :, 0]
-        v_cache[rows, :, pos] = v[:, :, 0]
-        y = decode_attention(q, k_cache, v_cache, pos)
+        y = decode_attention(q, k, v, k_cache, v_cache, pos)
         return self.proj(y.transpose(1, 2).reshape(b, 1, c))
 
 

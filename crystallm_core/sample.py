@@ -21,7 +21,7 @@ from crystallm_core.checkpoint import load_model
 from crystallm_core.events import ProgressReporter, open_sink
 from crystallm_core.postprocess import postprocess
 from crystallm_core.prompts import PromptError, make_prompt, read_prompts
-from crystallm_core.sampler import Sampler, SamplerStats, SamplingParams
+from crystallm_core.sampler import KV_CACHE_TYPES, Sampler, SamplerStats, SamplingParams
 from crystallm_core.shards import add_shard_argument
 from crystallm_core.train import resolve_device
 
@@ -104,6 +104,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0, help="seed of the sampling generator (default 0)")
     p.add_argument("--batch-size", type=int, default=None, help="slots generated together (default: 1024 GPU, 32 CPU)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
+    p.add_argument(
+        "--kv-cache", choices=["model", "fp8"], default="model", help="key/value cache type (fp8: half the bytes)"
+    )
     p.add_argument("--out", required=True, help="directory of .cif files, or FILE.csv[.gz]")
     p.add_argument("--smoke", action="store_true", help="two samples of at most 64 tokens per prompt")
     add_shard_argument(p, "(prompt, sample) items, prompt by prompt")
@@ -131,7 +134,13 @@ def run(args: argparse.Namespace) -> int:
     device = next(model.parameters()).device
     batch = args.batch_size or (1024 if device.type == "cuda" else 32)
     items = range(n * len(prompts)) if args.shard is None else args.shard.part(n * len(prompts))
-    sampler = Sampler(model, vocab, batch_size=max(1, min(batch, len(items))), max_len=model.cfg.block_size)
+    sampler = Sampler(
+        model,
+        vocab,
+        batch_size=max(1, min(batch, len(items))),
+        max_len=model.cfg.block_size,
+        cache_dtype=KV_CACHE_TYPES[args.kv_cache],
+    )
     out = Path(args.out)
     with open_sink(out.parent if out.suffix in (".csv", ".gz") else out) as sink:
         with ProgressReporter(sink, "sample", len(items)) as progress:

@@ -32,6 +32,8 @@ from crystallm_core.model import GPT, KVCache
 from crystallm_core.vocab import Vocabulary
 
 _MASK = 0xFFFFFFFF
+# ``--kv-cache`` choices: the key/value cache's type ("model": the model's own, bf16 on a GPU).
+KV_CACHE_TYPES: dict[str, torch.dtype | None] = {"model": None, "fp8": torch.float8_e4m3fn}
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:
@@ -132,6 +134,7 @@ class Sampler:
         check_every: int = 16,
         cuda_graph: bool | None = None,
         compile: bool = False,
+        cache_dtype: torch.dtype | None = None,
     ) -> None:
         self.model = model.eval()
         self.vocab = vocab
@@ -142,7 +145,7 @@ class Sampler:
         self.check_every = check_every
         self.use_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
         dev = self.device
-        self.cache = KVCache(model.cfg, self.B, self.L, dev, self.dtype)
+        self.cache = KVCache(model.cfg, self.B, self.L, dev, cache_dtype or self.dtype)
         self.tokens = torch.zeros(self.B, self.L, dtype=torch.long, device=dev)
         self.plen = torch.ones(self.B, dtype=torch.long, device=dev)
         self.limit = torch.full((self.B,), self.L - 1, dtype=torch.long, device=dev)  # last writable position

@@ -116,13 +116,14 @@ def test_analyze_all_pairs_writes_tables_and_heatmaps(run_dir, phiid, capsys):
     summary = json.loads((out / "phiid.json").read_text())
     assert [c["step"] for c in summary["captures"]] == [10, 20, 30]
     assert len(summary["rows"]) == 12 and len(summary["mean"]) == 4
+    assert summary["cost"]["decompositions"] == 12 and summary["cost"]["atoms_s"] >= 0
     mean_ac = [r for r in summary["mean"] if (r["source"], r["target"]) == ("a", "c")][0]
     per_capture = [r["rtr"] for r in summary["rows"] if (r["source"], r["target"]) == ("a", "c")]
     assert mean_ac["rtr"] == pytest.approx(np.mean(per_capture))
     for atom in HEATMAP_ATOMS:
         for prefix in ("eval_10", "eval_20", "eval_30", "mean", "trend"):
             assert is_png(out / f"{prefix}_{atom}.png"), f"{prefix}_{atom}.png"
-    assert "p: 3 capture(s)" in capsys.readouterr().out
+    assert "p: 3 capture(s), 12 decompositions in" in capsys.readouterr().out
 
 
 def test_top_n_keeps_the_pairs_with_the_most_mutual_information(run_dir, phiid):

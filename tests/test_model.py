@@ -35,6 +35,26 @@ def test_cached_decoding_with_sequences_at_different_positions():
     assert torch.allclose(out[1], full_b[0, -1], atol=1e-4)
 
 
+def test_fp8_cache_stays_close_to_full_precision_and_clamps_instead_of_nan():
+    """An fp8 cache rounds keys and values (3 mantissa bits) but keeps the logits close; a value past the
+    fp8 range is clamped, never stored as NaN."""
+    torch.manual_seed(0)
+    cfg = named_config("tiny", vocab_size=389, block_size=96)
+    model = GPT(cfg).eval()
+    idx = torch.randint(0, 389, (3, 60))
+    caches = [KVCache(cfg, 3, 96, torch.device("cpu"), d) for d in (torch.float32, torch.float8_e4m3fn)]
+    with torch.no_grad():
+        for t in range(60):
+            ref, fp8 = (model.decode_step(idx[:, t], torch.full((3,), t), c) for c in caches)
+    assert caches[1].k.dtype == torch.float8_e4m3fn
+    assert (ref.softmax(-1) - fp8.softmax(-1)).abs().max() < 0.02
+    assert not torch.equal(ref, fp8)  # the cache did round
+    with torch.no_grad():
+        model.blocks[0].attn.qkv.weight.mul_(1e4)  # keys and values far past 448
+        out = model.decode_step(idx[:, 0], torch.zeros(3, dtype=torch.long), caches[1])
+    assert torch.isfinite(out).all() and caches[1].k[0].float().abs().max() == 448
+
+
 def test_named_configs_match_the_published_sizes():
     small = named_config("small", 389)
     large = named_config("large", 389)
