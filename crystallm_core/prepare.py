@@ -215,7 +215,7 @@ def _augment_chunk(items: list[tuple[str, str]]) -> list[Variants]:
         s = _settings
         try:
             out.append(variants(text, s.augment, s.seed, key, s.decimals, s.symprec))
-        except Exception:  # a stored canonical CIF always parses; if one does not, it just gets no variants
+        except Exception:  # an unforeseen failure costs this structure its variants (counted), not the run
             out.append(Variants([], s.augment))
     return out
 
