@@ -35,9 +35,11 @@ from crystallm_core.cif import (
     spacegroup_number,
 )
 
-AUGMENT_MAX = 16  # variants per structure: more only repeats texts for the small orbits of carbon and perovskites
+AUGMENT_MAX = 16  # variants per structure: a bound, so that a typo cannot multiply train.bin a thousandfold
 DRAWS_PER_VARIANT = 4  # draws allowed per wanted variant: a crystal with few distinct texts gets fewer variants
-SHIFT_GRID = 24  # origin shifts are tried on a 1/24 grid: every normalizer translation of a standard setting lies on it
+# Origin shifts are tried on a 1/24 grid: the discrete normalizer translations have components in halves,
+# thirds, quarters and eighths, all on it; a free (polar) direction is sampled on it.
+SHIFT_GRID = 24
 _SNAP = 1e-3  # cif.orbit writes an image within this of 1 as 0, in canonical and variant expansions alike
 
 
