@@ -113,6 +113,12 @@ def _dataset(cell: tuple, symprec: float):  # noqa: ANN202 (spglib's dataset typ
         return None
 
 
+def detect_spacegroup_number(cell: Expanded, symprec: float = DEFAULT_SYMPREC) -> int | None:
+    """The space-group number spglib finds for an expanded CIF, or None where it finds no symmetry."""
+    ds = _dataset(cell.spglib_cell(), symprec)
+    return None if ds is None else int(ds.number)
+
+
 def canonicalize(structure: Structure, decimals: int = DEFAULT_DECIMALS, symprec: float = DEFAULT_SYMPREC) -> Canonical:
     """Symmetrize ``structure`` and write it in canonical form.
 
@@ -124,8 +130,8 @@ def canonicalize(structure: Structure, decimals: int = DEFAULT_DECIMALS, symprec
     canon = _canonicalize_once(structure, decimals, symprec)
     for _ in range(3):
         cell = expand(read_cif(canon.text))
-        ds = _dataset(cell.spglib_cell(), symprec)
-        if ds is None or ds.number == canon.spacegroup_number:
+        detected = detect_spacegroup_number(cell, symprec)
+        if detected is None or detected == canon.spacegroup_number:
             break
         canon = _canonicalize_once(Structure(cell.lattice, cell.symbols, cell.frac), decimals, symprec)
     return canon

@@ -19,19 +19,21 @@ import sys
 import time
 import warnings
 from collections import Counter, deque
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field, replace
 from itertools import islice
 from multiprocessing import Pool
 from multiprocessing.pool import AsyncResult
+from multiprocessing.pool import Pool as PoolType
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any, TextIO, TypeVar
 
 import numpy as np
 from pymatgen.core import Structure
 
 from crystallm_core import __version__
+from crystallm_core.augment import AUGMENT_MAX, Variants, variants
 from crystallm_core.cif import DEFAULT_DECIMALS, DEFAULT_SYMPREC, Canonical, canonicalize
 from crystallm_core.events import JsonlSink, open_sink
 from crystallm_core.inputs import Record, read_inputs
@@ -49,6 +51,11 @@ STORE_BATCH = 2000  # rows per store transaction
 PROGRESS_EVERY_S = 1.0
 REASON_MAX = 500
 SMOKE_STRUCTURES = 64  # --smoke reads only this many structures of the inputs
+
+T = TypeVar("T")
+K = TypeVar("K")
+A = TypeVar("A")
+R = TypeVar("R")
 
 
 class PrepareError(ValueError):
@@ -70,6 +77,9 @@ class PrepareReport:
     seconds: float
     workers: int
     where: list[str] = field(default_factory=list)
+    augment: int = 0  # variants wanted per training structure
+    variants: int = 0  # variants written into train.bin
+    variant_failures: int = 0  # drawn variants that failed the check and were skipped
 
     @property
     def rejects_path(self) -> Path:
@@ -85,8 +95,14 @@ class PrepareReport:
             f"  removed as duplicates  {self.duplicates}",
             f"  stored                 {self.stored}",
             f"  in token files         {self.selected}{where}",
-            f"  splits from            {origin}",
         ]
+        if self.augment:
+            wanted = self.augment * (self.splits["train"].cifs - self.variants)
+            lines += [
+                f"  train variants         {self.variants} of {wanted}  (--augment {self.augment})",
+                f"  variants skipped       {self.variant_failures}  (failed the check)",
+            ]
+        lines.append(f"  splits from            {origin}")
         if self.input_splits_ignored:
             lines.append(
                 f"  note: {self.input_splits_ignored} input split values were ignored: not every record had one"
@@ -157,12 +173,21 @@ def assign_splits(ids: Iterable[str], ratios: Sequence[float], seed: int) -> dic
 
 # ---------------------------------------------------------------- workers
 
-_settings: tuple[int, float] = (DEFAULT_DECIMALS, DEFAULT_SYMPREC)
+
+@dataclass(frozen=True)
+class _WorkerSettings:
+    decimals: int = DEFAULT_DECIMALS
+    symprec: float = DEFAULT_SYMPREC
+    augment: int = 0
+    seed: int = 0
 
 
-def _init_worker(decimals: int, symprec: float) -> None:
+_settings = _WorkerSettings()
+
+
+def _init_worker(settings: _WorkerSettings) -> None:
     global _settings
-    _settings = (decimals, symprec)
+    _settings = settings
     warnings.simplefilter("ignore")  # pymatgen warns about every CIF it has to fix up
 
 
@@ -174,7 +199,7 @@ def _reason(exc: BaseException) -> str:
 def _canonicalize_one(text: str) -> Canonical | str:
     """The canonical form, or the reason it could not be made."""
     try:
-        return canonicalize(Structure.from_str(text, fmt="cif"), *_settings)
+        return canonicalize(Structure.from_str(text, fmt="cif"), _settings.decimals, _settings.symprec)
     except Exception as exc:  # any failure rejects this structure only
         return _reason(exc)
 
@@ -183,9 +208,21 @@ def _canonicalize_chunk(texts: list[str]) -> list[Canonical | str]:
     return [_canonicalize_one(t) for t in texts]
 
 
-def _chunks(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
-    chunk: list[Record] = []
-    for r in records:
+def _augment_chunk(items: list[tuple[str, str]]) -> list[Variants]:
+    """Variants of (id, canonical CIF) pairs; a structure whose variants cannot be made gets none."""
+    out = []
+    for key, text in items:
+        s = _settings
+        try:
+            out.append(variants(text, s.augment, s.seed, key, s.decimals, s.symprec))
+        except Exception:  # an unforeseen failure costs this structure its variants (counted), not the run
+            out.append(Variants([], s.augment))
+    return out
+
+
+def _chunks(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    chunk: list[T] = []
+    for r in items:
         chunk.append(r)
         if len(chunk) == size:
             yield chunk
@@ -279,20 +316,45 @@ def _unique(records: Iterable[Record], collector: _Collector) -> Iterator[Record
         yield r
 
 
-def _canonicalize_all(
-    records: Iterator[Record], collector: _Collector, workers: int, decimals: int, symprec: float
-) -> None:
-    window: deque[tuple[list[Record], AsyncResult]] = deque()
-    with Pool(workers, initializer=_init_worker, initargs=(decimals, symprec)) as pool:
-        for chunk in _chunks(_unique(records, collector), CHUNK):
-            window.append((chunk, pool.apply_async(_canonicalize_chunk, ([r.text for r in chunk],))))
-            if len(window) >= workers * TASKS_PER_WORKER:
-                done, result = window.popleft()
-                collector.take(done, result.get())
-        while window:
-            done, result = window.popleft()
-            collector.take(done, result.get())
+def _in_order(pool: PoolType, fn: Callable[[A], R], tasks: Iterable[tuple[K, A]], window: int) -> Iterator[tuple[K, R]]:
+    """``(key, fn(arg))`` for each ``(key, arg)`` of ``tasks``, in task order, with at most ``window`` tasks
+    in flight: the input is streamed, never read ahead as a whole (``Pool.imap`` would)."""
+    pending: deque[tuple[K, AsyncResult]] = deque()
+    for key, arg in tasks:
+        pending.append((key, pool.apply_async(fn, (arg,))))
+        if len(pending) >= window:
+            done, result = pending.popleft()
+            yield done, result.get()
+    while pending:
+        done, result = pending.popleft()
+        yield done, result.get()
+
+
+def _canonicalize_all(records: Iterator[Record], collector: _Collector, pool: PoolType, window: int) -> None:
+    tasks = ((chunk, [r.text for r in chunk]) for chunk in _chunks(_unique(records, collector), CHUNK))
+    for chunk, results in _in_order(pool, _canonicalize_chunk, tasks, window):
+        collector.take(chunk, results)
     collector.flush()
+
+
+class _Augmenter:
+    """Streams the training rows through the pool and counts what their variants came to."""
+
+    def __init__(self, pool: PoolType, window: int, progress: _Progress) -> None:
+        self.pool, self.window, self.progress = pool, window, progress
+        self.written = 0
+        self.failures = 0
+
+    def texts(self, rows: Iterable[Row]) -> Iterator[tuple[str, str]]:
+        """(id, text) of each row's canonical CIF, each followed by its variants."""
+        tasks = ((chunk, [(r.id, r.cif) for r in chunk]) for chunk in _chunks(rows, CHUNK))
+        for chunk, results in _in_order(self.pool, _augment_chunk, tasks, self.window):
+            for row, found in zip(chunk, results, strict=True):
+                yield row.id, row.cif
+                yield from ((row.id, text) for text in found.texts)
+                self.written += len(found.texts)
+                self.failures += found.failed
+            self.progress.advance(len(chunk))
 
 
 def _split_store(store: Store, ratios: Sequence[float], seed: int) -> tuple[str, int]:
@@ -306,17 +368,20 @@ def _split_store(store: Store, ratios: Sequence[float], seed: int) -> tuple[str,
 
 
 def _write_tokens(
-    out: Path, store: Store, filters: list[Filter], vocab: Vocabulary, sink: JsonlSink
+    out: Path, store: Store, filters: list[Filter], vocab: Vocabulary, sink: JsonlSink, augmenter: _Augmenter | None
 ) -> tuple[dict[str, SplitCounts], Counter, dict[str, list[str]]]:
-    """Token files of each split; also the ids written, in token-file order (CIF ``i`` is ``ids[split][i]``)."""
+    """Token files of each split; also the ids written, in token-file order (CIF ``i`` is ``ids[split][i]``,
+    so a training structure's id comes once for its canonical CIF and once for each of its variants)."""
     unknown: Counter = Counter()
     counts = {}
     ids: dict[str, list[str]] = {}
 
     def texts(split: str) -> Iterator[str]:
-        for row in store.iter_rows([*filters, parse_filter(f"split={split}")]):
-            ids[split].append(row.id)
-            yield row.cif
+        rows = store.iter_rows([*filters, parse_filter(f"split={split}")])
+        pairs = augmenter.texts(rows) if augmenter and split == "train" else ((r.id, r.cif) for r in rows)
+        for key, text in pairs:
+            ids[split].append(key)
+            yield text
 
     for s in SPLITS:
         ids[s] = []
@@ -378,6 +443,8 @@ def _meta(
             "duplicates": report.duplicates,
             "stored": report.stored,
             "selected": report.selected,
+            "variants": report.variants,
+            "variant_failures": report.variant_failures,
         },
         "unknown_tokens": dict(sorted(report.unknown.items())),
         "store": STORE_NAME,
@@ -389,7 +456,7 @@ def _meta(
 def _write_selection(out: Path, meta: dict[str, Any], ids: dict[str, list[str]]) -> None:
     """``selection.json``: which structures the data set is made of and how they were chosen, written
     atomically (the experiment record keeps it as ``data/selection.json``)."""
-    keys = ("sources", "filters", "limit", "dedup", "split_origin", "split_ratios", "seed", "counts")
+    keys = ("sources", "filters", "limit", "dedup", "split_origin", "split_ratios", "seed", "augment", "counts")
     selection = {"format": "crystallm-selection/1", **{k: meta[k] for k in keys}, "selected": ids}
     tmp = out / (SELECTION_JSON + ".tmp")
     tmp.write_text(json.dumps(selection, indent=1) + "\n", encoding="utf-8")
@@ -429,11 +496,12 @@ class PrepareOptions:
     workers: int | None = None  # worker processes (None: all cores)
     dedup: bool = False  # keep one structure per reduced formula and space group
     split: Sequence[float] = (0.8, 0.1, 0.1)  # train, val, test ratios
-    seed: int = 0  # seed of the split permutation
+    seed: int = 0  # seed of the split permutation and of the variants
     where: Sequence[str] = ()  # FIELD=VALUE filters of what goes into the token files
     symprec: float = DEFAULT_SYMPREC  # spglib tolerance in Å
     vocab: str = "cif-v1"  # vocabulary of the token files
     limit: int | None = None  # read only the first ``limit`` structures of the inputs (recorded in meta.json)
+    augment: int = 0  # equivalent texts added per training structure (crystallm_core/augment.py), seeded by ``seed``
 
 
 @dataclass(frozen=True)
@@ -452,6 +520,10 @@ def _check(options: PrepareOptions) -> _Job:
     if options.limit is not None and options.limit < 1:
         raise PrepareError(f"limit must be at least 1, got {options.limit}")
     filters = parse_filters(list(options.where))
+    if not 0 <= options.augment <= AUGMENT_MAX:
+        raise PrepareError(f"augment must be between 0 and {AUGMENT_MAX}, got {options.augment}")
+    if options.seed < 0:
+        raise PrepareError(f"seed must be a non-negative integer, got {options.seed}")
     if options.decimals < 1:
         raise PrepareError(f"decimals must be at least 1, got {options.decimals}")
     if not (math.isfinite(options.symprec) and options.symprec > 0):
@@ -495,24 +567,32 @@ def _run(sources: list[str], records: Iterator[Record], out: Path, job: _Job) ->
     opts = job.options
     started = time.monotonic()
     digests = [{"path": p, "sha256": source_digest(p)} for p in sources]
+    window = job.workers * TASKS_PER_WORKER
     with ExitStack() as stack:
+        # One pool for the whole run: it canonicalizes, then makes the variants of the training split.
+        settings = _WorkerSettings(opts.decimals, opts.symprec, opts.augment, opts.seed)
+        pool = stack.enter_context(Pool(job.workers, initializer=_init_worker, initargs=(settings,)))
         sink = stack.enter_context(open_sink(out))
         store = stack.enter_context(Store.create(out / STORE_NAME))
         rejects = stack.enter_context((out / REJECTS_NAME).open("x", encoding="utf-8", newline=""))
         progress = _Progress(sink, "canonicalize", stack)
         collector = _Collector(store, rejects, progress)
-        _canonicalize_all(records, collector, job.workers, opts.decimals, opts.symprec)
+        _canonicalize_all(records, collector, pool, window)
         progress.finish()
         duplicates = len(store.remove_duplicates()) if opts.dedup else 0
         origin, ignored = _split_store(store, job.ratios, opts.seed)
-        counts, unknown, ids = _write_tokens(out, store, job.filters, job.vocab, sink)
+        augmenter = _Augmenter(pool, window, _Progress(sink, "augment", stack)) if opts.augment else None
+        counts, unknown, ids = _write_tokens(out, store, job.filters, job.vocab, sink, augmenter)
+        if augmenter is not None:
+            augmenter.progress.finish()
+        variants = augmenter.written if augmenter else 0
         report = PrepareReport(
             out=out,
             read=collector.counts.read,
             rejected=collector.counts.rejected,
             duplicates=duplicates,
             stored=store.count(),
-            selected=sum(c.cifs for c in counts.values()),
+            selected=sum(c.cifs for c in counts.values()) - variants,  # structures, not texts
             split_origin=origin,
             input_splits_ignored=ignored,
             splits=counts,
@@ -520,14 +600,18 @@ def _run(sources: list[str], records: Iterator[Record], out: Path, job: _Job) ->
             seconds=time.monotonic() - started,
             workers=job.workers,
             where=[f.text for f in job.filters],
+            augment=opts.augment,
+            variants=variants,
+            variant_failures=augmenter.failures if augmenter else 0,
         )
         settings = {
             "decimals": opts.decimals,
             "symprec": opts.symprec,
             "dedup": opts.dedup,
             "split_ratios": list(job.ratios) if origin == "ratios" else None,
-            "seed": opts.seed if origin == "ratios" else None,
+            "seed": opts.seed if origin == "ratios" or opts.augment else None,
             "limit": opts.limit,
+            "augment": opts.augment,
         }
         meta = _meta(report, job.vocab, digests, settings)
         _write_selection(out, meta, ids)
@@ -548,7 +632,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dedup", action="store_true", help="keep one structure per reduced formula and space group")
     split = ",".join(f"{x:g}" for x in d.split)
     parser.add_argument("--split", default=split, metavar="TRAIN,VAL,TEST", help=f"split ratios (default {split})")
-    parser.add_argument("--seed", type=int, default=d.seed, help="seed of the split permutation")
+    parser.add_argument("--seed", type=int, default=d.seed, help="seed of the split permutation and of the variants")
+    parser.add_argument(
+        "--augment",
+        type=int,
+        default=d.augment,
+        metavar="K",
+        help=f"add K equivalent texts of every training structure to train.bin (0..{AUGMENT_MAX})",
+    )
     parser.add_argument(
         "--where",
         nargs="+",
@@ -576,6 +667,7 @@ def run(args: argparse.Namespace) -> int:
             symprec=args.symprec,
             vocab=args.vocab,
             limit=SMOKE_STRUCTURES if args.smoke else None,
+            augment=args.augment,
         )
         report = prepare(args.inputs, args.out, options)
     except (ValueError, OSError) as exc:  # InputError, PrepareError, filter and vocabulary errors included

@@ -286,6 +286,7 @@ class PrepareParams(Spec):
     split: list[Annotated[float, Field(ge=0, le=1e6)]] | None = Field(None, min_length=3, max_length=3)
     seed: int | None = Field(None, ge=0, le=MAX_SEED)
     where: dict[str, str] = {}
+    augment: int = Field(0, ge=0, le=16)  # crystallm_core.augment.AUGMENT_MAX (spec imports no crystallm_core)
 
     @model_validator(mode="after")
     def _some_input(self) -> PrepareParams:
@@ -307,7 +308,7 @@ def _build_prepare(p: PrepareParams, ctx: StageContext) -> Command:
     args = [*inputs, "--out", str(ctx.data_dir), "--decimals", str(p.decimals)]
     args += _opt("--workers", p.workers) + (["--dedup"] if p.dedup else [])
     args += _opt("--split", None if p.split is None else ",".join(f"{x:g}" for x in p.split))
-    args += _opt("--seed", p.seed)
+    args += _opt("--seed", p.seed) + (["--augment", str(p.augment)] if p.augment else [])
     for key, value in p.where.items():
         args += ["--where", f"{key}={value}"]
     steps.append(crystallm("prepare", *args, *_smoke(ctx)))

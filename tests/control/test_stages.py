@@ -46,6 +46,16 @@ def test_prepare_writes_data_and_keeps_the_demo_set_in_artifacts() -> None:
     assert "--smoke" not in _argv(_build("prepare", {"inputs": ["/in.csv"]})[0])
 
 
+def test_prepare_passes_augment_within_its_bound() -> None:
+    from crystallm_core.augment import AUGMENT_MAX  # the spec's bound must be the core's
+
+    argv = _argv(_build("prepare", {"inputs": ["/in.csv"], "augment": AUGMENT_MAX, "seed": 3})[0])
+    assert argv[-4:] == ["--seed", "3", "--augment", str(AUGMENT_MAX)]
+    assert "--augment" not in _argv(_build("prepare", {"inputs": ["/in.csv"]})[0])
+    with pytest.raises(ValueError, match="augment"):
+        _build("prepare", {"inputs": ["/in.csv"], "augment": AUGMENT_MAX + 1})
+
+
 def test_sample_benchmark_and_mcts_write_samples_of_their_stage_from_the_best_checkpoint() -> None:
     sample, _ = _build("sample", {"prompt": "NaCl"}, "gen")
     bench, _ = _build("benchmark", {"test": "/t.csv"}, "csp")
