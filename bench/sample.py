@@ -19,7 +19,7 @@ import time
 import torch
 
 from crystallm_core.model import GPT, named_config
-from crystallm_core.sampler import Sampler, SamplingParams
+from crystallm_core.sampler import KV_CACHE_CHOICES, Sampler, SamplingParams
 from crystallm_core.tokens import TokenData
 from crystallm_core.vocab import get_vocab
 
@@ -73,7 +73,7 @@ def main() -> None:
     ap.add_argument("--top-k", type=int, default=10)
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--no-graph", action="store_true")
-    ap.add_argument("--kv-cache", choices=["model", "fp8"], default="model", help="key/value cache type")
+    ap.add_argument("--kv-cache", choices=KV_CACHE_CHOICES, default="auto", help="key/value cache type")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
 
@@ -98,16 +98,18 @@ def main() -> None:
     prompts = prompts_from(args.data, vocab, args.structures)
     max_len = args.max_len or (max(map(len, prompts)) + args.max_tokens + 1)
 
-    gen = torch.Generator(device=device).manual_seed(0)
     naive_prompts = prompts[: args.naive_structures]
-    naive_generate(model, naive_prompts[0], SamplingParams(max_tokens=8, top_k=args.top_k), eos, gen)  # warm-up
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    naive_tokens = sum(naive_generate(model, p, params, eos, gen) for p in naive_prompts)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    naive_s = time.perf_counter() - t0
+    naive_s, naive_tokens = 0.0, 0
+    if naive_prompts:  # --naive-structures 0 skips the baseline (a run beside one that measured it)
+        gen = torch.Generator(device=device).manual_seed(0)
+        naive_generate(model, naive_prompts[0], SamplingParams(max_tokens=8, top_k=args.top_k), eos, gen)  # warm-up
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        naive_tokens = sum(naive_generate(model, p, params, eos, gen) for p in naive_prompts)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        naive_s = time.perf_counter() - t0
 
     sampler = Sampler(
         model,
@@ -115,12 +117,12 @@ def main() -> None:
         batch_size=args.batch_size,
         max_len=max_len,
         cuda_graph=False if args.no_graph else None,
-        cache_dtype=torch.float8_e4m3fn if args.kv_cache == "fp8" else None,
+        kv_cache=args.kv_cache,
     )
     sampler.generate(prompts[: args.batch_size], params)  # warm-up: capture, kernels, allocator
     _, stats = sampler.generate(prompts, params)
 
-    naive_rate = len(naive_prompts) / naive_s
+    naive_rate = len(naive_prompts) / naive_s if naive_s else None
     out = {
         "bench": "sample",
         "model": name,
@@ -133,8 +135,8 @@ def main() -> None:
         "kv_cache": str(sampler.cache.k.dtype).removeprefix("torch."),
         "naive": {
             "structures": len(naive_prompts),
-            "structures_per_s": round(naive_rate, 3),
-            "tokens_per_s": round(naive_tokens / naive_s, 1),
+            "structures_per_s": round(naive_rate, 3) if naive_rate else None,
+            "tokens_per_s": round(naive_tokens / naive_s, 1) if naive_s else None,
         },
         "batched": {
             "structures": stats.samples,
@@ -144,7 +146,7 @@ def main() -> None:
             "seconds": round(stats.seconds, 2),
             "peak_gpu_mem_gb": round(stats.peak_memory_bytes / 2**30, 2),
         },
-        "speedup": round(stats.samples_per_s / naive_rate, 1),
+        "speedup": round(stats.samples_per_s / naive_rate, 1) if naive_rate else None,
         "peak_rss_gb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20, 3),
     }
     print(json.dumps(out))

@@ -71,6 +71,7 @@ HEATMAP_ATOMS = {
     "xty": "source to target (xty)",
     "ytx": "target to source (ytx)",
 }
+TREND_PAIRS = 8  # lines per trend plot
 SYMMETRIC_ATOMS = frozenset(a for a in ATOMS if a == a.translate(str.maketrans("xy", "yx")))
 INSTALL = "pip install 'infra[oid]' (omegaid needs Python >= 3.12)"
 _CAPTURE = re.compile(r"eval_(\d+)\.pt\.gz")
@@ -346,7 +347,9 @@ def _heatmaps(rows: list[dict[str, Any]], axes: Reduced, title: str, prefix: Pat
 
 
 def _trends(rows: list[dict[str, Any]], pairs: list[Pair], probe: str, out: Path) -> list[Path]:
-    """Each pair's atoms against the training step, one PNG per atom of HEATMAP_ATOMS."""
+    """Each pair's atoms against the training step, one PNG per atom of HEATMAP_ATOMS. With more than
+    :data:`TREND_PAIRS` pairs (28 for eight blocks), the lines of the pairs with the largest mean absolute
+    atom are drawn, so that the plot stays readable; the heatmaps show every pair."""
     written = []
     for atom, name in HEATMAP_ATOMS.items():
         lines = {
@@ -354,8 +357,14 @@ def _trends(rows: list[dict[str, Any]], pairs: list[Pair], probe: str, out: Path
             for s, t in pairs
         }
         lines = {k: v for k, v in lines.items() if v}
+        title = f"{probe}: {name}"
+        if len(lines) > TREND_PAIRS:
+            size = {k: float(np.mean([abs(y) for _, y in v])) for k, v in lines.items()}
+            kept = sorted(lines, key=lambda k: -size[k])[:TREND_PAIRS]
+            title += f", {TREND_PAIRS} of {len(lines)} pairs (largest mean)"
+            lines = {k: lines[k] for k in kept}
         if lines:
-            written.append(line_plot(lines, f"{probe}: {name}", "step", "nats", out / f"trend_{atom}.png"))
+            written.append(line_plot(lines, title, "step", "nats", out / f"trend_{atom}.png"))
     return written
 
 

@@ -197,7 +197,7 @@ def run_csp(
     sink: JsonlSink | None = None,
     shard: Shard | None = None,
     test_split: str | None = None,
-    kv_cache: str = "model",
+    kv_cache: str = "auto",
 ) -> CspResult:
     """The benchmark over the test structures (the first ``limit``), or over ``shard``'s part of them; with
     ``out``, its per-structure results too (what ``crystallm merge csp`` joins). With ``test_split``, ``test``
@@ -209,7 +209,7 @@ def run_csp(
     from crystallm_core.evaluate import check_texts
     from crystallm_core.inputs import read_input
     from crystallm_core.sample import generate, load_for_inference
-    from crystallm_core.sampler import KV_CACHE_TYPES, Sampler, SamplingParams
+    from crystallm_core.sampler import Sampler, SamplingParams
 
     if test_split is not None:
         from crystallm_core.prepare import split_cifs
@@ -236,9 +236,7 @@ def run_csp(
     phase(f"{len(truths)} test structures read")
     model, vocab, _ = load_for_inference(model_path, device)
     on_gpu = next(model.parameters()).device.type == "cuda"
-    sampler = Sampler(
-        model, vocab, batch_size=batch_size or (1024 if on_gpu else 32), cache_dtype=KV_CACHE_TYPES[kv_cache]
-    )
+    sampler = Sampler(model, vocab, batch_size=batch_size or (1024 if on_gpu else 32), kv_cache=kv_cache)
     length = min(model.cfg.block_size, max_tokens or model.cfg.block_size)  # default: up to the whole context
     params = SamplingParams(temperature=temperature, top_k=top_k, seed=seed, max_tokens=length)
     with ProgressReporter(sink, "csp sample", n * len(prompts)) as progress:
@@ -276,6 +274,8 @@ def run_csp(
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from crystallm_core.sampler import KV_CACHE_CHOICES  # torch: only when the verb is `benchmark`
+
     p.add_argument("task", choices=["csp"], help="benchmark to run")
     p.add_argument("--model", required=True, help="checkpoint (.pt)")
     p.add_argument(
@@ -303,7 +303,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
     p.add_argument(
-        "--kv-cache", choices=["model", "fp8"], default="model", help="key/value cache type (fp8: half the bytes)"
+        "--kv-cache", choices=KV_CACHE_CHOICES, default="auto", help="key/value cache type (auto: fp8 on a GPU)"
     )
     p.add_argument("--out", default=None, help="directory for samples.csv.gz, results.jsonl and csp.json")
     p.add_argument(

@@ -110,7 +110,10 @@ def line_plot(
         ax.plot(x, y, label=label, marker="o" if len(points) < 30 else None, markersize=3)
     ax.set(title=title, xlabel=xlabel, ylabel=ylabel)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize="small")
+    if len(lines) > 4:  # beside the axes: inside, many labels would cover the lines
+        ax.legend(fontsize="small", loc="center left", bbox_to_anchor=(1.02, 0.5))
+    else:
+        ax.legend(fontsize="small")
     return save_png(fig, path)
 
 

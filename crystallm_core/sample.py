@@ -21,7 +21,7 @@ from crystallm_core.checkpoint import load_model
 from crystallm_core.events import ProgressReporter, open_sink
 from crystallm_core.postprocess import postprocess
 from crystallm_core.prompts import PromptError, make_prompt, read_prompts
-from crystallm_core.sampler import KV_CACHE_TYPES, Sampler, SamplerStats, SamplingParams
+from crystallm_core.sampler import KV_CACHE_CHOICES, Sampler, SamplerStats, SamplingParams
 from crystallm_core.shards import add_shard_argument
 from crystallm_core.train import resolve_device
 
@@ -105,7 +105,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=None, help="slots generated together (default: 1024 GPU, 32 CPU)")
     p.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
     p.add_argument(
-        "--kv-cache", choices=["model", "fp8"], default="model", help="key/value cache type (fp8: half the bytes)"
+        "--kv-cache", choices=KV_CACHE_CHOICES, default="auto", help="key/value cache type (auto: fp8 on a GPU)"
     )
     p.add_argument("--out", required=True, help="directory of .cif files, or FILE.csv[.gz]")
     p.add_argument("--smoke", action="store_true", help="two samples of at most 64 tokens per prompt")
@@ -139,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
         vocab,
         batch_size=max(1, min(batch, len(items))),
         max_len=model.cfg.block_size,
-        cache_dtype=KV_CACHE_TYPES[args.kv_cache],
+        kv_cache=args.kv_cache,
     )
     out = Path(args.out)
     with open_sink(out.parent if out.suffix in (".csv", ".gz") else out) as sink:

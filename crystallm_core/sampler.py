@@ -32,8 +32,18 @@ from crystallm_core.model import GPT, KVCache
 from crystallm_core.vocab import Vocabulary
 
 _MASK = 0xFFFFFFFF
-# ``--kv-cache`` choices: the key/value cache's type ("model": the model's own, bf16 on a GPU).
-KV_CACHE_TYPES: dict[str, torch.dtype | None] = {"model": None, "fp8": torch.float8_e4m3fn}
+# ``--kv-cache`` choices. "auto": fp8 on a GPU (half the bytes decoding reads; on an H100 `small`
+# sampled 1.48x as fast with the same validity and match rates, docs/BENCHMARKS.md), the model's own
+# type elsewhere (a CPU has no fp8 arithmetic); "model": the model's type; "fp8": float8_e4m3fn.
+KV_CACHE_CHOICES = ("auto", "model", "fp8")
+
+
+def kv_cache_dtype(choice: str, device: torch.device, model_dtype: torch.dtype) -> torch.dtype:
+    if choice not in KV_CACHE_CHOICES:
+        raise ValueError(f"kv_cache must be one of {', '.join(KV_CACHE_CHOICES)}, got {choice!r}")
+    if choice == "fp8" or (choice == "auto" and device.type == "cuda"):
+        return torch.float8_e4m3fn
+    return model_dtype
 
 
 def _mix(x: torch.Tensor) -> torch.Tensor:
@@ -134,7 +144,7 @@ class Sampler:
         check_every: int = 16,
         cuda_graph: bool | None = None,
         compile: bool = False,
-        cache_dtype: torch.dtype | None = None,
+        kv_cache: str = "auto",
     ) -> None:
         self.model = model.eval()
         self.vocab = vocab
@@ -145,7 +155,7 @@ class Sampler:
         self.check_every = check_every
         self.use_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
         dev = self.device
-        self.cache = KVCache(model.cfg, self.B, self.L, dev, cache_dtype or self.dtype)
+        self.cache = KVCache(model.cfg, self.B, self.L, dev, kv_cache_dtype(kv_cache, dev, self.dtype))
         self.tokens = torch.zeros(self.B, self.L, dtype=torch.long, device=dev)
         self.plen = torch.ones(self.B, dtype=torch.long, device=dev)
         self.limit = torch.full((self.B,), self.L - 1, dtype=torch.long, device=dev)  # last writable position

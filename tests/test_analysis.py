@@ -236,3 +236,20 @@ def test_the_mirror_of_a_system_is_its_decomposition_with_x_and_y_swapped():
     xy = {"source": "x", "target": "y", **phiid(x, y)}
     yx = {"source": "y", "target": "x", **phiid(y, x)}
     assert {a: analysis.mirror(xy)[a] for a in ATOMS} == pytest.approx({a: yx[a] for a in ATOMS}, abs=1e-9)
+
+
+def test_trend_plots_draw_the_pairs_with_the_largest_atoms_only(tmp_path, monkeypatch):
+    """28 lines make an unreadable plot: a trend keeps the TREND_PAIRS pairs with the largest mean |atom|."""
+    from crystallm_core import analysis
+
+    drawn = {}
+    monkeypatch.setattr(analysis, "line_plot", lambda lines, title, *a: drawn.setdefault(title, lines) and tmp_path)
+    pairs = [(f"b{i}", f"b{i + 1}") for i in range(10)]
+    rows = [
+        {"step": step, "source": s, "target": t, **dict.fromkeys(ATOMS, (i - 4.5) * step)}
+        for step in (1, 2)
+        for i, (s, t) in enumerate(pairs)
+    ]
+    analysis._trends(rows, pairs, "p", tmp_path)
+    title = f"p: {HEATMAP_ATOMS['sts']}, {analysis.TREND_PAIRS} of 10 pairs (largest mean)"
+    assert set(drawn[title]) == {f"b{i} -> b{i + 1}" for i in (0, 1, 2, 3, 6, 7, 8, 9)}  # |i - 4.5| largest

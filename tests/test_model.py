@@ -78,3 +78,16 @@ def test_bad_model_configs_are_clear_errors():
 def test_tied_embeddings():
     model = GPT(named_config("tiny", 389))
     assert model.head.weight.data_ptr() == model.tok_emb.weight.data_ptr()
+
+
+def test_sampler_cache_type_choices():
+    """auto keeps the model's type on a CPU (fp8 there is emulated, not faster) and picks fp8 on a GPU."""
+    from crystallm_core.sampler import kv_cache_dtype
+
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert kv_cache_dtype("auto", cpu, torch.float32) == torch.float32
+    assert kv_cache_dtype("auto", gpu, torch.bfloat16) == torch.float8_e4m3fn
+    assert kv_cache_dtype("model", gpu, torch.bfloat16) == torch.bfloat16
+    assert kv_cache_dtype("fp8", cpu, torch.float32) == torch.float8_e4m3fn
+    with pytest.raises(ValueError, match="kv_cache must be one of auto, model, fp8, got 'fp16'"):
+        kv_cache_dtype("fp16", cpu, torch.float32)
