@@ -364,10 +364,14 @@ class Dashboard:
             "<th>resources</th><th>attempts</th><th>why</th></tr></thead><tbody>" + stage_rows + "</tbody></table>"
         )
         names = [st["name"] for st in e["stages"]]
+        # A gang's members write their own logs: one tab each (the CLI's --member).
+        sizes = {st["name"]: await self.c.read(store.gang_size, self.c.engine, st["id"]) for st in e["stages"]}
         tabs = "".join(
             f'<button type="button" class="tab" data-stage="{escape(n)}" '
-            f'data-src="{base}/stages/{quote(n)}/logs">{escape(n)}</button>'
+            f'data-src="{base}/stages/{quote(n)}/logs{f"?member={r}" if sizes[n] > 1 else ""}">'
+            f"{escape(n)}{f' · member {r}' if sizes[n] > 1 else ''}</button>"
             for n in names
+            for r in range(sizes[n])
         )
         charts = "".join(
             f'<div class="stage-charts" data-stage="{escape(n)}" '
@@ -413,10 +417,26 @@ class Dashboard:
             raise web.HTTPNotFound(text=f"no stage {key}/{name}")
         return row  # type: ignore[no-any-return]
 
+    async def _member(self, request: web.Request, stage: dict[str, Any]) -> int:
+        """The ``member`` query parameter: which member of a gang (0 to K - 1) the request reads; 0 otherwise."""
+        raw = request.query.get("member", "0")
+        if not raw.isdigit():
+            raise web.HTTPBadRequest(text=f"member: {raw!r} is not a member number (0, 1, ...)")
+        member = int(raw)
+        size = await self.c.read(store.gang_size, self.c.engine, stage["id"]) if member else 1
+        if member >= size:
+            raise web.HTTPBadRequest(
+                text=f"member: stage {stage['name']} has {size} member(s) (0 to {size - 1}); "
+                f"there is no member {member}"
+            )
+        return member
+
     async def logs(self, request: web.Request) -> web.StreamResponse:
         """Server-sent events: every log line of the stage's latest attempt, then each new one as it is stored;
-        a retry starts over with its attempt. ``Last-Event-ID`` (``attempt:seq``) resumes after a reconnect."""
+        a retry starts over with its attempt. ``Last-Event-ID`` (``attempt:seq``) resumes after a reconnect;
+        ``?member=R`` follows member R of a gang (each member has its own lines)."""
         stage = await self._stage(request)
+        member = await self._member(request, stage)
         attempt, after = _cursor(request.headers.get("Last-Event-ID", ""))
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -432,7 +452,15 @@ class Dashboard:
             sent = 0
             while attempt:
                 rows = await self.c.read(
-                    store.events, self.c.engine, stage["id"], ("log", "dropped"), attempt, after, store.PAGE_SIZE
+                    store.events,
+                    self.c.engine,
+                    stage["id"],
+                    ("log", "dropped"),
+                    attempt,
+                    after,
+                    store.PAGE_SIZE,
+                    0,
+                    member,
                 )
                 for r in rows:
                     after = r["seq"]

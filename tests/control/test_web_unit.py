@@ -68,14 +68,17 @@ async def _events(c: Controller, a: infra_pb2.Assignment) -> None:
 
 
 def _serve(
-    tmp_path: Path, scenario: Callable[[Controller, TestClient, Dashboard], Awaitable[None]], auth_on: bool = False
+    tmp_path: Path,
+    scenario: Callable[[Controller, TestClient, Dashboard], Awaitable[None]],
+    auth_on: bool = False,
+    **options: Any,
 ) -> None:
     async def outer(c: Controller) -> None:
         dashboard = Dashboard(c, Authenticator(c.engine, c.read) if auth_on else None)
         async with TestClient(TestServer(dashboard.app())) as client:
             await scenario(c, client, dashboard)
 
-    run_controller(tmp_path, outer, heartbeat_interval=1, persist_interval=10)
+    run_controller(tmp_path, outer, **{"heartbeat_interval": 1, "persist_interval": 10, **options})
 
 
 def _csrf(page: str) -> str:
@@ -129,6 +132,34 @@ def test_pages_series_log_stream_and_cancel(tmp_path: Path) -> None:
         assert done.status == 303 and c.experiments[other].cancel_requested
 
     _serve(tmp_path, scenario)
+
+
+def test_each_gang_member_has_its_own_log_tab_and_stream(tmp_path: Path) -> None:
+    from .test_gang import PORTS, _assign, _plan, _register, _train
+    from .test_gang import _report as _gang_report
+
+    async def scenario(c: Controller, client: TestClient, _: Dashboard) -> None:
+        n1, n2 = await _register(c, "n1"), await _register(c, "n2")
+        key = await c.submit(_plan("gang", [_train()]))
+        for node, a in (("n1", await _assign(n1)), ("n2", await _assign(n2))):
+            batch = infra_pb2.EventBatch(node_id=node)
+            ev = batch.events.add(attempt_id=a.attempt_id, lease_token=a.lease_token, seq=1, time=1.0)
+            ev.log.stream, ev.log.text = "stdout", f"rank {a.rendezvous.node_rank}"
+            assert (await c.report_events(batch))[0] == 1
+            assert (await _gang_report(c, node, a, infra_pb2.SUCCEEDED))[0]
+        page = await (await client.get(f"/experiments/{key}")).text()
+        assert "train · member 0" in page and "train · member 1" in page
+        for rank in (0, 1):
+            assert f'data-src="/experiments/{key}/stages/train/logs?member={rank}"' in page
+            text = await asyncio.wait_for(
+                (await client.get(f"/experiments/{key}/stages/train/logs?member={rank}")).text(), 10
+            )
+            assert [json.loads(d)["text"] for d in re.findall(r"event: line\ndata: (.*)\n", text)] == [f"rank {rank}"]
+        for bad, why in (("2", "has 2 member(s) (0 to 1); there is no member 2"), ("x", "'x' is not a member number")):
+            refused = await client.get(f"/experiments/{key}/stages/train/logs", params={"member": bad})
+            assert refused.status == 400 and why in await refused.text()
+
+    _serve(tmp_path, scenario, rendezvous_ports=PORTS)
 
 
 def test_sessions_follow_tokens(tmp_path: Path) -> None:
