@@ -4,7 +4,8 @@ Starts ``infra master`` (SQLite in a temporary directory, or a fresh PostgreSQL 
 dropped afterwards) on loopback, then from several load processes (grpc.aio) registers N nodes at once,
 as after a master restart (a refused or timed-out registration is retried with the agent's backoff),
 opens each node's assignment stream, heartbeats every ``--heartbeat`` seconds at a random phase from
-registration on (registering again, counted, if the master lost the node), and, once every node is
+registration on, as messages on the node's own ``HeartbeatStream`` (a heartbeat's latency: from writing it
+to reading its acknowledgement; registering again, counted, if the master lost the node), and, once every node is
 registered, submits plans of independent stages at a target rate. A simulated node reports each
 assignment succeeded at once. Measures for ``--duration`` seconds after the last registration plus
 ``--warmup``; prints ONE JSON line, with ``registration_s``: from the start of the load processes until
