@@ -4,7 +4,8 @@ Starts ``infra master`` (SQLite in a temporary directory, or a fresh PostgreSQL 
 dropped afterwards) on loopback, then from several load processes (grpc.aio) registers N nodes at once,
 as after a master restart (a refused or timed-out registration is retried with the agent's backoff),
 opens each node's assignment stream, heartbeats every ``--heartbeat`` seconds at a random phase from
-registration on (registering again, counted, if the master lost the node), and, once every node is
+registration on, as messages on the node's own ``HeartbeatStream`` (a heartbeat's latency: from writing it
+to reading its acknowledgement; registering again, counted, if the master lost the node), and, once every node is
 registered, submits plans of independent stages at a target rate. A simulated node reports each
 assignment succeeded at once. Measures for ``--duration`` seconds after the last registration plus
 ``--warmup``; prints ONE JSON line, with ``registration_s``: from the start of the load processes until
@@ -137,19 +138,29 @@ async def _load(
         with shared.registered.get_lock():
             shared.registered.value += 1
         await asyncio.sleep(random.random() * args.heartbeat)
+        beats: Any = None  # the node's open HeartbeatStream call; reopened at the next beat when it breaks
         while running():
             t0 = time.perf_counter()
+            hb.seq += 1
             try:
-                resp = await stub.Heartbeat(hb, timeout=10)
-            except grpc.RpcError:
+                beats = beats or stub.HeartbeatStream()
+                await beats.write(hb)
+                resp = await beats.read()  # its acknowledgement: the latency is from the write to here
+                if resp is grpc.aio.EOF or resp.seq != hb.seq:
+                    raise ConnectionError("the master ended the heartbeat stream")
+            except (grpc.RpcError, ConnectionError, asyncio.InvalidStateError):  # the last: written after it ended
                 counts["errors"] += 1
-                resp = None
+                if beats is not None:
+                    beats.cancel()
+                resp, beats = None, None
             if measuring():
                 latencies.append((time.perf_counter() - t0) * 1000)
             if resp is not None and resp.reregister:
                 counts["reregistrations"] += 1
                 await register()
             await asyncio.sleep(max(0.0, args.heartbeat - (time.perf_counter() - t0)))
+        if beats is not None:
+            beats.cancel()
         if stream is not None:
             stream.cancel()
 

@@ -150,20 +150,35 @@ class SimAgent:
     # --- loops ---------------------------------------------------------------------------------
 
     async def _heartbeats(self) -> None:
-        while True:
-            await asyncio.sleep(HEARTBEAT_S * random.uniform(0.8, 1.0))
-            session = await self._session()
-            req = infra_pb2.HeartbeatRequest(node_id=self.node_id, session=session, unavailable=self.stopping)
-            for h in self.held.values():
-                req.running.add(attempt_id=h.attempt_id, lease_token=h.lease)
-            try:
-                resp = await self.stub.Heartbeat(req, timeout=5)
-            except grpc.aio.AioRpcError:
-                continue
-            if resp.reregister:
-                self.session = None
-            for attempt_id in resp.revoked:
-                self._revoke(attempt_id)
+        """As the agent heartbeats: messages on one HeartbeatStream, the next only after the acknowledgement
+        of the last; a stream that fails is opened again at the next heartbeat. A kill cancels this task,
+        and with it the call (the master then only sees silence)."""
+        beats: Any = None
+        try:
+            while True:
+                await asyncio.sleep(HEARTBEAT_S * random.uniform(0.8, 1.0))
+                session = await self._session()
+                req = infra_pb2.HeartbeatRequest(node_id=self.node_id, session=session, unavailable=self.stopping)
+                for h in self.held.values():
+                    req.running.add(attempt_id=h.attempt_id, lease_token=h.lease)
+                try:
+                    beats = beats or self.stub.HeartbeatStream()
+                    await beats.write(req)
+                    resp = await asyncio.wait_for(beats.read(), 5)
+                    if resp is grpc.aio.EOF:
+                        raise ConnectionError("the master ended the heartbeat stream")
+                except (grpc.aio.AioRpcError, ConnectionError, asyncio.InvalidStateError, asyncio.TimeoutError):
+                    if beats is not None:
+                        beats.cancel()
+                    beats = None
+                    continue
+                if resp.reregister:
+                    self.session = None
+                for attempt_id in resp.revoked:
+                    self._revoke(attempt_id)
+        finally:
+            if beats is not None:
+                beats.cancel()
 
     async def _commands(self) -> None:
         delay = 0.2

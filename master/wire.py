@@ -67,8 +67,8 @@ class NodeAPI:
             req.node_id, req.session, usage=req.usage, running=running, unavailable=req.unavailable
         )
         if beat.reregister:
-            return infra_pb2.HeartbeatResponse(reregister=True)
-        return infra_pb2.HeartbeatResponse(revoked=beat.revoked)
+            return infra_pb2.HeartbeatResponse(reregister=True, seq=req.seq)
+        return infra_pb2.HeartbeatResponse(revoked=beat.revoked, seq=req.seq)
 
     async def assignments(self, node_id: str, session: int) -> AsyncIterator[infra_pb2.NodeCommand]:
         async for command in self.c.registry.commands(node_id, session):

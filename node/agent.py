@@ -1,8 +1,9 @@
 """``infra node``: register with the master, heartbeat, take assignments, run stages, report.
 
 Every connection is opened by the agent (a node behind NAT needs no inbound port): unary calls for
-registration, heartbeats, events and status, and one long-lived server stream for commands. Threads:
-heartbeat, command stream, sender, and one per running stage attempt.
+registration, events and status, one long-lived stream for heartbeats (each message acknowledged) and one
+long-lived server stream for commands. Threads: heartbeat (and the reader of its acknowledgements),
+command stream, sender, and one per running stage attempt.
 
 What must survive the agent lives in ``<workdir>/nodes/<name>.d/``: ``attempts/<id>.json`` (the
 assignment and the commands built for it, written when it arrives) and the event spool
@@ -33,6 +34,7 @@ import contextlib
 import json
 import logging
 import math
+import queue
 import random
 import signal
 import sys
@@ -127,6 +129,60 @@ def _event(it: Item) -> infra_pb2.Event:
     else:
         ev.log.stream, ev.log.text = body.get("stream", ""), body.get("text", "")
     return ev
+
+
+def _jittered(delay: float) -> tuple[float, float]:
+    """A pause around ``delay`` (so that many nodes do not reconnect in step) and the next, longer delay."""
+    return delay * random.uniform(0.5, 1.5), min(delay * 2, 5.0)
+
+
+def _reason(e: Exception) -> str:
+    if isinstance(e, grpc.RpcError):
+        return str(e.details() or e.code())
+    return str(e)
+
+
+class Beats:
+    """The node's open HeartbeatStream call: one heartbeat at a time, each waiting for its acknowledgement.
+
+    gRPC's blocking API reads a stream without a time limit, so a reader thread hands the acknowledgements
+    over and :meth:`send` waits at most ``timeout`` for its own, as the unary call's deadline did; a stalled
+    stream is then given up (:meth:`close`) rather than waited on."""
+
+    def __init__(self, stub: infra_pb2_grpc.NodeServiceStub) -> None:
+        self._out: queue.SimpleQueue[infra_pb2.HeartbeatRequest | None] = queue.SimpleQueue()
+        self._acks: queue.SimpleQueue[infra_pb2.HeartbeatResponse | Exception] = queue.SimpleQueue()
+        self._call = stub.HeartbeatStream(iter(self._out.get, None))
+        self._seq = 0
+        threading.Thread(target=self._read, name="heartbeat-acks", daemon=True).start()
+
+    def _read(self) -> None:
+        try:
+            for ack in self._call:
+                self._acks.put(ack)
+            self._acks.put(ConnectionError("the master ended the heartbeat stream"))
+        except grpc.RpcError as e:
+            self._acks.put(e)
+
+    def send(self, req: infra_pb2.HeartbeatRequest, timeout: float) -> infra_pb2.HeartbeatResponse:
+        """Send ``req`` and return its acknowledgement; raises grpc.RpcError when the stream failed, OSError
+        (TimeoutError, ConnectionError) when no acknowledgement came in time or the stream ended."""
+        self._seq += 1
+        req.seq = self._seq
+        self._out.put(req)
+        try:
+            ack = self._acks.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"heartbeat {req.seq} not acknowledged within {timeout:g}s") from None
+        if isinstance(ack, Exception):
+            raise ack
+        if ack.seq != req.seq:
+            raise ConnectionError(f"the master acknowledged heartbeat {ack.seq}, not {req.seq}")
+        return ack
+
+    def close(self) -> None:
+        self._out.put(None)  # ends the requests (a half-close), then the call itself
+        self._call.cancel()
 
 
 @dataclass(eq=False)
@@ -310,12 +366,12 @@ class Agent:
     def _backoff(self, delay: float) -> float:
         """Wait a jittered ``delay`` (so that many nodes do not reconnect in step); the next delay. While
         stopping (the last deliveries) the wait is a plain sleep: the stop event no longer waits."""
-        pause = delay * random.uniform(0.5, 1.5)
+        pause, delay = _jittered(delay)
         if self.stop.is_set():
             time.sleep(pause)
         else:
             self.stop.wait(pause)
-        return min(delay * 2, 5.0)
+        return delay
 
     def _retrying(self, what: str, fn: Callable[[], Any]) -> Any:
         """Call ``fn`` until it works or the agent stops; a fatal refusal stops the agent."""
@@ -344,30 +400,51 @@ class Agent:
         return self.disk.unavailable()
 
     def heartbeat_loop(self) -> None:
+        """Heartbeats as messages on one HeartbeatStream, each sent once the previous one was acknowledged
+        (the master relies on that order to tell an attempt the agent dropped from a report still on its
+        way). A stream that breaks or stalls is opened again after a jittered backoff, never longer than the
+        interval; the master only sees the silence, and its lost timeout decides."""
         node_facts.usage(self.workdir, self.gpus)  # prime psutil's CPU counter
-        while True:
-            self._beat_now.wait(self.interval)
-            self._beat_now.clear()
-            if self.stop.is_set():
-                return
-            session = self._retrying("register", self.ensure_registered)
-            if session is None:
-                return
-            req = infra_pb2.HeartbeatRequest(node_id=self.node_id, session=session, running=self._held_attempts())
-            try:
-                ParseDict(node_facts.usage(self.workdir, self.gpus), req.usage)
-                req.unavailable = self.unavailable()
-            except Exception as e:  # a usage probe that fails must not stop the heartbeats (the node would be lost)
-                log.warning("could not read usage: %s", e)
-            try:
-                resp = self.stub.Heartbeat(req, timeout=max(2.0, self.interval))
-            except grpc.RpcError as e:
-                log.warning("heartbeat failed: %s", e.details() or e.code())
-                continue
-            if resp.reregister:
-                self._forget_session(session)
-            for attempt_id in resp.revoked:
-                self._revoke(attempt_id, "its lease is gone (the master gave it to another node)")
+        beats: Beats | None = None
+        delay, wait = 0.25, self.interval
+        try:
+            while True:
+                self._beat_now.wait(wait)
+                self._beat_now.clear()
+                if self.stop.is_set():
+                    return
+                session = self._retrying("register", self.ensure_registered)
+                if session is None:
+                    return
+                req = self._heartbeat(session)
+                try:
+                    beats = beats or Beats(self.stub)
+                    resp = beats.send(req, timeout=max(2.0, self.interval))
+                except (grpc.RpcError, OSError) as e:  # OSError: no acknowledgement in time, or the stream ended
+                    log.warning("heartbeat stream: %s; reconnecting", _reason(e))
+                    if beats is not None:
+                        beats.close()
+                    beats = None
+                    pause, delay = _jittered(delay)
+                    wait = min(pause, self.interval)
+                    continue
+                delay, wait = 0.25, self.interval
+                if resp.reregister:
+                    self._forget_session(session)
+                for attempt_id in resp.revoked:
+                    self._revoke(attempt_id, "its lease is gone (the master gave it to another node)")
+        finally:
+            if beats is not None:
+                beats.close()
+
+    def _heartbeat(self, session: int) -> infra_pb2.HeartbeatRequest:
+        req = infra_pb2.HeartbeatRequest(node_id=self.node_id, session=session, running=self._held_attempts())
+        try:
+            ParseDict(node_facts.usage(self.workdir, self.gpus), req.usage)
+            req.unavailable = self.unavailable()
+        except Exception as e:  # a usage probe that fails must not stop the heartbeats (the node would be lost)
+            log.warning("could not read usage: %s", e)
+        return req
 
     def stream_loop(self) -> None:
         delay = 0.25

@@ -174,26 +174,30 @@ class RegisterResponse(_message.Message):
     def __init__(self, protocol_version: _Optional[int] = ..., node_id: _Optional[str] = ..., session: _Optional[int] = ..., heartbeat_interval_s: _Optional[float] = ..., lost_timeout_s: _Optional[float] = ...) -> None: ...
 
 class HeartbeatRequest(_message.Message):
-    __slots__ = ("node_id", "session", "usage", "running", "unavailable")
+    __slots__ = ("node_id", "session", "usage", "running", "unavailable", "seq")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     SESSION_FIELD_NUMBER: _ClassVar[int]
     USAGE_FIELD_NUMBER: _ClassVar[int]
     RUNNING_FIELD_NUMBER: _ClassVar[int]
     UNAVAILABLE_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     session: int
     usage: Usage
     running: _containers.RepeatedCompositeFieldContainer[RunningAttempt]
     unavailable: str
-    def __init__(self, node_id: _Optional[str] = ..., session: _Optional[int] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., running: _Optional[_Iterable[_Union[RunningAttempt, _Mapping]]] = ..., unavailable: _Optional[str] = ...) -> None: ...
+    seq: int
+    def __init__(self, node_id: _Optional[str] = ..., session: _Optional[int] = ..., usage: _Optional[_Union[Usage, _Mapping]] = ..., running: _Optional[_Iterable[_Union[RunningAttempt, _Mapping]]] = ..., unavailable: _Optional[str] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class HeartbeatResponse(_message.Message):
-    __slots__ = ("reregister", "revoked")
+    __slots__ = ("reregister", "revoked", "seq")
     REREGISTER_FIELD_NUMBER: _ClassVar[int]
     REVOKED_FIELD_NUMBER: _ClassVar[int]
+    SEQ_FIELD_NUMBER: _ClassVar[int]
     reregister: bool
     revoked: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, reregister: _Optional[bool] = ..., revoked: _Optional[_Iterable[int]] = ...) -> None: ...
+    seq: int
+    def __init__(self, reregister: _Optional[bool] = ..., revoked: _Optional[_Iterable[int]] = ..., seq: _Optional[int] = ...) -> None: ...
 
 class AssignmentStreamRequest(_message.Message):
     __slots__ = ("node_id", "session")

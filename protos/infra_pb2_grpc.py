@@ -39,6 +39,11 @@ class NodeServiceStub:
                 request_serializer=infra_dot_protos_dot_infra__pb2.RegisterRequest.SerializeToString,
                 response_deserializer=infra_dot_protos_dot_infra__pb2.RegisterResponse.FromString,
                 _registered_method=True)
+        self.HeartbeatStream = channel.stream_stream(
+                '/infra.v1.NodeService/HeartbeatStream',
+                request_serializer=infra_dot_protos_dot_infra__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=infra_dot_protos_dot_infra__pb2.HeartbeatResponse.FromString,
+                _registered_method=True)
         self.Heartbeat = channel.unary_unary(
                 '/infra.v1.NodeService/Heartbeat',
                 request_serializer=infra_dot_protos_dot_infra__pb2.HeartbeatRequest.SerializeToString,
@@ -75,8 +80,17 @@ class NodeServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def HeartbeatStream(self, request_iterator, context):
+        """Opened by the node and held for its lifetime: each HeartbeatRequest gets one HeartbeatResponse, in
+        order. Each message names its node and session, so the stream outlives a re-registration.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Heartbeat(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """A heartbeat as one call: what agents of earlier infra.v1 releases send (the master still accepts them).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -114,6 +128,11 @@ def add_NodeServiceServicer_to_server(servicer, server):
                     servicer.Register,
                     request_deserializer=infra_dot_protos_dot_infra__pb2.RegisterRequest.FromString,
                     response_serializer=infra_dot_protos_dot_infra__pb2.RegisterResponse.SerializeToString,
+            ),
+            'HeartbeatStream': grpc.stream_stream_rpc_method_handler(
+                    servicer.HeartbeatStream,
+                    request_deserializer=infra_dot_protos_dot_infra__pb2.HeartbeatRequest.FromString,
+                    response_serializer=infra_dot_protos_dot_infra__pb2.HeartbeatResponse.SerializeToString,
             ),
             'Heartbeat': grpc.unary_unary_rpc_method_handler(
                     servicer.Heartbeat,
@@ -168,6 +187,33 @@ class NodeService:
             '/infra.v1.NodeService/Register',
             infra_dot_protos_dot_infra__pb2.RegisterRequest.SerializeToString,
             infra_dot_protos_dot_infra__pb2.RegisterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def HeartbeatStream(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/infra.v1.NodeService/HeartbeatStream',
+            infra_dot_protos_dot_infra__pb2.HeartbeatRequest.SerializeToString,
+            infra_dot_protos_dot_infra__pb2.HeartbeatResponse.FromString,
             options,
             channel_credentials,
             insecure,

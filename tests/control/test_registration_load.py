@@ -20,6 +20,7 @@ import grpc
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
 
+from infra.node.agent import Beats
 from infra.protos import PROTOCOL_VERSION, infra_pb2, infra_pb2_grpc
 
 from .conftest import Cluster
@@ -67,7 +68,11 @@ def test_a_slow_registration_commit_does_not_count_against_the_lost_timeout(clus
             time.sleep(3 * HEARTBEAT + 1.5)  # the lost timeout and more than one lost-node check
             assert not reply.done(), "the registration did not wait for its commit"
         session = reply.result(timeout=30).session
-        beat = stub.Heartbeat(infra_pb2.HeartbeatRequest(node_id="slow-commit", session=session), timeout=10)
+        beats = Beats(stub)
+        try:
+            beat = beats.send(infra_pb2.HeartbeatRequest(node_id="slow-commit", session=session), timeout=10)
+        finally:
+            beats.close()
         assert not beat.reregister, "the master declared the node lost while its registration was being committed"
 
 
