@@ -207,7 +207,20 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return grpc.stream_unary_rpc_method_handler(
                 upload, handler.request_deserializer, handler.response_serializer
             )
-        raise AssertionError(f"{method}: the protocol has no bidirectional calls; this one would go unchecked")
+        if handler.stream_stream is not None:  # HeartbeatStream
+            inner_both = handler.stream_stream
+
+            async def both(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+                token = CURRENT.set(await check(context, method))
+                try:
+                    return await inner_both(requests, context)
+                finally:
+                    CURRENT.reset(token)
+
+            return grpc.stream_stream_rpc_method_handler(
+                both, handler.request_deserializer, handler.response_serializer
+            )
+        raise AssertionError(f"{method}: a call of no known shape would go unchecked")
 
     async def _check(self, context: grpc.aio.ServicerContext, method: str) -> Identity:
         try:

@@ -66,9 +66,11 @@ def test_tokens_roles_and_mutual_tls(cluster: Cluster) -> None:
         return cluster.cli(*args, "--token-file", str(who), check=check)
 
     cluster.wait_for(
-        lambda: any(n["online"] for n in json.loads(as_(admin_file, "status", "--json").stdout)["nodes"]),
+        lambda: any(
+            n["online"] and n["usage"] for n in json.loads(as_(admin_file, "status", "--json").stdout)["nodes"]
+        ),
         60,
-        "the node to join with its token over mutual TLS",
+        "the node to join with its token over mutual TLS and heartbeat on its stream (usage comes with heartbeats)",
     )
     plan = cluster.tmp / "plan.json"
     plan.write_text(json.dumps({"name": "mine", "stages": [{"name": "s", "kind": "probe", "params": {"metrics": 1}}]}))
