@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import json
 import multiprocessing as mp
 import os
@@ -71,60 +72,76 @@ def _alarm(signum: int, frame: object) -> None:
     raise _MatchTimeout
 
 
-def _match_one(job: tuple[str, list[str | None]]) -> tuple[list[float | None], int]:
-    """RMS distance of each attempt to the truth (None where it does not match or was not a valid CIF), and
-    how many attempts ran out of :data:`MATCH_TIMEOUT_S` (counted as no match)."""
-    import signal
-
-    from pymatgen.analysis.structure_matcher import StructureMatcher
+@functools.lru_cache(maxsize=64)
+def _truth(text: str) -> Any:
+    """A truth parsed once per worker: its attempts arrive as separate tasks, mostly one after another."""
     from pymatgen.core import Structure
+
+    return Structure.from_str(text, fmt="cif")
+
+
+@functools.lru_cache(maxsize=1)
+def _matcher() -> Any:
+    from pymatgen.analysis.structure_matcher import StructureMatcher
+
+    return StructureMatcher(**MATCHER)
+
+
+def _match_pair(task: tuple[str, str]) -> tuple[float | None, bool]:
+    """RMS distance of one attempt to its truth (None where it does not match), and whether it ran out of
+    :data:`MATCH_TIMEOUT_S` (counted as no match)."""
+    import signal
 
     from crystallm_core.cif import parse_structure
 
-    truth_text, attempts = job
-    truth = Structure.from_str(truth_text, fmt="cif")
-    matcher = StructureMatcher(**MATCHER)
-    out: list[float | None] = []
-    timeouts = 0
+    truth_text, text = task
     timed = hasattr(signal, "setitimer") and threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGALRM, _alarm) if timed else None
     try:
-        for text in attempts:
-            rms = None
-            if text is not None:
-                try:
-                    if timed:
-                        signal.setitimer(signal.ITIMER_REAL, MATCH_TIMEOUT_S)
-                    rms = matcher.get_rms_dist(truth, parse_structure(text))
-                except _MatchTimeout:
-                    timeouts += 1
-                finally:
-                    if timed:
-                        signal.setitimer(signal.ITIMER_REAL, 0)
-            out.append(None if rms is None else float(rms[0]))
+        if timed:
+            signal.setitimer(signal.ITIMER_REAL, MATCH_TIMEOUT_S)
+        rms = _matcher().get_rms_dist(_truth(truth_text).copy(), parse_structure(text))
+    except _MatchTimeout:
+        return None, True
     finally:
         if timed:
+            signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, previous)
-    return out, timeouts
+    return (None if rms is None else float(rms[0])), False
 
 
 def match_all(
     jobs: list[tuple[str, list[str | None]]], workers: int, on_progress: Callable[[int], None] | None = None
 ) -> tuple[list[list[float | None]], list[int]]:
     """Every job's RMS distances, in order, and how many of its attempts ran out of :data:`MATCH_TIMEOUT_S`;
-    ``on_progress(jobs done)`` as they finish."""
-    out: list[tuple[list[float | None], int]] = []
+    ``on_progress(jobs done)`` as they finish.
+
+    Each attempt is a task of its own (None, an attempt no rule let through, is not sent): the attempts a
+    model writes for one composition tend to fail alike, and as one task they would run one after another,
+    up to n times the time limit on one worker while the others idle."""
+    tasks = [(truth, text) for truth, attempts in jobs for text in attempts if text is not None]
+    rms: list[list[float | None]] = [[None] * len(attempts) for _, attempts in jobs]
+    timeouts = [0] * len(jobs)
+    where = [(j, i) for j, (_, attempts) in enumerate(jobs) for i, text in enumerate(attempts) if text is not None]
+    last = {j: k for k, (j, _) in enumerate(where)}  # a job is done when its last task's result arrives (in order)
+    done = len(jobs) - len(last)  # jobs with nothing to match
     with contextlib.ExitStack() as stack:
         if workers <= 1:
-            results: Iterable[tuple[list[float | None], int]] = map(_match_one, jobs)
+            results: Iterable[tuple[float | None, bool]] = map(_match_pair, tasks)
         else:
             pool = stack.enter_context(mp.get_context("forkserver").Pool(workers))
-            results = pool.imap(_match_one, jobs, chunksize=max(1, len(jobs) // (8 * workers)))
-        for done in results:
-            out.append(done)
-            if on_progress is not None:
-                on_progress(len(out))
-    return [rms for rms, _ in out], [t for _, t in out]
+            results = pool.imap(_match_pair, tasks, chunksize=max(1, len(tasks) // (32 * workers)))
+        if on_progress is not None and done:
+            on_progress(done)
+        for k, (value, timed_out) in enumerate(results):
+            j, i = where[k]
+            rms[j][i] = value
+            timeouts[j] += timed_out
+            if last[j] == k:
+                done += 1
+                if on_progress is not None:
+                    on_progress(done)
+    return rms, timeouts
 
 
 def check_published_texts(texts: list[str | None], workers: int) -> list[bool]:

@@ -65,6 +65,21 @@ def test_a_match_that_runs_too_long_counts_as_no_match(monkeypatch, perov_rows):
     assert rms == [[None, None, None]] and timeouts == [2] and time.monotonic() - start < 2
 
 
+def test_attempts_are_matched_as_separate_tasks_in_order(perov_rows):
+    """One task per attempt (a composition whose attempts all run long no longer holds one worker for n
+    limits in a row); results come back per job, in order, with the same distances on 1 or 2 processes."""
+    from crystallm_core import csp
+
+    a, b = perov_rows[0]["cif"], perov_rows[1]["cif"]
+    jobs = [(a, [None, None]), (a, [a, None, b]), (b, [b, a])]
+    seen: list[int] = []
+    rms, timeouts = csp.match_all(jobs, workers=1, on_progress=seen.append)
+    assert rms[0] == [None, None] and rms[1][0] == pytest.approx(0.0, abs=1e-6) and rms[1][1:] == [None, None]
+    assert rms[2][0] == pytest.approx(0.0, abs=1e-6) and rms[2][1] is None and timeouts == [0, 0, 0]
+    assert seen == [1, 2, 3]
+    assert csp.match_all(jobs, workers=2) == (rms, timeouts)
+
+
 def test_a_split_of_a_prepared_data_set_is_read_as_test_structures(demo_small, demo8):
     from crystallm_core.prepare import split_cifs
     from crystallm_core.store import Store
