@@ -481,10 +481,11 @@ class Dashboard:
                     idle = 0.0
 
     async def metrics_json(self, request: web.Request) -> web.StreamResponse:
-        """A stage's metric series, ``{name: [[step, value], ...]}`` over all attempts, thinned to
-        :data:`MAX_POINTS` per series for drawing."""
+        """A stage's metric series, ``{name: [[step, value], ...]}``, thinned to :data:`MAX_POINTS` per series
+        for drawing: the latest attempt's under the metric's name, an earlier attempt's as ``attempt N: name``
+        (a retry that resumes from a checkpoint repeats steps, which one line would draw as a zigzag)."""
         stage = await self._stage(request)
-        series: dict[str, list[tuple[float, float]]] = {}
+        series: dict[tuple[int, str], list[tuple[float, float]]] = {}
         cursor = (0, 0)
         read = 0
         while read < MAX_METRIC_ROWS:
@@ -495,13 +496,12 @@ class Dashboard:
                 step = r["data"].get("step", 0)
                 for name, value in (r["data"].get("values") or {}).items():
                     if isinstance(value, (int, float)) and math.isfinite(value):
-                        series.setdefault(name, []).append((step, value))
+                        series.setdefault((r["attempt"], name), []).append((step, value))
             read += len(rows)
             if len(rows) < store.PAGE_SIZE:
                 break
             cursor = (rows[-1]["attempt"], rows[-1]["seq"])
-        out = {name: _thin(points) for name, points in sorted(series.items())}
-        return web.json_response({"stage": stage["name"], "state": stage["state"], "series": out})
+        return web.json_response({"stage": stage["name"], "state": stage["state"], "series": _by_attempt(series)})
 
     async def download(self, request: web.Request) -> web.StreamResponse:
         """A file of the record, relayed from the node that holds it (``master/artifacts.py``) as it arrives.
@@ -684,6 +684,16 @@ def _gpus(facts: list[dict[str, Any]], usage: Any, allocated: set[int]) -> str:
         name = escape(str(f.get("name", "GPU")))
         out.append(f'<div class="gpu"><b>{i}</b> <span class="small">{name}</span> {bar} {mem} {held}</div>')
     return "".join(out) or '<span class="muted">none</span>'
+
+
+def _by_attempt(series: dict[tuple[int, str], list[tuple[float, float]]]) -> dict[str, list[tuple[float, float]]]:
+    """Thinned series named for drawing: the latest attempt's by the metric's name, earlier ones' as
+    ``attempt N: name`` (so a name ending in ``loss`` still shares the loss chart)."""
+    latest = max((attempt for attempt, _ in series), default=0)
+    named = {
+        (name if attempt == latest else f"attempt {attempt}: {name}"): pts for (attempt, name), pts in series.items()
+    }
+    return {name: _thin(points) for name, points in sorted(named.items())}
 
 
 def _stage_row(st: dict[str, Any], now: float) -> str:

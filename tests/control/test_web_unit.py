@@ -26,7 +26,7 @@ from infra.master.auth import Authenticator
 from infra.master.config import Settings
 from infra.master.controller import Controller
 from infra.master.server import SettingsError, check
-from infra.master.web import Dashboard, _graph, _latest
+from infra.master.web import Dashboard, _by_attempt, _graph, _latest
 from infra.node.uploads import upload_messages
 from infra.protos import PROTOCOL_VERSION, infra_pb2
 
@@ -160,6 +160,17 @@ def test_each_gang_member_has_its_own_log_tab_and_stream(tmp_path: Path) -> None
             assert refused.status == 400 and why in await refused.text()
 
     _serve(tmp_path, scenario, rendezvous_ports=PORTS)
+
+
+def test_a_retried_attempt_s_metrics_are_their_own_series() -> None:
+    """A retry resumed from a checkpoint repeats steps: the latest attempt keeps the metric's name, an earlier
+    one is named for its attempt (still ending in ``loss``, so it shares the loss chart)."""
+    series = {(1, "loss"): [(0, 2.0), (20, 1.5)], (2, "loss"): [(10, 1.6), (20, 1.4)], (2, "lr"): [(10, 0.1)]}
+    assert _by_attempt(series) == {
+        "attempt 1: loss": [(0, 2.0), (20, 1.5)],
+        "loss": [(10, 1.6), (20, 1.4)],
+        "lr": [(10, 0.1)],
+    }
 
 
 def test_sessions_follow_tokens(tmp_path: Path) -> None:
