@@ -275,6 +275,8 @@ def main() -> int:
                 "heartbeats": len(lat),
                 "heartbeat_p50_ms": round(q[49], 2),
                 "heartbeat_p99_ms": round(q[98], 2),
+                "heartbeat_p999_ms": round(statistics.quantiles(lat, n=1000)[998], 2) if len(lat) > 1 else None,
+                "heartbeat_max_ms": round(max(lat), 2) if lat else None,
                 "stages_submitted": sum(r["submitted"] for r in results),
                 "stages_dispatched": dispatched,
                 "dispatched_per_s": round(dispatched / args.duration, 1),
