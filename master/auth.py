@@ -171,18 +171,23 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
     def _wrap(self, handler: Any, method: str) -> Any:
         check = self._check
+        ser = (handler.request_deserializer, handler.response_serializer)
 
-        if handler.unary_unary is not None:
-            inner = handler.unary_unary
+        def awaited(inner: Any) -> Any:
+            """A call whose handler returns once (unary replies, and the streams the handler reads and
+            writes on the call: UploadArtifact, HeartbeatStream)."""
 
-            async def unary(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            async def call(request: Any, context: grpc.aio.ServicerContext) -> Any:
                 token = CURRENT.set(await check(context, method))
                 try:
                     return await inner(request, context)
                 finally:
                     CURRENT.reset(token)
 
-            return grpc.unary_unary_rpc_method_handler(unary, handler.request_deserializer, handler.response_serializer)
+            return call
+
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(awaited(handler.unary_unary), *ser)
         if handler.unary_stream is not None:
             inner_stream = handler.unary_stream
 
@@ -191,35 +196,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 async for item in inner_stream(request, context):
                     yield item
 
-            return grpc.unary_stream_rpc_method_handler(
-                stream, handler.request_deserializer, handler.response_serializer
-            )
-        if handler.stream_unary is not None:  # UploadArtifact
-            inner_upload = handler.stream_unary
-
-            async def upload(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-                token = CURRENT.set(await check(context, method))
-                try:
-                    return await inner_upload(requests, context)
-                finally:
-                    CURRENT.reset(token)
-
-            return grpc.stream_unary_rpc_method_handler(
-                upload, handler.request_deserializer, handler.response_serializer
-            )
-        if handler.stream_stream is not None:  # HeartbeatStream
-            inner_both = handler.stream_stream
-
-            async def both(requests: Any, context: grpc.aio.ServicerContext) -> Any:
-                token = CURRENT.set(await check(context, method))
-                try:
-                    return await inner_both(requests, context)
-                finally:
-                    CURRENT.reset(token)
-
-            return grpc.stream_stream_rpc_method_handler(
-                both, handler.request_deserializer, handler.response_serializer
-            )
+            return grpc.unary_stream_rpc_method_handler(stream, *ser)
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(awaited(handler.stream_unary), *ser)
+        if handler.stream_stream is not None:
+            return grpc.stream_stream_rpc_method_handler(awaited(handler.stream_stream), *ser)
         raise AssertionError(f"{method}: a call of no known shape would go unchecked")
 
     async def _check(self, context: grpc.aio.ServicerContext, method: str) -> Identity:
