@@ -13,7 +13,10 @@ from control.conftest import Cluster, alive
 
 from fault.conftest import assert_stream_exactly_once, stage, stored_count, stored_events
 
-pytestmark = pytest.mark.timeout(120)
+# What these cases test is the agent (adoption, lost timeout, preemption, signals) against the master's
+# decisions; the database under them is the same code on both, exercised on PostgreSQL by the master, network
+# and gang fault modules and by tests/control. One database here keeps CI within its time.
+pytestmark = [pytest.mark.timeout(120), pytest.mark.parametrize("module_db", ["sqlite"], indirect=True)]
 STREAM = {"lines": 240, "width": 40, "metric_every": 10, "interval": 0.02}
 
 
